@@ -1,0 +1,47 @@
+"""Exception types. Each subclasses the builtin a caller would catch anyway (ValueError, ...)."""
+
+from __future__ import annotations
+
+
+class SoftMaskError(Exception):
+    """Base class of every error softmask-peft raises on purpose."""
+
+
+class ConfigError(SoftMaskError, ValueError):
+    """A configuration value or combination is invalid."""
+
+
+class TargetModulesError(ConfigError):
+    """`target_modules` / `exclude_modules` / `head_modules` select nothing or overlap badly."""
+
+
+class ImportanceMismatchError(SoftMaskError, ValueError):
+    """Stored importance does not fit the model (keys, shapes, value range)."""
+
+
+class UnsupportedFormatError(SoftMaskError, ValueError):
+    """A saved file carries a format version this release does not know."""
+
+
+class CorruptFileError(SoftMaskError, ValueError):
+    """A saved file exists but cannot be parsed (truncated, wrong content)."""
+
+
+class MissingFileError(SoftMaskError, FileNotFoundError):
+    """A file that a saved directory must contain is absent."""
+
+
+class SaveLocationError(SoftMaskError, NotADirectoryError):
+    """The save target exists and is not a directory."""
+
+
+class EmptyDataError(SoftMaskError, ValueError):
+    """An importance pass was given no batches."""
+
+
+class NonFiniteGradientError(SoftMaskError, FloatingPointError):
+    """The importance pass produced NaN or Inf gradients."""
+
+
+class TaskOrderError(SoftMaskError, RuntimeError):
+    """`begin_task` / `end_task` called out of order."""

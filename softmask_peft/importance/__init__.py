@@ -1,0 +1,11 @@
+"""Importance methods behind one interface; `METHODS` is the read-only registry."""
+
+from types import MappingProxyType
+
+from .base import ImportanceMethod
+from .normalize import normalize_importance
+from .spg import SPG
+
+METHODS = MappingProxyType({"spg": SPG})
+
+__all__ = ["METHODS", "SPG", "ImportanceMethod", "normalize_importance"]

@@ -1,0 +1,101 @@
+"""Keep-masks and the two small transforms that apply them around an optimizer step.
+
+`keep = 1 - A` for every masked parameter and one scalar `1 - ā` for the heads
+(ā = mean of A over all masked elements). Built once per task, grouped by (device, dtype)
+so each transform is a handful of `torch._foreach_*` calls.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class MaskGroup:
+    """Masked parameters of one (device, dtype), with keep = 1 - A and A itself."""
+
+    params: list[Tensor]
+    keep: list[Tensor]
+    importance: list[Tensor]
+
+
+@dataclass
+class KeepMasks:
+    groups: list[MaskGroup]
+    heads: list[Tensor] = field(default_factory=list)
+    head_keep: float = 1.0
+
+
+def build_keep_masks(
+    params: Mapping[str, Tensor], importance: Mapping[str, Tensor], heads: list[Tensor]
+) -> KeepMasks:
+    """keep[p] = 1 - A[p] for the masked parameters, head_keep = 1 - Σ A / Σ numel (DESIGN §3)."""
+    grouped: dict[tuple, MaskGroup] = defaultdict(lambda: MaskGroup([], [], []))
+    total, count = 0.0, 0
+    for name, a in importance.items():
+        p = params[name]
+        a = a.to(device=p.device, dtype=torch.float32)
+        total += float(a.sum(dtype=torch.float64))
+        count += a.numel()
+        g = grouped[(p.device, p.dtype)]
+        g.params.append(p)
+        g.importance.append(a.to(p.dtype))
+        g.keep.append((1.0 - a).to(p.dtype))
+    head_keep = 1.0 - (total / count if count else 0.0)
+    return KeepMasks(list(grouped.values()), list(heads), head_keep)
+
+
+class GradMask:
+    """The paper: `grad *= keep` before the base step (exact under plain SGD)."""
+
+    @torch.no_grad()
+    def before_step(self, masks: KeepMasks) -> None:
+        for g in masks.groups:
+            pairs = [(p.grad, k) for p, k in zip(g.params, g.keep) if p.grad is not None]
+            if pairs:
+                grads, keeps = zip(*pairs)
+                torch._foreach_mul_(list(grads), list(keeps))
+        head_grads = [p.grad for p in masks.heads if p.grad is not None]
+        if head_grads and masks.head_keep != 1.0:
+            torch._foreach_mul_(head_grads, masks.head_keep)
+
+    def after_step(self, masks: KeepMasks) -> None:
+        """Nothing to do after the step."""
+
+
+class UpdateMask:
+    """Scale the parameter change: `p <- keep * p_new + A * p_old`.
+
+    Written as a convex combination so keep = 1 gives p_new and keep = 0 gives p_old
+    bit-exactly (`p_old + keep * (p_new - p_old)` rounds). Protects under Adam-family
+    optimizers and decoupled weight decay, which grad masking does not.
+    """
+
+    def __init__(self) -> None:
+        self._old: list[list[Tensor]] = []
+        self._old_heads: list[Tensor] = []
+
+    @torch.no_grad()
+    def before_step(self, masks: KeepMasks) -> None:
+        self._old = [[p.detach().clone() for p in g.params] for g in masks.groups]
+        self._old_heads = (
+            [p.detach().clone() for p in masks.heads] if masks.head_keep != 1.0 else []
+        )
+
+    @torch.no_grad()
+    def after_step(self, masks: KeepMasks) -> None:
+        for g, old in zip(masks.groups, self._old):
+            torch._foreach_mul_(g.params, g.keep)
+            torch._foreach_addcmul_(g.params, old, g.importance)
+        if self._old_heads:
+            torch._foreach_mul_(masks.heads, masks.head_keep)
+            torch._foreach_add_(masks.heads, self._old_heads, alpha=1.0 - masks.head_keep)
+        self._old, self._old_heads = [], []
+
+
+MASK_TRANSFORMS = {"grad": GradMask, "update": UpdateMask}

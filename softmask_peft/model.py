@@ -1,0 +1,215 @@
+"""SoftMaskModel: a thin wiring of config, importance method, importance store and keep-masks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+from torch import Tensor, nn
+
+from ._atomic import ensure_directory
+from .config import SoftMaskConfig
+from .constants import CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME
+from .errors import CorruptFileError, ImportanceMismatchError, MissingFileError, TaskOrderError
+from .heads import MultiHeadClassifier, expand_heads
+from .importance import METHODS
+from .masking import KeepMasks, build_keep_masks
+from .selection import select_parameters
+from .store import ImportanceStore
+
+
+class SoftMaskModel(nn.Module):
+    """Wrap `base_model` for continual learning with soft-masked gradients.
+
+    Lifecycle per task: `begin_task(t)` (adds a head on a `MultiHeadClassifier`, fixes the
+    keep-masks from the importance of tasks < t), ordinary training with a
+    `SoftMaskOptimizer`, then `end_task(train_batches)` (this task's importance,
+    max-accumulated). Attribute access falls through to the base model, so `model.config`
+    of a transformers model, `generate`, etc. work as usual; our config is `softmask_config`.
+    """
+
+    def __init__(self, base_model: nn.Module, config: SoftMaskConfig) -> None:
+        super().__init__()
+        if not isinstance(base_model, nn.Module):
+            raise TypeError(f"base_model must be an nn.Module, got {type(base_model).__name__}")
+        if not isinstance(config, SoftMaskConfig):
+            raise TypeError(f"config must be a SoftMaskConfig, got {type(config).__name__}")
+        if config.head_modules is None and isinstance(base_model, MultiHeadClassifier):
+            config.head_modules = ["heads"]
+        self.base_model = base_model
+        self.softmask_config = config
+        self.store = ImportanceStore()
+        self.current_task: int | None = None
+        self.keep_masks: KeepMasks | None = None
+        self.mask_version = 0
+        self._select()
+        self.method = METHODS[config.method](self)
+
+    def _select(self) -> None:
+        self.masked_parameter_names, self.head_parameter_names = select_parameters(
+            self.base_model, self.softmask_config
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    @property
+    def num_tasks(self) -> int:
+        """Tasks whose importance has been recorded."""
+        return self.store.num_tasks
+
+    @property
+    def importance(self) -> dict[str, Tensor]:
+        """Accumulated importance A, keyed by the base model's names."""
+        return self.store.accumulated
+
+    def task_importance(self, task_id: int) -> dict[str, Tensor]:
+        """Importance of task `task_id` alone."""
+        if not 0 <= task_id < self.store.num_tasks:
+            raise TaskOrderError(
+                f"no importance for task {task_id}: {self.store.num_tasks} recorded"
+            )
+        return self.store.history[task_id]
+
+    def parameter_importance(self) -> dict[str, Tensor]:
+        """Parameter-shaped A of every masked parameter (what the optimizer multiplies by)."""
+        return self.method.parameter_importance(self.store.accumulated)
+
+    def head_keep(self) -> float:
+        """1 - ā, the scalar that scales head gradients (1 on the first task)."""
+        return 1.0 if self.keep_masks is None else self.keep_masks.head_keep
+
+    def begin_task(
+        self, task_id: int, num_classes: int | None = None, name: str | None = None
+    ) -> None:
+        """Start task `task_id` (= the number of finished tasks): add its head, fix keep-masks."""
+        if task_id != self.store.num_tasks:
+            raise TaskOrderError(
+                f"begin_task({task_id}) but {self.store.num_tasks} task(s) are finished; "
+                f"the next task is {self.store.num_tasks}"
+            )
+        cfg = self.softmask_config
+        if isinstance(self.base_model, MultiHeadClassifier):
+            if num_classes is None:
+                raise TaskOrderError("a MultiHeadClassifier needs begin_task(t, num_classes=...)")
+            if len(self.base_model.heads) <= task_id:
+                self.base_model.add_head(num_classes)
+            self.base_model.active_task = task_id
+        if self.current_task != task_id:
+            cfg.task_names.append(name or f"task_{task_id}")
+            cfg.task_num_classes.append(num_classes)
+        self.current_task = task_id
+        self._select()
+        self._rebuild_masks()
+
+    def _rebuild_masks(self) -> None:
+        if self.store.num_tasks == 0:
+            self.keep_masks = None
+        else:
+            params = dict(self.base_model.named_parameters())
+            heads = [params[n] for n in self.head_parameter_names]
+            self.keep_masks = build_keep_masks(params, self.parameter_importance(), heads)
+        self.mask_version += 1
+
+    def end_task(self, train_batches: Iterable[Any]) -> dict[str, Tensor]:
+        """Compute this task's importance on its training data and accumulate it by max."""
+        if self.current_task is None or self.current_task != self.store.num_tasks:
+            raise TaskOrderError("end_task() without a matching begin_task()")
+        was_training = self.base_model.training
+        self.base_model.train()
+        try:
+            importance = self.method.run(
+                self.current_task, train_batches, desc=f"importance task {self.current_task}"
+            )
+        finally:
+            self.base_model.train(was_training)
+        self.store.add_task(importance)
+        self.current_task = None
+        return importance
+
+    # persistence ---------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config, importance and the base weights into `directory`, each file atomically."""
+        directory = ensure_directory(directory)
+        cfg = self.softmask_config
+        staging = Path(tempfile.mkdtemp(prefix=".softmask_save.", dir=directory))
+        try:
+            if hasattr(self.base_model, "save_pretrained") and hasattr(self.base_model, "config"):
+                self.base_model.config.save_pretrained(staging)
+            save_model(self.base_model, str(staging / WEIGHTS_NAME))
+            self.store.save(staging / IMPORTANCE_NAME, cfg.importance_dtype)
+            cfg.save_pretrained(staging)
+            for item in sorted(staging.iterdir()):
+                os.replace(item, directory / item.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike) -> SoftMaskModel:
+        """Load what `save_pretrained` wrote onto `base_model`; validate everything first.
+
+        Nothing in `base_model` changes unless every check passes (files present, config and
+        format version known, weights and importance keys and shapes equal, importance in [0, 1]).
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise MissingFileError(f"{str(directory)!r} is not a directory")
+        missing = [
+            n for n in (CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME) if not (directory / n).is_file()
+        ]
+        if missing:
+            raise MissingFileError(f"{str(directory)!r} lacks {', '.join(missing)}")
+        config = SoftMaskConfig.from_pretrained(directory)
+        try:
+            weights = load_file(directory / WEIGHTS_NAME)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CorruptFileError(f"cannot read {directory / WEIGHTS_NAME}: {e}") from e
+        if isinstance(base_model, MultiHeadClassifier) and len(base_model.heads) < len(
+            config.task_num_classes
+        ):
+            expand_heads(base_model, config.task_num_classes)
+        _check_weights(base_model, weights)
+        model = cls(base_model, config)
+        model.store = ImportanceStore.load(
+            directory / IMPORTANCE_NAME, model.method.importance_shapes()
+        )
+        with torch.no_grad():
+            state = base_model.state_dict()
+            for key, value in weights.items():
+                state[key].copy_(value)
+        return model
+
+
+def _check_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
+    """All saved keys exist with equal shapes; keys not saved must be shared duplicates."""
+    state = model.state_dict()
+    problems = [f"unexpected weight {k!r}" for k in sorted(set(weights) - set(state))]
+    saved_storages = {state[k].untyped_storage().data_ptr() for k in weights if k in state}
+    for k in sorted(set(state) - set(weights)):
+        if state[k].untyped_storage().data_ptr() not in saved_storages:
+            problems.append(f"missing weight {k!r}")
+    for k in sorted(set(state) & set(weights)):
+        if tuple(state[k].shape) != tuple(weights[k].shape):
+            problems.append(
+                f"{k}: saved shape {tuple(weights[k].shape)} != model {tuple(state[k].shape)}"
+            )
+    if problems:
+        raise ImportanceMismatchError(
+            "saved weights do not fit this model:\n  " + "\n  ".join(problems)
+        )

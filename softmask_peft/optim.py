@@ -1,0 +1,108 @@
+"""SoftMaskOptimizer: any torch.optim.Optimizer, with soft-masking around its step (DESIGN §4)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.optim import Optimizer
+
+from .config import MASK_MODES
+from .errors import ConfigError
+from .masking import MASK_TRANSFORMS, KeepMasks
+
+if TYPE_CHECKING:
+    from .model import SoftMaskModel
+
+
+class SoftMaskOptimizer(Optimizer):
+    """Wrap `base` so each step is soft-masked by `model`'s accumulated importance.
+
+    mask_mode="grad" (the paper): `grad *= 1 - A` before `base.step()`; with plain SGD the
+    update of each element is scaled exactly by 1 - A. mask_mode="update":
+    `p <- p_old + (1 - A) ⊙ (p_new - p_old)` after `base.step()`, which protects under any
+    optimizer (Adam normalises a constant gradient scale away). Heads use the scalar 1 - ā.
+
+    Keeps torch.optim's contract: `param_groups`, `state`, `defaults`, `zero_grad`,
+    `state_dict` / `load_state_dict` are the base optimizer's, so LR schedulers attach to it.
+    Parameters that `begin_task` adds to the model (a new task's head) are appended to the first
+    param group at the next step, so they train with its options and schedulers see no new group.
+    """
+
+    def __init__(self, base: Optimizer, model: SoftMaskModel, mask_mode: str | None = None) -> None:
+        if not isinstance(base, Optimizer):
+            raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}")
+        mode = model.softmask_config.mask_mode if mask_mode is None else mask_mode
+        if mode not in MASK_MODES:
+            raise ConfigError(f"mask_mode must be one of {MASK_MODES}, got {mode!r}")
+        self.base = base
+        self.model = model
+        self.mask_mode = mode
+        self._mask = MASK_TRANSFORMS[mode]()
+        self._masks: KeepMasks | None = None
+        self._masks_version = -1
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.base.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.base.param_groups = value
+
+    @property
+    def state(self) -> Any:
+        return self.base.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.base.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.base.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.base.defaults = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.base.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base.load_state_dict(state_dict)
+
+    def __repr__(self) -> str:
+        return f"SoftMaskOptimizer(mask_mode={self.mask_mode!r}, base={self.base!r})"
+
+    def _refresh(self) -> KeepMasks | None:
+        """Pick up the keep-masks (and any new parameters) after `begin_task`."""
+        if self.model.mask_version != self._masks_version:
+            known = {id(p) for g in self.base.param_groups for p in g["params"]}
+            new = [p for p in self.model.parameters() if p.requires_grad and id(p) not in known]
+            if new:
+                self.base.param_groups[0]["params"].extend(new)
+            self._masks = self.model.keep_masks
+            self._masks_version = self.model.mask_version
+        return self._masks
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        masks = self._refresh()
+        if masks is None:
+            self.base.step()
+            return loss
+        self._mask.before_step(masks)
+        self.base.step()
+        self._mask.after_step(masks)
+        return loss
