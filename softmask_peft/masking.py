@@ -69,33 +69,36 @@ class GradMask:
 
 
 class UpdateMask:
-    """Scale the parameter change: `p <- keep * p_new + A * p_old`.
+    """Scale the parameter change: `p <- lerp(p_new, p_old, A) = keep * p_new + A * p_old`.
 
-    Written as a convex combination so keep = 1 gives p_new and keep = 0 gives p_old
-    bit-exactly (`p_old + keep * (p_new - p_old)` rounds). Protects under Adam-family
-    optimizers and decoupled weight decay, which grad masking does not.
+    `torch.lerp` is exact at both ends, so keep = 1 gives p_new and keep = 0 gives p_old
+    bit-exactly (`p_old + keep * (p_new - p_old)` would round). Protects under Adam-family
+    optimizers and decoupled weight decay, which grad masking does not. The copies of the old
+    parameters live in buffers allocated once per set of keep-masks.
     """
 
     def __init__(self) -> None:
+        self._for: KeepMasks | None = None
         self._old: list[list[Tensor]] = []
         self._old_heads: list[Tensor] = []
 
     @torch.no_grad()
     def before_step(self, masks: KeepMasks) -> None:
-        self._old = [[p.detach().clone() for p in g.params] for g in masks.groups]
-        self._old_heads = (
-            [p.detach().clone() for p in masks.heads] if masks.head_keep != 1.0 else []
-        )
+        if self._for is not masks:
+            self._old = [[torch.empty_like(p) for p in g.params] for g in masks.groups]
+            self._old_heads = [torch.empty_like(p) for p in masks.heads]
+            self._for = masks
+        for g, old in zip(masks.groups, self._old):
+            torch._foreach_copy_(old, g.params)
+        if masks.head_keep != 1.0 and masks.heads:
+            torch._foreach_copy_(self._old_heads, masks.heads)
 
     @torch.no_grad()
     def after_step(self, masks: KeepMasks) -> None:
         for g, old in zip(masks.groups, self._old):
-            torch._foreach_mul_(g.params, g.keep)
-            torch._foreach_addcmul_(g.params, old, g.importance)
-        if self._old_heads:
-            torch._foreach_mul_(masks.heads, masks.head_keep)
-            torch._foreach_add_(masks.heads, self._old_heads, alpha=1.0 - masks.head_keep)
-        self._old, self._old_heads = [], []
+            torch._foreach_lerp_(g.params, old, g.importance)
+        if masks.head_keep != 1.0 and masks.heads:
+            torch._foreach_lerp_(masks.heads, self._old_heads, 1.0 - masks.head_keep)
 
 
 MASK_TRANSFORMS = {"grad": GradMask, "update": UpdateMask}
