@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -49,6 +50,7 @@ class SoftMaskModel(nn.Module):
         self.current_task: int | None = None
         self.keep_masks: KeepMasks | None = None
         self.mask_version = 0
+        self.added_parameters: list[nn.Parameter] = []
         self._select()
         self.method = METHODS[config.method](self)
 
@@ -109,6 +111,7 @@ class SoftMaskModel(nn.Module):
                 raise TaskOrderError("a MultiHeadClassifier needs begin_task(t, num_classes=...)")
             if len(self.base_model.heads) <= task_id:
                 self.base_model.add_head(num_classes)
+                self.added_parameters.extend(self.base_model.heads[task_id].parameters())
             self.base_model.active_task = task_id
         if self.current_task != task_id:
             cfg.task_names.append(name or f"task_{task_id}")
@@ -180,15 +183,20 @@ class SoftMaskModel(nn.Module):
             weights = load_file(directory / WEIGHTS_NAME)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CorruptFileError(f"cannot read {directory / WEIGHTS_NAME}: {e}") from e
-        if isinstance(base_model, MultiHeadClassifier) and len(base_model.heads) < len(
+        grows = isinstance(base_model, MultiHeadClassifier) and len(base_model.heads) < len(
             config.task_num_classes
-        ):
-            expand_heads(base_model, config.task_num_classes)
-        _check_weights(base_model, weights)
-        model = cls(base_model, config)
-        model.store = ImportanceStore.load(
-            directory / IMPORTANCE_NAME, model.method.importance_shapes()
         )
+        probe = copy.deepcopy(base_model) if grows else base_model  # validate before changing it
+        if grows:
+            expand_heads(probe, config.task_num_classes)
+        _check_weights(probe, weights)
+        store = ImportanceStore.load(
+            directory / IMPORTANCE_NAME, cls(probe, config).method.importance_shapes()
+        )
+        if grows:
+            expand_heads(base_model, config.task_num_classes)
+        model = cls(base_model, config)
+        model.store = store
         with torch.no_grad():
             state = base_model.state_dict()
             for key, value in weights.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ class SoftMaskOptimizer(Optimizer):
     `state_dict` / `load_state_dict` are the base optimizer's, so LR schedulers attach to it.
     Parameters that `begin_task` adds to the model (a new task's head) are appended to the first
     param group at the next step, so they train with its options and schedulers see no new group.
+    Step hooks (`register_step_pre_hook` / `_post_hook`) run around the masked step; state-dict
+    hooks are registered on the base optimizer, which produces the state dict.
     """
 
     def __init__(self, base: Optimizer, model: SoftMaskModel, mask_mode: str | None = None) -> None:
@@ -42,6 +45,8 @@ class SoftMaskOptimizer(Optimizer):
         self._mask = MASK_TRANSFORMS[mode]()
         self._masks: KeepMasks | None = None
         self._masks_version = -1
+        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -79,6 +84,19 @@ class SoftMaskOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.base.load_state_dict(state_dict)
 
+    def register_state_dict_pre_hook(self, hook: Callable, prepend: bool = False) -> Any:
+        """Registered on the base optimizer, which produces the state dict."""
+        return self.base.register_state_dict_pre_hook(hook, prepend)
+
+    def register_state_dict_post_hook(self, hook: Callable, prepend: bool = False) -> Any:
+        return self.base.register_state_dict_post_hook(hook, prepend)
+
+    def register_load_state_dict_pre_hook(self, hook: Callable, prepend: bool = False) -> Any:
+        return self.base.register_load_state_dict_pre_hook(hook, prepend)
+
+    def register_load_state_dict_post_hook(self, hook: Callable, prepend: bool = False) -> Any:
+        return self.base.register_load_state_dict_post_hook(hook, prepend)
+
     def __repr__(self) -> str:
         return f"SoftMaskOptimizer(mask_mode={self.mask_mode!r}, base={self.base!r})"
 
@@ -86,13 +104,14 @@ class SoftMaskOptimizer(Optimizer):
         """Pick up the keep-masks (and any new parameters) after `begin_task`."""
         if self.model.mask_version != self._masks_version:
             known = {id(p) for g in self.base.param_groups for p in g["params"]}
-            new = [p for p in self.model.parameters() if p.requires_grad and id(p) not in known]
+            new = [p for p in self.model.added_parameters if id(p) not in known]
             if new:
                 self.base.param_groups[0]["params"].extend(new)
             self._masks = self.model.keep_masks
             self._masks_version = self.model.mask_version
         return self._masks
 
+    @Optimizer.profile_hook_step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
