@@ -43,7 +43,7 @@ class SoftMaskModel(nn.Module):
         if not isinstance(config, SoftMaskConfig):
             raise TypeError(f"config must be a SoftMaskConfig, got {type(config).__name__}")
         if config.head_modules is None and isinstance(base_model, MultiHeadClassifier):
-            config.head_modules = ["heads"]
+            config.head_modules = "heads"  # regex full match: only the top-level task heads
         self.base_model = base_model
         self.softmask_config = config
         self.store = ImportanceStore()
@@ -113,7 +113,7 @@ class SoftMaskModel(nn.Module):
                 self.base_model.add_head(num_classes)
                 self.added_parameters.extend(self.base_model.heads[task_id].parameters())
             self.base_model.active_task = task_id
-        if self.current_task != task_id:
+        if len(cfg.task_names) == task_id:
             cfg.task_names.append(name or f"task_{task_id}")
             cfg.task_num_classes.append(num_classes)
         self.current_task = task_id
@@ -136,9 +136,10 @@ class SoftMaskModel(nn.Module):
         was_training = self.base_model.training
         self.base_model.train()
         try:
-            importance = self.method.run(
-                self.current_task, train_batches, desc=f"importance task {self.current_task}"
-            )
+            with torch.enable_grad():  # callers often evaluate under no_grad
+                importance = self.method.run(
+                    self.current_task, train_batches, desc=f"importance task {self.current_task}"
+                )
         finally:
             self.base_model.train(was_training)
         self.store.add_task(importance)
@@ -193,6 +194,11 @@ class SoftMaskModel(nn.Module):
         store = ImportanceStore.load(
             directory / IMPORTANCE_NAME, cls(probe, config).method.importance_shapes()
         )
+        if not store.num_tasks <= len(config.task_names) <= store.num_tasks + 1:
+            raise ImportanceMismatchError(
+                f"{CONFIG_NAME} names {len(config.task_names)} task(s) but {IMPORTANCE_NAME} "
+                f"holds {store.num_tasks}"
+            )
         if grows:
             expand_heads(base_model, config.task_num_classes)
         model = cls(base_model, config)

@@ -45,6 +45,7 @@ class SoftMaskOptimizer(Optimizer):
         self._mask = MASK_TRANSFORMS[mode]()
         self._masks: KeepMasks | None = None
         self._masks_version = -1
+        self._adopted = len(model.added_parameters)  # heads added before us: the caller's choice
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
 
@@ -104,7 +105,8 @@ class SoftMaskOptimizer(Optimizer):
         """Pick up the keep-masks (and any new parameters) after `begin_task`."""
         if self.model.mask_version != self._masks_version:
             known = {id(p) for g in self.base.param_groups for p in g["params"]}
-            new = [p for p in self.model.added_parameters if id(p) not in known]
+            new = [p for p in self.model.added_parameters[self._adopted :] if id(p) not in known]
+            self._adopted = len(self.model.added_parameters)
             if new:
                 self.base.param_groups[0]["params"].extend(new)
             self._masks = self.model.keep_masks

@@ -122,7 +122,9 @@ class ImportanceStore:
             num_tasks = int(metadata.get("num_tasks", ""))
         except ValueError as e:
             raise CorruptFileError(f"{path.name}: metadata num_tasks is missing or invalid") from e
-        names = [""] + [f"{TASK_PREFIX}{k}." for k in range(num_tasks)]
+        # a store saved before its first task ends has no accumulated importance yet
+        has_accumulated = num_tasks > 0 or any(n in tensors for n in expected)
+        names = [""] * has_accumulated + [f"{TASK_PREFIX}{k}." for k in range(num_tasks)]
         wanted = {p + n: s for p in names for n, s in expected.items()}
         problems = [f"missing key {k!r}" for k in sorted(set(wanted) - set(tensors))]
         problems += [f"unexpected key {k!r}" for k in sorted(set(tensors) - set(wanted))]
@@ -142,7 +144,7 @@ class ImportanceStore:
                 f"cannot load importance from {str(path)!r}:\n  " + "\n  ".join(problems)
             )
         store = cls()
-        store.accumulated = {n: decode(tensors[n]) for n in expected}
+        store.accumulated = {n: decode(tensors[n]) for n in expected} if has_accumulated else {}
         store.history = [
             {n: decode(tensors[f"{TASK_PREFIX}{k}.{n}"]) for n in expected}
             for k in range(num_tasks)

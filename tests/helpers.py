@@ -1,0 +1,154 @@
+"""Tiny models and data shared by the core tests (one place, built in-process, never downloaded)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from softmask_peft.heads import MultiHeadClassifier
+
+
+def linear_model(in_features: int = 4, num_classes: int = 3, seed: int = 0) -> nn.Linear:
+    """A single linear layer: logits = W x + b."""
+    torch.manual_seed(seed)
+    return nn.Linear(in_features, num_classes)
+
+
+class SmallMLP(nn.Module):
+    """Linear -> tanh -> dropout -> linear; a plain single-head classifier."""
+
+    def __init__(self, in_features: int = 6, hidden: int = 8, num_classes: int = 3, p: float = 0.2):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.drop = nn.Dropout(p)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop(torch.tanh(self.fc1(x))))
+
+
+def small_mlp(seed: int = 0, **kwargs) -> SmallMLP:
+    torch.manual_seed(seed)
+    return SmallMLP(**kwargs)
+
+
+def multi_head(
+    in_features: int = 4, feature_dim: int = 5, backbone: str = "linear", seed: int = 0
+) -> MultiHeadClassifier:
+    """MultiHeadClassifier on a linear backbone (closed-form gradients) or a tanh MLP."""
+    torch.manual_seed(seed)
+    if backbone == "linear":
+        net: nn.Module = nn.Linear(in_features, feature_dim)
+    elif backbone == "mlp":
+        net = nn.Sequential(
+            nn.Linear(in_features, 7), nn.Tanh(), nn.Linear(7, feature_dim), nn.Tanh()
+        )
+    else:
+        raise ValueError(backbone)
+    return MultiHeadClassifier(net, feature_dim)
+
+
+def tiny_bert_config(num_labels: int = 3, dropout: float = 0.0, **overrides):
+    from transformers import BertConfig
+
+    kwargs = dict(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+        num_labels=num_labels,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
+
+
+def tiny_bert(num_labels: int = 3, seed: int = 0, dropout: float = 0.0, **overrides):
+    """BertForSequenceClassification from a tiny random BertConfig (no download)."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config(num_labels, dropout, **overrides)).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    """GPT2LMHeadModel from a tiny random GPT2Config (no download)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=40,
+        n_positions=16,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def classification_batches(
+    n: int = 12, in_features: int = 4, num_classes: int = 3, batch_size: int = 4, seed: int = 1
+) -> list[tuple[Tensor, Tensor]]:
+    """(x, y) batches of Gaussian inputs and uniform labels, as a list (a re-iterable loader)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_features, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def text_batches(
+    n: int = 8,
+    seq_len: int = 6,
+    vocab: int = 40,
+    num_labels: int = 3,
+    batch_size: int = 4,
+    seed: int = 2,
+) -> list[dict[str, Tensor]]:
+    """HF-style dict batches with input_ids, attention_mask and labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, seq_len), generator=g)
+    mask = torch.ones(n, seq_len, dtype=torch.long)
+    mask[::2, -2:] = 0
+    labels = torch.randint(0, num_labels, (n,), generator=g)
+    return [
+        {
+            "input_ids": ids[i : i + batch_size],
+            "attention_mask": mask[i : i + batch_size],
+            "labels": labels[i : i + batch_size],
+        }
+        for i in range(0, n, batch_size)
+    ]
+
+
+def standardize_tanh_abs(g: Tensor) -> Tensor:
+    """Reference |tanh((g - mean) / std)| written out longhand in float64 (unbiased std)."""
+    v = g.detach().to(torch.float64)
+    n = v.numel()
+    mean = v.sum() / n
+    var = ((v - mean) ** 2).sum() / (n - 1)
+    return torch.tanh((v - mean) / var.sqrt()).abs()
+
+
+def snapshot(module: nn.Module) -> dict[str, Tensor]:
+    """Independent copy of every tensor of a module's state."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same_state(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def dir_digest(directory: Path) -> dict[str, str]:
+    """File name -> sha256 of every entry in a directory (hidden ones included)."""
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+        for p in sorted(Path(directory).iterdir())
+    }

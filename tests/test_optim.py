@@ -1,0 +1,235 @@
+"""SoftMaskOptimizer keeps torch.optim's contract (DESIGN §4)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import classification_batches, multi_head
+from torch import nn
+
+from softmask_peft import ConfigError, SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
+
+
+def model_at_task_one(net=None, mode: str = "grad"):
+    net = net if net is not None else nn.Linear(4, 3)
+    model = get_softmask_model(net, SoftMaskConfig(mask_mode=mode))
+    model.begin_task(0)
+    model.store.add_task({"weight": torch.full((3, 4), 0.5), "bias": torch.zeros(3)})
+    model.begin_task(1)
+    return model
+
+
+def loss_of(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def test_is_an_optimizer_and_rejects_bad_arguments():
+    model = model_at_task_one()
+    opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert "SGD" in repr(opt)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        SoftMaskOptimizer(object(), model)
+    with pytest.raises(ConfigError, match="mask_mode"):
+        SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, mask_mode="bogus")
+
+
+def test_mask_mode_defaults_to_the_config_and_can_be_overridden():
+    model = model_at_task_one(mode="update")
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert SoftMaskOptimizer(base, model).mask_mode == "update"
+    assert SoftMaskOptimizer(base, model, mask_mode="grad").mask_mode == "grad"
+
+
+def test_zero_grad_and_step_with_closure_returns_the_loss():
+    model = model_at_task_one()
+    opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    batch = classification_batches()[0]
+    w0 = model.base_model.weight.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, batch)
+        loss.backward()
+        return loss
+
+    with torch.no_grad():  # step must enable grad for the closure, as torch.optim does
+        expected = float(loss_of(model, batch))
+        loss = opt.step(closure)
+    assert float(loss.detach()) == pytest.approx(expected, abs=1e-7)
+    assert not torch.equal(model.base_model.weight, w0)
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    loss_of(model, batch).backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+    assert opt.step() is None
+
+
+def test_param_groups_state_and_defaults_are_the_base_optimizers():
+    model = model_at_task_one()
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = SoftMaskOptimizer(base, model)
+    assert opt.param_groups is base.param_groups
+    assert opt.defaults is base.defaults
+    opt.param_groups[0]["lr"] = 0.05
+    assert base.param_groups[0]["lr"] == 0.05
+    loss_of(model, classification_batches()[0]).backward()
+    opt.step()
+    assert opt.state is base.state
+    assert all("momentum_buffer" in opt.state[p] for p in model.parameters())
+    extra = nn.Parameter(torch.zeros(2))
+    opt.add_param_group({"params": [extra], "lr": 1.0})
+    assert len(base.param_groups) == 2 and base.param_groups[1]["params"][0] is extra
+
+
+def test_state_dict_round_trip_continues_identically():
+    batches = classification_batches(n=16)
+    model_a = model_at_task_one()
+    opt_a = SoftMaskOptimizer(torch.optim.SGD(model_a.parameters(), lr=0.1, momentum=0.9), model_a)
+    for b in batches[:2]:
+        opt_a.zero_grad()
+        loss_of(model_a, b).backward()
+        opt_a.step()
+    state = opt_a.state_dict()
+    assert state["param_groups"] == opt_a.base.state_dict()["param_groups"]
+    assert sorted(state["state"]) == [0, 1]
+    model_b = model_at_task_one(copy.deepcopy(model_a.base_model))
+    opt_b = SoftMaskOptimizer(torch.optim.SGD(model_b.parameters(), lr=0.1, momentum=0.9), model_b)
+    opt_b.load_state_dict(copy.deepcopy(state))
+    for b in batches[2:]:
+        for model, opt in ((model_a, opt_a), (model_b, opt_b)):
+            opt.zero_grad()
+            loss_of(model, b).backward()
+            opt.step()
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_step_lr_scheduler_changes_the_lr():
+    model = model_at_task_one()
+    opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    lrs = []
+    for b in classification_batches(n=16):
+        opt.zero_grad()
+        loss_of(model, b).backward()
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.1, 0.05, 0.05, 0.025])
+    assert opt.base.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+def test_reduce_lr_on_plateau_changes_the_lr():
+    model = model_at_task_one()
+    opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.25), model)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=1)
+    for val_loss in (1.0, 1.0, 1.0):
+        sched.step(val_loss)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+def test_keep_masks_built_once_per_task():
+    net = multi_head()
+    model = get_softmask_model(net, SoftMaskConfig())
+    model.begin_task(0, num_classes=3)
+    v0 = model.mask_version
+    opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    batches = classification_batches()
+    for b in batches:
+        opt.zero_grad()
+        loss_of(model, b).backward()
+        opt.step()
+    assert model.mask_version == v0 and opt._masks is None
+    model.end_task(batches)
+    assert model.mask_version == v0  # end_task does not touch the masks of the running task
+    model.begin_task(1, num_classes=2)
+    assert model.mask_version == v0 + 1
+    masks = model.keep_masks
+    seen = []
+    for x, _ in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), torch.zeros(len(x), dtype=torch.long)).backward()
+        opt.step()
+        seen.append(opt._masks)
+    assert all(m is masks for m in seen)
+    assert model.mask_version == v0 + 1 and model.keep_masks is masks
+
+
+def test_new_head_parameters_are_adopted_after_begin_task():
+    net = multi_head()
+    model = get_softmask_model(net, SoftMaskConfig())
+    model.begin_task(0, num_classes=3)
+    opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    batches = classification_batches()
+    model.end_task(batches)
+    model.begin_task(1, num_classes=2)
+    new_head = list(net.heads[1].parameters())
+    before = [p.detach().clone() for p in new_head]
+    x, _ = batches[0]
+    opt.zero_grad()
+    F.cross_entropy(model(x), torch.ones(len(x), dtype=torch.long)).backward()
+    raw = [p.grad.clone() for p in new_head]
+    opt.step()
+    group_ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(p) in group_ids for p in new_head)
+    assert len(opt.param_groups) == 1
+    assert all(not torch.equal(p, b) for p, b in zip(new_head, before))
+    # the new head trains, scaled by the head keep scalar 1 - ā
+    keep = model.head_keep()
+    assert 0 < keep < 1
+    for p, b, g in zip(new_head, before, raw):
+        torch.testing.assert_close(p.detach(), b - 0.1 * keep * g, rtol=0, atol=1e-6)
+
+
+def test_parameters_left_out_of_the_optimizer_on_purpose_stay_out():
+    net = multi_head()
+    model = get_softmask_model(net, SoftMaskConfig())
+    model.begin_task(0, num_classes=3)
+    opt = SoftMaskOptimizer(
+        torch.optim.SGD(net.heads.parameters(), lr=0.1), model
+    )  # frozen backbone
+    w0 = net.backbone.weight.detach().clone()
+    x, y = classification_batches()[0]
+    loss_of(model, (x, y)).backward()
+    opt.step()
+    assert len(opt.param_groups[0]["params"]) == 2
+    assert torch.equal(net.backbone.weight, w0)
+
+
+def test_step_hooks_of_torch_optim_work():
+    model = model_at_task_one()
+    opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    loss_of(model, classification_batches()[0]).backward()
+    opt.step()
+    assert calls == ["pre", "post"]
+
+
+def test_optimizer_created_after_begin_task_does_not_grow():
+    net = multi_head()
+    model = get_softmask_model(net, SoftMaskConfig())
+    model.begin_task(0, num_classes=3)
+    opt = SoftMaskOptimizer(torch.optim.SGD(net.backbone.parameters(), lr=0.1), model)
+    h0 = [p.detach().clone() for p in net.heads[0].parameters()]
+    loss_of(model, classification_batches()[0]).backward()
+    opt.step()
+    assert len(opt.param_groups[0]["params"]) == 2
+    assert all(torch.equal(p, q) for p, q in zip(net.heads[0].parameters(), h0))
+
+
+def test_state_dict_hooks_reach_the_base_optimizer():
+    model = model_at_task_one()
+    opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    seen = []
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append(sorted(sd)))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append("load"))
+    opt.load_state_dict(opt.state_dict())
+    assert seen == [["param_groups", "state"], "load"]
