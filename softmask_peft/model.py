@@ -6,12 +6,13 @@ import copy
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import Tensor, nn
 
@@ -149,15 +150,22 @@ class SoftMaskModel(nn.Module):
     # persistence ---------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config, importance and the base weights into `directory`, each file atomically."""
+        """Write config, importance and the base weights into `directory`, each file atomically.
+
+        Weights and importance carry the same random `save_id` in their metadata, so a crash
+        between the renames (new weights beside old importance) is refused at load time.
+        """
         directory = ensure_directory(directory)
         cfg = self.softmask_config
         staging = Path(tempfile.mkdtemp(prefix=".softmask_save.", dir=directory))
         try:
             if hasattr(self.base_model, "save_pretrained") and hasattr(self.base_model, "config"):
                 self.base_model.config.save_pretrained(staging)
-            save_model(self.base_model, str(staging / WEIGHTS_NAME))
-            self.store.save(staging / IMPORTANCE_NAME, cfg.importance_dtype)
+            save_id = uuid.uuid4().hex
+            save_model(
+                self.base_model, str(staging / WEIGHTS_NAME), {"format": "pt", "save_id": save_id}
+            )
+            self.store.save(staging / IMPORTANCE_NAME, cfg.importance_dtype, save_id)
             cfg.save_pretrained(staging)
             for item in sorted(staging.iterdir()):
                 os.replace(item, directory / item.name)
@@ -182,6 +190,8 @@ class SoftMaskModel(nn.Module):
         config = SoftMaskConfig.from_pretrained(directory)
         try:
             weights = load_file(directory / WEIGHTS_NAME)
+            with safe_open(directory / WEIGHTS_NAME, framework="pt") as f:
+                weights_id = (f.metadata() or {}).get("save_id", "")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CorruptFileError(f"cannot read {directory / WEIGHTS_NAME}: {e}") from e
         grows = isinstance(base_model, MultiHeadClassifier) and len(base_model.heads) < len(
@@ -194,6 +204,11 @@ class SoftMaskModel(nn.Module):
         store = ImportanceStore.load(
             directory / IMPORTANCE_NAME, cls(probe, config).method.importance_shapes()
         )
+        if weights_id != store.save_id:
+            raise CorruptFileError(
+                f"{WEIGHTS_NAME} and {IMPORTANCE_NAME} in {str(directory)!r} come from different "
+                "saves (an interrupted save_pretrained?); refusing to pair them"
+            )
         if not store.num_tasks <= len(config.task_names) <= store.num_tasks + 1:
             raise ImportanceMismatchError(
                 f"{CONFIG_NAME} names {len(config.task_names)} task(s) but {IMPORTANCE_NAME} "

@@ -62,6 +62,7 @@ class ImportanceStore:
     def __init__(self) -> None:
         self.accumulated: dict[str, Tensor] = {}
         self.history: list[dict[str, Tensor]] = []
+        self.save_id = ""
 
     @property
     def num_tasks(self) -> int:
@@ -84,8 +85,8 @@ class ImportanceStore:
             out.update({f"{TASK_PREFIX}{k}.{name}": encode(v, dtype) for name, v in task.items()})
         return out
 
-    def save(self, path: str | os.PathLike, dtype: str) -> None:
-        """Write the store as safetensors atomically."""
+    def save(self, path: str | os.PathLike, dtype: str, save_id: str = "") -> None:
+        """Write the store as safetensors atomically; `save_id` ties it to the weights saved with it."""
         tensors = self.to_tensors(dtype)
         metadata = {
             "format": "pt",
@@ -93,6 +94,7 @@ class ImportanceStore:
             "format_version": str(FORMAT_VERSION),
             "num_tasks": str(self.num_tasks),
             "dtype": dtype,
+            "save_id": save_id,
         }
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -144,6 +146,7 @@ class ImportanceStore:
                 f"cannot load importance from {str(path)!r}:\n  " + "\n  ".join(problems)
             )
         store = cls()
+        store.save_id = metadata.get("save_id", "")
         store.accumulated = {n: decode(tensors[n]) for n in expected} if has_accumulated else {}
         store.history = [
             {n: decode(tensors[f"{TASK_PREFIX}{k}.{n}"]) for n in expected}

@@ -414,3 +414,16 @@ def test_attribute_lookup_on_an_uninitialised_wrapper_does_not_recurse():
     bare = SoftMaskModel.__new__(SoftMaskModel)
     with pytest.raises(AttributeError):
         _ = bare.config
+
+
+def test_weights_and_importance_from_different_saves_are_refused(tmp_path):
+    """A crash between save_pretrained's renames leaves new weights beside old importance."""
+    model, directory = saved_mlp(tmp_path)
+    other = tmp_path / "second"
+    model.save_pretrained(other)  # same tensors, another save
+    (directory / WEIGHTS_NAME).write_bytes((other / WEIGHTS_NAME).read_bytes())
+    fresh = small_mlp(seed=1, in_features=6)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CorruptFileError, match="different saves"):
+        SoftMaskModel.from_pretrained(fresh, directory)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
