@@ -118,10 +118,15 @@ class SoftMaskModel(nn.Module):
             cfg.task_names.append(name or f"task_{task_id}")
             cfg.task_num_classes.append(num_classes)
         self.current_task = task_id
-        self._select()
-        self._rebuild_masks()
+        self.refresh_masks()
 
-    def _rebuild_masks(self) -> None:
+    def refresh_masks(self) -> None:
+        """Re-select masked and head parameters and rebuild keep = 1 - A from the store.
+
+        `begin_task` calls it; call it yourself after changing the model's heads or the store
+        by hand (e.g. after loading a device checkpoint).
+        """
+        self._select()
         if self.store.num_tasks == 0:
             self.keep_masks = None
         else:
@@ -148,6 +153,13 @@ class SoftMaskModel(nn.Module):
         return importance
 
     # persistence ---------------------------------------------------------------------------
+
+    @staticmethod
+    def load_device_checkpoint(model: SoftMaskModel, directory: str | os.PathLike) -> SoftMaskModel:
+        """Restore weights and importance that an edge device learned (see `softmask_peft.export`)."""
+        from .export import load_device_checkpoint
+
+        return load_device_checkpoint(model, directory)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config, importance and the base weights into `directory`, each file atomically.

@@ -1,0 +1,256 @@
+"""On-device training step: masked ORT step vs unmasked ORT step vs PyTorch eager, and checkpoint size.
+
+For each model (digits-sized MLP and CNN with a shared 10-class head, two small BERT classifiers):
+* `ort_masked`: one step of the exported artifacts (gradient reset, forward + backward with
+  the soft-mask before each gradient accumulator, plain SGD step), importance random in [0, 1];
+* `ort_plain`: the same forward graph and loss through ORT's generate_artifacts without our
+  surgery (no importance inputs, no masking nodes);
+* `torch_masked` / `torch_plain`: eager zero_grad + forward + backward + SoftMaskOptimizer(SGD)
+  step (grad mode) / plain SGD step, same batch, same thread count.
+Medians over repeats, the compared steps run alternately; target: ort_masked <= 1.10x ort_plain. Checkpoint sizes are the artifacts'
+checkpoint file with importance stored as float32, float16 and uint8.
+Run: python bench/edge_step.py --out results/bench_edge_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from _common import median_time, print_table, write_json
+from onnxruntime.training import artifacts as ort_artifacts
+from softmask_edge import EdgeLearner, _ort
+from softmask_edge.builder import _quiet_stderr
+from softmask_edge.graphs import add_classification_loss, add_gradient_outputs
+from torch import nn
+
+from softmask_peft import SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
+from softmask_peft.continual.models import CNN, MLP, SharedHeadClassifier
+from softmask_peft.export import export_for_device
+
+THREADS = 2  # default of --threads
+
+
+def _models() -> dict[str, tuple[nn.Module, list[str], torch.Tensor, torch.Tensor]]:
+    """name -> (model, head modules, example batch x, labels y)."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    torch.manual_seed(0)
+    mlp = MLP(64, dropout=0.0)
+    out["mlp 64-256-256-10"] = (
+        SharedHeadClassifier(mlp, mlp.out_features, 10),
+        ["head"],
+        torch.randn(32, 1, 8, 8, generator=g),
+        torch.randint(0, 10, (32,), generator=g),
+    )
+    cnn = CNN((1, 8, 8), dropout=0.0)
+    out["cnn 16-32-128-10"] = (
+        SharedHeadClassifier(cnn, cnn.out_features, 10),
+        ["head"],
+        torch.randn(32, 1, 8, 8, generator=g),
+        torch.randint(0, 10, (32,), generator=g),
+    )
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+        num_labels=4,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    out["tiny bert h64 l2 seq32"] = (
+        BertForSequenceClassification(cfg),
+        ["classifier"],
+        {"input_ids": torch.randint(0, 1000, (8, 32), generator=g)},
+        torch.randint(0, 4, (8,), generator=g),
+    )
+    medium = BertConfig(
+        vocab_size=8000,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        max_position_embeddings=128,
+        num_labels=4,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    out["bert h256 l4 seq64 b16"] = (
+        BertForSequenceClassification(medium),
+        ["classifier"],
+        {"input_ids": torch.randint(0, 8000, (16, 64), generator=g)},
+        torch.randint(0, 4, (16,), generator=g),
+    )
+    return out
+
+
+def _feeds_for(session: _ort.TrainingSession, x, y, scale: float | None) -> list[np.ndarray]:
+    values = {k: v.numpy() for k, v in (x.items() if isinstance(x, dict) else {"input": x}.items())}
+    values.update(
+        labels=y.numpy(),
+        softmask_cross_head=np.array(0.0, np.float32),
+        softmask_scale=np.array(scale if scale is not None else 1.0, np.float32),
+    )
+    return [values[n] for n in session.input_names(training=True)]
+
+
+def _ort_step(session: _ort.TrainingSession, feeds: list[np.ndarray]) -> None:
+    session.reset_gradients()
+    session.run(feeds, training=True)
+    session.optimizer_step()
+
+
+def _plain_artifacts(net: nn.Module, x, directory: Path, threads: int) -> _ort.TrainingSession:
+    """The same forward graph + loss, through generate_artifacts without the masking surgery."""
+    names = list(x) if isinstance(x, dict) else ["input"]
+    args = tuple(x.values()) if isinstance(x, dict) else (x,)
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, *inputs):
+            out = self.net(**dict(zip(names, inputs))) if isinstance(x, dict) else self.net(*inputs)
+            return out.logits if hasattr(out, "logits") else out
+
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        Logits(),
+        args,
+        buffer,
+        input_names=names,
+        output_names=["logits"],
+        opset_version=17,
+        training=torch.onnx.TrainingMode.TRAINING,
+        do_constant_folding=False,
+        dynamo=False,
+    )
+    model = onnx.load_from_string(buffer.getvalue())
+    add_gradient_outputs(model)
+    add_classification_loss(model)
+    params = [n for n, p in Logits().named_parameters() if p.requires_grad]
+    directory.mkdir(parents=True)
+    with _quiet_stderr():
+        ort_artifacts.generate_artifacts(
+            model,
+            requires_grad=params,
+            loss=None,
+            optimizer=ort_artifacts.OptimType.SGD,
+            artifact_directory=directory,
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = _ort.TrainingSession(
+        directory / "training_model.onnx",
+        directory / "eval_model.onnx",
+        directory / "optimizer_model.onnx",
+        _ort.load_checkpoint(directory / "checkpoint"),
+        options,
+    )
+    session.new_optimizer(0.01)
+    return session
+
+
+def _paired_medians(fns: list, repeats: int, warmup: int = 5) -> list[float]:
+    """Median time of each function, run alternately so load drift hits all of them alike."""
+    for fn in fns:
+        median_time(fn, 1, warmup)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(bucket) for bucket in times]
+
+
+def _torch_step(model, optimizer, x, y) -> None:
+    optimizer.zero_grad()
+    out = model(**x) if isinstance(x, dict) else model(x)
+    logits = out.logits if hasattr(out, "logits") else out
+    F.cross_entropy(logits, y).backward()
+    optimizer.step()
+
+
+def bench_model(
+    name: str, net: nn.Module, heads: list[str], x, y, repeats: int, root: Path, threads: int
+) -> dict[str, object]:
+    torch.set_num_threads(threads)
+    net.train()
+    model = get_softmask_model(net, SoftMaskConfig(head_modules=heads))
+    params = dict(net.named_parameters())
+    model.store.add_task({n: torch.rand_like(params[n]) for n in model.masked_parameter_names})
+    sizes = {}
+    for dtype in ("float32", "float16", "uint8"):
+        export_for_device(model, x, root / f"{dtype}", importance_dtype=dtype)
+        manifest = EdgeLearner(root / f"{dtype}").manifest
+        sizes[dtype] = (root / dtype / manifest.checkpoint).stat().st_size
+    learner = EdgeLearner(root / "float32", threads=threads)
+    session = learner._session
+    session.new_optimizer(0.01)
+    masked_feeds = _feeds_for(session, x, y, 1.0)
+    plain = _plain_artifacts(net, x, root / "plain", threads)
+    plain_feeds = _feeds_for(plain, x, y, None)
+    t_masked, t_plain = _paired_medians(
+        [lambda: _ort_step(session, masked_feeds), lambda: _ort_step(plain, plain_feeds)], repeats
+    )
+
+    model.begin_task(1)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    masked_opt = SoftMaskOptimizer(torch.optim.SGD(trainable, lr=0.01), model)
+    plain_opt = torch.optim.SGD(trainable, lr=0.01)
+    t_torch_masked, t_torch_plain = _paired_medians(
+        [lambda: _torch_step(model, masked_opt, x, y), lambda: _torch_step(net, plain_opt, x, y)],
+        repeats,
+    )
+    return {
+        "model": name,
+        "params": sum(p.numel() for p in trainable),
+        "ort_masked_ms": 1e3 * t_masked,
+        "ort_plain_ms": 1e3 * t_plain,
+        "masked/plain": t_masked / t_plain,
+        "torch_masked_ms": 1e3 * t_torch_masked,
+        "torch_plain_ms": 1e3 * t_torch_plain,
+        "ort/torch (masked)": t_masked / t_torch_masked,
+        "ckpt_f32_kb": sizes["float32"] / 1024,
+        "ckpt_f16_kb": sizes["float16"] / 1024,
+        "ckpt_u8_kb": sizes["uint8"] / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument(
+        "--threads", type=int, default=THREADS, help="torch and ORT intra-op threads"
+    )
+    parser.add_argument("--out", default="results/bench_edge_step.json")
+    args = parser.parse_args()
+    ort.set_default_logger_severity(3)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, (net, heads, x, y)) in enumerate(_models().items()):
+            root = Path(tmp) / str(i)
+            rows.append(bench_model(name, net, heads, x, y, args.repeats, root, args.threads))
+    print_table(rows, list(rows[0]))
+    write_json(args.out, "edge_step", rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""softmask_edge: on-device continual learning with ONNX Runtime Training (no torch).
+
+`build_artifacts` turns a forward ONNX graph into training artifacts with soft-masking inside
+the training graph; `EdgeLearner` learns new tasks from them, computes and accumulates their
+importance with an ONNX graph, and saves atomically. Depends on numpy, onnx and
+onnxruntime-training only; importing this package never imports torch.
+"""
+
+from .builder import build_artifacts
+from .checkpoint import DeviceCheckpoint, read_device_checkpoint
+from .errors import (
+    ArtifactMismatchError,
+    BatchError,
+    CorruptArtifactError,
+    EdgeError,
+    EmptyDataError,
+    ExportError,
+    MissingArtifactError,
+    NonFiniteGradientError,
+    TaskOrderError,
+    UnsupportedFormatError,
+)
+from .learner import EdgeLearner
+from .manifest import Manifest
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtifactMismatchError",
+    "BatchError",
+    "CorruptArtifactError",
+    "DeviceCheckpoint",
+    "EdgeError",
+    "EdgeLearner",
+    "EmptyDataError",
+    "ExportError",
+    "Manifest",
+    "MissingArtifactError",
+    "NonFiniteGradientError",
+    "TaskOrderError",
+    "UnsupportedFormatError",
+    "build_artifacts",
+    "read_device_checkpoint",
+]

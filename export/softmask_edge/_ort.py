@@ -1,0 +1,122 @@
+"""The slice of ONNX Runtime's on-device training API that softmask_edge uses, torch-free.
+
+`onnxruntime.training`'s package `__init__` imports its amp/optim helpers, which import torch
+(they serve ORTModule), so on a device without torch `onnxruntime.training.api` cannot be
+imported at all. The checkpoint, module and optimizer classes live in the core extension
+module `onnxruntime.capi._pybind_state`; this file calls them directly.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+from onnxruntime import SessionOptions
+from onnxruntime.capi import _pybind_state as C
+from onnxruntime.capi.onnxruntime_inference_collection import OrtValue, get_ort_device_type
+
+
+def load_checkpoint(path: str | os.PathLike) -> C.CheckpointState:
+    return C.load_checkpoint(os.fspath(path))
+
+
+def save_checkpoint(state: C.CheckpointState, path: str | os.PathLike) -> None:
+    """Weights and non-trainable tensors only; optimizer state is per task, never persisted."""
+    C.save_checkpoint(state, os.fspath(path), False)
+
+
+def write_checkpoint(
+    trainable: Sequence[bytes], frozen: Sequence[bytes], path: str | os.PathLike
+) -> None:
+    """A new checkpoint from serialized TensorProtos (trainable, then non-trainable)."""
+    C.save_checkpoint(list(trainable), list(frozen), os.fspath(path), False)
+
+
+def parameter_names(state: C.CheckpointState) -> list[str]:
+    return list(state.parameter_names())
+
+
+def get_parameter(state: C.CheckpointState, name: str) -> np.ndarray:
+    return state.get_parameter(name).data.numpy()
+
+
+def get_gradient(state: C.CheckpointState, name: str) -> np.ndarray | None:
+    grad = state.get_parameter(name).grad
+    return grad.numpy() if grad.has_value() else None
+
+
+def set_parameter(state: C.CheckpointState, name: str, value: np.ndarray) -> None:
+    """Copy `value` into the checkpoint tensor (`Parameter.data = ...` crashes, DESIGN §7)."""
+    state.copy_parameter_from(
+        name, OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))._ortvalue
+    )
+
+
+class TrainingSession:
+    """Training and eval graphs bound to one checkpoint state, plus a replaceable optimizer."""
+
+    def __init__(
+        self,
+        training_model: str | os.PathLike,
+        eval_model: str | os.PathLike,
+        optimizer_model: str | os.PathLike,
+        state: C.CheckpointState,
+        options: SessionOptions,
+    ) -> None:
+        self._options = options
+        self._device = C.OrtDevice(get_ort_device_type("cpu", 0), C.OrtDevice.default_memory(), 0)
+        self._models = os.fspath(training_model), os.fspath(eval_model)
+        self._optimizer_model = os.fspath(optimizer_model)
+        self._bind(state)
+
+    def _bind(self, state: C.CheckpointState) -> None:
+        self.state = state
+        training, evaluation = self._models
+        self._module = C.Module(training, state, evaluation, self._device, self._options)
+        self._optimizer: C.Optimizer | None = None
+        self._optimizer_used = False
+
+    def input_names(self, training: bool) -> list[str]:
+        return list(self._module.input_names(training))
+
+    def run(self, feeds: Sequence[np.ndarray], training: bool) -> list[np.ndarray]:
+        """One forward (+ backward and gradient accumulation when training) step."""
+        fetches = C.OrtValueVector()
+        if training:
+            self._module.train_step(list(feeds), fetches)
+        else:
+            self._module.eval_step(list(feeds), fetches)
+        return [v.numpy() for v in fetches]
+
+    def reset_gradients(self) -> None:
+        """The next training step overwrites the gradient buffers instead of adding to them."""
+        self._module.lazy_reset_grad()
+
+    def new_optimizer(self, lr: float) -> None:
+        """A new optimizer whose state (step count, momenta) starts at zero.
+
+        ORT keeps optimizer state inside the checkpoint state and a new `Optimizer` reuses it,
+        so once a step was taken the state is round-tripped through a checkpoint written
+        without optimizer state and the module is rebuilt on it.
+        """
+        if self._optimizer_used:
+            with tempfile.TemporaryDirectory(prefix="softmask_edge.") as tmp:
+                path = os.path.join(tmp, "state")
+                save_checkpoint(self.state, path)
+                self._bind(load_checkpoint(path))
+        self._optimizer = C.Optimizer(
+            self._optimizer_model, self.state, self._device, self._options
+        )
+        self._optimizer.set_learning_rate(lr)
+
+    def set_learning_rate(self, lr: float) -> None:
+        self._optimizer.set_learning_rate(lr)
+
+    def optimizer_step(self) -> None:
+        self._optimizer.optimizer_step()
+        self._optimizer_used = True
+
+    def export_inference(self, path: str | os.PathLike, outputs: Sequence[str]) -> None:
+        self._module.export_model_for_inferencing(os.fspath(path), list(outputs))

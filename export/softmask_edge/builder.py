@@ -1,0 +1,282 @@
+"""Build ONNX Runtime Training artifacts with soft-masking inside the training graph.
+
+Input: a forward ONNX graph (user inputs [+ `task_id`] -> `logits`, parameters as
+initializers named like the framework's parameters), the parameter roles and the accumulated
+importance. Output directory (DESIGN §7):
+
+    manifest.json               what was exported; names the current checkpoint generation
+    training_model.onnx         forward + loss + gradients, masked before accumulation
+    eval_model.onnx             forward + loss, dropout off
+    optimizer_model.onnx        SGD or AdamW
+    importance_update.onnx      plain inference graph: new task's importance, max-accumulated
+    checkpoint-000000           trainable parameters + `P.softmask_importance` (non-trainable)
+    importance_history-000000.npz   per-task importance `task.{k}.{P}` (storage dtype)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ._atomic import atomic_write
+from .errors import ExportError
+from .graphs import (
+    add_classification_loss,
+    add_gradient_outputs,
+    add_importance_inputs,
+    importance_update_model,
+    insert_masking,
+)
+from .manifest import (
+    EVAL_MODEL_NAME,
+    IMPORTANCE_DTYPES,
+    IMPORTANCE_MODEL_NAME,
+    IMPORTANCE_SUFFIX,
+    LOSSES,
+    MEAN_IMPORTANCE,
+    OPTIMIZER_MODEL_NAME,
+    OPTIMIZERS,
+    TASK_INPUT,
+    TASK_MODES,
+    TRAINING_MODEL_NAME,
+    InputSpec,
+    Manifest,
+    checkpoint_name,
+    history_name,
+    package_versions,
+    sha256,
+)
+from .storage import decode, encode, write_history
+
+_ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.BOOL: "bool",
+    onnx.TensorProto.FLOAT16: "float16",
+}
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Route the C++ info log lines of ORT's graph builders away from the terminal (fd 2)."""
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _optimizer_block(name: str):
+    from onnxruntime.training import onnxblock
+
+    if name == "sgd":
+        return onnxblock.optim.SGD()
+    return onnxblock.optim.AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+
+def _input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    initializers = {i.name for i in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers or value.name == TASK_INPUT:
+            continue
+        t = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        specs.append(InputSpec(value.name, _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), shape))
+    return specs
+
+
+def _check_roles(
+    params: Mapping[str, onnx.TensorProto],
+    trainable: Sequence[str],
+    masked: Sequence[str],
+    heads: Sequence[str],
+    importance: Mapping[str, np.ndarray],
+) -> None:
+    problems = [
+        f"parameter {n!r} is not an initializer of the graph" for n in trainable if n not in params
+    ]
+    problems += [f"masked {n!r} is not trainable" for n in masked if n not in trainable]
+    problems += [f"head {n!r} is not trainable" for n in heads if n not in trainable]
+    problems += [f"{n!r} is both masked and a head" for n in sorted(set(masked) & set(heads))]
+    problems += [f"no importance for masked {n!r}" for n in masked if n not in importance]
+    problems += [f"importance for unmasked {n!r}" for n in sorted(set(importance) - set(masked))]
+    for n in masked:
+        if n in importance and n in params:
+            a, dims = importance[n], tuple(params[n].dims)
+            if a.shape != dims:
+                problems.append(f"importance of {n!r}: shape {a.shape} != parameter {dims}")
+            elif a.size and not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+                problems.append(f"importance of {n!r}: values outside [0, 1]")
+    for n in trainable:
+        if n in params and params[n].data_type != onnx.TensorProto.FLOAT:
+            problems.append(f"parameter {n!r} is not float32")
+    if problems:
+        raise ExportError("cannot build artifacts:\n  " + "\n  ".join(problems))
+
+
+def build_artifacts(
+    forward: onnx.ModelProto,
+    directory: str | os.PathLike,
+    *,
+    trainable: Sequence[str],
+    masked: Sequence[str],
+    heads: Sequence[str],
+    head_classes: Sequence[int],
+    task_mode: str,
+    importance: Mapping[str, np.ndarray],
+    history: Sequence[Mapping[str, np.ndarray]] = (),
+    importance_dtype: str = "float32",
+    loss: str = "cross_entropy",
+    optimizer: str = "sgd",
+    task_names: Sequence[str] = (),
+    versions: Mapping[str, str] | None = None,
+) -> Manifest:
+    """Turn `forward` into training artifacts in `directory` (files replaced atomically, manifest last).
+
+    `importance` is the accumulated A (float32 in [0, 1]) of every masked parameter; `history`
+    the per-task importance of the tasks already learned (len = the number of finished tasks).
+    """
+    for name, value, allowed in (
+        ("task_mode", task_mode, TASK_MODES),
+        ("loss", loss, LOSSES),
+        ("optimizer", optimizer, OPTIMIZERS),
+        ("importance_dtype", importance_dtype, IMPORTANCE_DTYPES),
+    ):
+        if value not in allowed:
+            raise ExportError(f"{name} must be one of {allowed}, got {value!r}")
+    if not masked:
+        raise ExportError("nothing to mask: the model has no masked parameter")
+    model = onnx.ModelProto()
+    model.CopyFrom(forward)
+    params = {i.name: i for i in model.graph.initializer}
+    importance = {k: np.asarray(v, np.float32) for k, v in importance.items()}
+    _check_roles(params, trainable, masked, heads, importance)
+    has_task_input = any(i.name == TASK_INPUT for i in model.graph.input)
+    if has_task_input != (task_mode == "task_incremental"):
+        raise ExportError(
+            f"a {task_mode} graph {'needs' if not has_task_input else 'cannot have'} a {TASK_INPUT!r} input"
+        )
+    inputs = _input_specs(model)
+    shapes = {n: list(params[n].dims) for n in trainable}
+    masked_shapes = {n: shapes[n] for n in masked}
+    trainable_tensors = [onnx.TensorProto() for _ in trainable]
+    for t, n in zip(trainable_tensors, trainable):
+        t.CopyFrom(params[n])
+    num_classes = model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+    add_gradient_outputs(model)
+    add_classification_loss(model)
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ExportError(f"cannot export into {str(directory)!r}: it is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".softmask_edge_build.", dir=directory))
+    try:
+        _generate(model, trainable, optimizer, staging)
+        training = onnx.load(staging / TRAINING_MODEL_NAME)
+        insert_masking(training, masked_shapes, heads, importance_dtype)
+        onnx.save(training, staging / TRAINING_MODEL_NAME)
+        evaluation = onnx.load(staging / EVAL_MODEL_NAME)
+        add_importance_inputs(evaluation, masked_shapes, importance_dtype)
+        onnx.save(evaluation, staging / EVAL_MODEL_NAME)
+        if optimizer == "adamw":
+            _use_torch_adamw(staging / OPTIMIZER_MODEL_NAME)
+        onnx.save(
+            importance_update_model(masked_shapes, importance_dtype),
+            staging / IMPORTANCE_MODEL_NAME,
+        )
+        (staging / "checkpoint").unlink()
+        stored = [
+            numpy_helper.from_array(encode(importance[n], importance_dtype), n + IMPORTANCE_SUFFIX)
+            for n in masked
+        ]
+        total = sum(int(np.prod(masked_shapes[n], dtype=np.int64)) for n in masked)
+        mean = sum(float(decode(encode(importance[n], importance_dtype)).sum()) for n in masked)
+        stored.append(
+            numpy_helper.from_array(np.array([mean / max(total, 1)], np.float32), MEAN_IMPORTANCE)
+        )
+        _write_checkpoint(staging / checkpoint_name(0), trainable_tensors, stored)
+        history_keys = {
+            f"task.{k}.{n}": encode(np.asarray(task[n], np.float32), importance_dtype)
+            for k, task in enumerate(history)
+            for n in masked
+        }
+        write_history(staging / history_name(0), history_keys)
+        manifest = Manifest(
+            task_mode=task_mode,
+            inputs=inputs,
+            params=shapes,
+            masked=list(masked),
+            heads=list(heads),
+            head_classes=[int(c) for c in head_classes],
+            num_classes=int(num_classes),
+            importance_dtype=importance_dtype,
+            loss=loss,
+            optimizer=optimizer,
+            num_tasks=len(history),
+            versions=package_versions(dict(versions or {})),
+            checkpoint=checkpoint_name(0),
+            checkpoint_sha256=sha256(staging / checkpoint_name(0)),
+            history=history_name(0),
+            history_sha256=sha256(staging / history_name(0)),
+            task_names=list(task_names),
+        )
+        for item in sorted(staging.iterdir()):
+            os.replace(item, directory / item.name)
+        manifest.save(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _generate(model: onnx.ModelProto, trainable: Sequence[str], optimizer: str, out: Path) -> None:
+    from onnxruntime.training import artifacts
+
+    try:
+        with _quiet_stderr():
+            artifacts.generate_artifacts(
+                model,
+                requires_grad=list(trainable),
+                loss=None,
+                optimizer=_optimizer_block(optimizer),
+                artifact_directory=out,
+            )
+    except Exception as e:  # ORT raises bare RuntimeError/Fail from C++
+        raise ExportError(f"onnxruntime could not build the training graph: {e}") from e
+
+
+def _use_torch_adamw(path: Path) -> None:
+    """Switch ORT's AdamW kernel to PyTorch's formula (adam_mode 0).
+
+    onnxblock builds the Hugging Face variant (adam_mode 1: eps added to sqrt(v) before the
+    bias correction), which differs from torch.optim.AdamW by up to ~1e-3 per step on small
+    gradients; device and server then disagree.
+    """
+    model = onnx.load(path)
+    for node in model.graph.node:
+        if node.op_type == "AdamWOptimizer":
+            for attr in node.attribute:
+                if attr.name == "adam_mode":
+                    attr.i = 0
+    onnx.save(model, path)
+
+
+def _write_checkpoint(
+    path: Path, trainable: list[onnx.TensorProto], frozen: list[onnx.TensorProto]
+) -> None:
+    from onnxruntime.training import onnxblock
+
+    atomic_write(path, lambda tmp: onnxblock.save_checkpoint((trainable, frozen), tmp))

@@ -1,0 +1,94 @@
+"""Read and validate the current checkpoint generation of an artifacts directory."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import _ort
+from .errors import ArtifactMismatchError, CorruptArtifactError
+from .manifest import IMPORTANCE_SUFFIX, MEAN_IMPORTANCE, Manifest
+from .storage import NUMPY_DTYPES, decode, read_history
+
+
+def load_state(directory: Path, manifest: Manifest) -> _ort.C.CheckpointState:
+    """Load the checkpoint named by the manifest after checking its SHA-256, names and shapes."""
+    manifest.verify_files(directory)
+    try:
+        state = _ort.load_checkpoint(directory / manifest.checkpoint)
+    except RuntimeError as e:
+        raise CorruptArtifactError(f"cannot read checkpoint {manifest.checkpoint}: {e}") from e
+    found = {n: _ort.get_parameter(state, n) for n in _ort.parameter_names(state)}
+    expected = {n: (tuple(s), np.dtype(np.float32)) for n, s in manifest.params.items()}
+    stored = np.dtype(NUMPY_DTYPES[manifest.importance_dtype])
+    expected.update(
+        {n + IMPORTANCE_SUFFIX: (tuple(manifest.params[n]), stored) for n in manifest.masked}
+    )
+    expected[MEAN_IMPORTANCE] = ((1,), np.dtype(np.float32))
+    problems = [f"missing parameter {n!r}" for n in sorted(set(expected) - set(found))]
+    problems += [f"unexpected parameter {n!r}" for n in sorted(set(found) - set(expected))]
+    for n in sorted(set(expected) & set(found)):
+        data, (shape, dtype) = found[n], expected[n]
+        if data.shape != shape or data.dtype != dtype:
+            problems.append(f"{n}: {data.dtype}{list(data.shape)} != expected {dtype}{list(shape)}")
+    if problems:
+        raise ArtifactMismatchError(
+            f"checkpoint {manifest.checkpoint} does not fit the manifest:\n  "
+            + "\n  ".join(problems)
+        )
+    return state
+
+
+def load_history(directory: Path, manifest: Manifest) -> dict[str, np.ndarray]:
+    """Per-task importance `task.{k}.{P}` for every finished task k, in the storage dtype."""
+    history = read_history(directory / manifest.history)
+    wanted = {
+        f"task.{k}.{n}": tuple(manifest.params[n])
+        for k in range(manifest.num_tasks)
+        for n in manifest.masked
+    }
+    problems = [f"missing {k!r}" for k in sorted(set(wanted) - set(history))]
+    problems += [f"unexpected {k!r}" for k in sorted(set(history) - set(wanted))]
+    problems += [
+        f"{k}: shape {history[k].shape} != {wanted[k]}"
+        for k in sorted(set(wanted) & set(history))
+        if history[k].shape != wanted[k]
+    ]
+    if problems:
+        raise ArtifactMismatchError(
+            f"importance history {manifest.history} does not fit the manifest:\n  "
+            + "\n  ".join(problems)
+        )
+    return history
+
+
+@dataclass
+class DeviceCheckpoint:
+    """What a device learned: weights, accumulated importance and per-task importance (float32)."""
+
+    manifest: Manifest
+    weights: dict[str, np.ndarray]
+    importance: dict[str, np.ndarray]
+    history: list[dict[str, np.ndarray]]
+
+
+def read_device_checkpoint(directory: str | os.PathLike) -> DeviceCheckpoint:
+    """Read the current generation of `directory` (validated) for the server side."""
+    directory = Path(directory)
+    manifest = Manifest.load(directory)
+    state = load_state(directory, manifest)
+    history = load_history(directory, manifest)
+    return DeviceCheckpoint(
+        manifest=manifest,
+        weights={n: _ort.get_parameter(state, n).copy() for n in manifest.params},
+        importance={
+            n: decode(_ort.get_parameter(state, n + IMPORTANCE_SUFFIX)) for n in manifest.masked
+        },
+        history=[
+            {n: decode(history[f"task.{k}.{n}"]) for n in manifest.masked}
+            for k in range(manifest.num_tasks)
+        ],
+    )

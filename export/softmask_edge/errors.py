@@ -1,0 +1,46 @@
+"""Exception types of the edge package (torch-free, so it cannot reuse softmask_peft.errors).
+
+Each subclasses the builtin a caller would catch anyway; the names mirror softmask_peft's.
+"""
+
+from __future__ import annotations
+
+
+class EdgeError(Exception):
+    """Base class of every error softmask_edge raises on purpose."""
+
+
+class ArtifactMismatchError(EdgeError, ValueError):
+    """Artifacts, checkpoint or weights belong to a different model (names, shapes, dtypes)."""
+
+
+class MissingArtifactError(EdgeError, FileNotFoundError):
+    """A file the artifacts directory must contain is absent."""
+
+
+class CorruptArtifactError(EdgeError, ValueError):
+    """A file exists but its content is damaged (checksum, JSON, unreadable)."""
+
+
+class UnsupportedFormatError(EdgeError, ValueError):
+    """The manifest carries a format version this release does not know."""
+
+
+class BatchError(EdgeError, ValueError):
+    """A batch does not match the exported inputs (names, dtypes, shapes, label range)."""
+
+
+class EmptyDataError(EdgeError, ValueError):
+    """A training or importance pass was given no batches."""
+
+
+class NonFiniteGradientError(EdgeError, FloatingPointError):
+    """The importance pass produced NaN or Inf gradients."""
+
+
+class TaskOrderError(EdgeError, RuntimeError):
+    """No declared head is left for a new task, or a task id is out of range."""
+
+
+class ExportError(EdgeError, ValueError):
+    """The model or the export options cannot be turned into training artifacts."""

@@ -1,0 +1,376 @@
+"""EdgeLearner: continual learning on a device with onnxruntime-training and numpy only.
+
+    learner = EdgeLearner("artifacts/")
+    learner.learn_task(batches, epochs=3, lr=0.05)   # masked by the accumulated importance
+    learner.end_task(batches)                        # raw-gradient pass + importance update graph
+    learner.save("artifacts/")                       # atomic; the next task starts from here
+    learner.export_inference("model.onnx")
+
+A batch is `(x, y)` with `x` an array (single-input graphs) or a mapping input name -> array,
+or a mapping holding the inputs and `"labels"`. Labels are integer class indices.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from . import _ort
+from ._atomic import atomic_write
+from .checkpoint import load_history, load_state
+from .errors import (
+    ArtifactMismatchError,
+    BatchError,
+    EmptyDataError,
+    NonFiniteGradientError,
+    TaskOrderError,
+)
+from .manifest import (
+    CROSS_HEAD_INPUT,
+    EVAL_MODEL_NAME,
+    IMPORTANCE_MODEL_NAME,
+    IMPORTANCE_SUFFIX,
+    LABELS_INPUT,
+    LOGITS_OUTPUT,
+    MEAN_IMPORTANCE,
+    OPTIMIZER_MODEL_NAME,
+    SCALE_INPUT,
+    STATIC_FILES,
+    TASK_INPUT,
+    TRAINING_MODEL_NAME,
+    Manifest,
+    checkpoint_name,
+    history_name,
+    sha256,
+)
+from .storage import decode, write_history
+
+_GENERATION_FILE = re.compile(r"^(checkpoint-\d{6}|importance_history-\d{6}\.npz)$")
+_STALE_TEMP = re.compile(r"^\.(checkpoint-\d{6}|importance_history-\d{6}\.npz)\..*\.tmp$")
+
+
+def _reiterable(batches: Iterable[Any]) -> list[Any]:
+    return batches if isinstance(batches, list) else list(batches)
+
+
+def _check_labels(y: Any, batch_size: int, num_classes: int) -> np.ndarray:
+    """Integer class indices of the right length and range, as int64."""
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise BatchError(f"labels must be integer class indices, got dtype {y.dtype}")
+    if y.shape != (batch_size,):
+        raise BatchError(f"labels must have shape ({batch_size},), got {y.shape}")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise BatchError(f"labels must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
+    return y.astype(np.int64)
+
+
+class EdgeLearner:
+    """Load artifacts, learn tasks soft-masked, measure and accumulate their importance, save.
+
+    SPG on the device (DESIGN §3): after a task, one raw-gradient pass (scale 0) per head
+    h <= t sums ∂L_h/∂P over the task's batches; L_t is the task's cross-entropy, L_h (h < t,
+    task-incremental) the sum of head h's logits. The importance-update graph turns the
+    stacked sums into γ^t = max_h |tanh(standardize(g_h))| and A <- max(A, γ^t).
+    A new optimizer (fresh momentum / Adam state) is created per task, as the official code.
+
+    Args:
+        directory: artifacts written by `build_artifacts` (or a previous `save`).
+        seed: onnxruntime's global random seed (dropout in training graphs); None leaves it.
+        threads: intra-op threads of the sessions (default: onnxruntime's choice).
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike, *, seed: int | None = 0, threads: int | None = None
+    ) -> None:
+        self.directory = Path(directory)
+        self.manifest = Manifest.load(self.directory)
+        if seed is not None:
+            ort.set_seed(seed)
+        self._options = ort.SessionOptions()
+        if threads is not None:
+            self._options.intra_op_num_threads = threads
+        self._options.log_severity_level = 3
+        # idle worker threads sleep instead of spinning: a device shares its cores with the app
+        self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        state = load_state(self.directory, self.manifest)
+        self._history = load_history(self.directory, self.manifest)
+        try:
+            self._session = _ort.TrainingSession(
+                self.directory / TRAINING_MODEL_NAME,
+                self.directory / EVAL_MODEL_NAME,
+                self.directory / OPTIMIZER_MODEL_NAME,
+                state,
+                self._options,
+            )
+            self._importance_session = ort.InferenceSession(
+                self.directory / IMPORTANCE_MODEL_NAME,
+                self._options,
+                providers=["CPUExecutionProvider"],
+            )
+        except RuntimeError as e:
+            raise ArtifactMismatchError(
+                f"the graphs in {str(self.directory)!r} do not fit its checkpoint: {e}"
+            ) from e
+        self._optimizer_task: int | None = None
+
+    # batches ------------------------------------------------------------------------------
+
+    def _inputs(self, batch: Any) -> tuple[dict[str, np.ndarray], Any]:
+        if isinstance(batch, Mapping):
+            if LABELS_INPUT not in batch:
+                raise BatchError(f"a mapping batch needs a {LABELS_INPUT!r} entry")
+            x, y = {k: v for k, v in batch.items() if k != LABELS_INPUT}, batch[LABELS_INPUT]
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+            x, y = batch
+        else:
+            raise BatchError(
+                f"a batch must be (inputs, labels) or a mapping, got {type(batch).__name__}"
+            )
+        specs = self.manifest.inputs
+        if not isinstance(x, Mapping):
+            if len(specs) != 1:
+                raise BatchError(
+                    f"the graph takes {len(specs)} inputs; pass a mapping of {[s.name for s in specs]}"
+                )
+            x = {specs[0].name: x}
+        missing = [s.name for s in specs if s.name not in x]
+        unexpected = sorted(set(x) - {s.name for s in specs})
+        if missing or unexpected:
+            raise BatchError(f"batch inputs: missing {missing}, unexpected {unexpected}")
+        feeds, batch_size = {}, None
+        for s in specs:
+            a = np.asarray(x[s.name])
+            if a.dtype != np.dtype(s.dtype):
+                raise BatchError(
+                    f"input {s.name!r}: dtype {a.dtype}, the graph needs {s.dtype} (use .astype)"
+                )
+            bad_dims = len(a.shape) != len(s.shape) or any(
+                d is not None and d != n for d, n in zip(s.shape, a.shape)
+            )
+            if bad_dims:
+                want = ["?" if d is None else d for d in s.shape]
+                raise BatchError(f"input {s.name!r}: shape {list(a.shape)} does not match {want}")
+            if batch_size is not None and a.shape[0] != batch_size:
+                raise BatchError(
+                    f"inputs disagree on the batch size ({batch_size} vs {a.shape[0]})"
+                )
+            batch_size = a.shape[0]
+            feeds[s.name] = np.ascontiguousarray(a)
+        return feeds, (y, batch_size)
+
+    def _feeds(
+        self, batch: Any, head: int, *, scale: float, cross_head: bool, training: bool
+    ) -> list[np.ndarray]:
+        feeds, (y, batch_size) = self._inputs(batch)
+        classes = self.manifest.task_classes(head)
+        feeds[LABELS_INPUT] = (
+            np.zeros(batch_size, np.int64) if cross_head else _check_labels(y, batch_size, classes)
+        )
+        feeds[CROSS_HEAD_INPUT] = np.array(1.0 if cross_head else 0.0, np.float32)
+        feeds[SCALE_INPUT] = np.array(scale, np.float32)
+        if self.manifest.task_mode == "task_incremental":
+            feeds[TASK_INPUT] = np.array(head, np.int64)
+        return [feeds[n] for n in self._session.input_names(training)]
+
+    def _next_task(self, task_id: int | None) -> int:
+        t = self.manifest.num_tasks
+        if task_id is not None and task_id != t:
+            raise TaskOrderError(f"the next task is {t} ({t} finished), got task_id={task_id}")
+        declared = self.manifest.declared_tasks()
+        if declared >= 0 and t >= declared:
+            raise TaskOrderError(
+                f"all {declared} declared heads are used; declare more heads at export time"
+            )
+        return t
+
+    # state --------------------------------------------------------------------------------
+
+    @property
+    def num_tasks(self) -> int:
+        """Finished tasks (exported ones included)."""
+        return self.manifest.num_tasks
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Copies of the trainable weights, keyed by the framework's parameter names."""
+        return {n: _ort.get_parameter(self._session.state, n).copy() for n in self.manifest.params}
+
+    def importance(self) -> dict[str, np.ndarray]:
+        """Accumulated importance A (float32) of every masked parameter."""
+        return {
+            n: decode(_ort.get_parameter(self._session.state, n + IMPORTANCE_SUFFIX))
+            for n in self.manifest.masked
+        }
+
+    def task_importance(self, task_id: int) -> dict[str, np.ndarray]:
+        """Importance of task `task_id` alone (float32)."""
+        if not 0 <= task_id < self.num_tasks:
+            raise TaskOrderError(f"no importance for task {task_id}: {self.num_tasks} recorded")
+        return {n: decode(self._history[f"task.{task_id}.{n}"]) for n in self.manifest.masked}
+
+    # training -----------------------------------------------------------------------------
+
+    def learn_task(
+        self,
+        batches: Iterable[Any],
+        epochs: int = 1,
+        lr: float = 0.05,
+        task_id: int | None = None,
+        masked: bool = True,
+    ) -> list[float]:
+        """Train the next task soft-masked (keep = 1 − A, heads 1 − ā); return mean loss per epoch.
+
+        `masked=False` feeds scale 0: plain fine-tuning, the baseline soft-masking is judged by.
+        """
+        t = self._next_task(task_id)
+        batches = _reiterable(batches)
+        if not batches:
+            raise EmptyDataError(f"learn_task({t}) got no batches")
+        if epochs < 1 or not lr > 0:
+            raise ValueError(f"epochs must be >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
+        # every batch is checked before the first step, so a bad one changes nothing
+        scale = 1.0 if masked else 0.0
+        prepared = [
+            self._feeds(b, t, scale=scale, cross_head=False, training=True) for b in batches
+        ]
+        if self._optimizer_task != t:
+            self._session.new_optimizer(lr)
+            self._optimizer_task = t
+        self._session.set_learning_rate(lr)
+        losses = []
+        for _ in range(epochs):
+            total = 0.0
+            for feeds in prepared:
+                self._session.reset_gradients()
+                total += float(self._session.run(feeds, training=True)[0])
+                self._session.optimizer_step()
+            losses.append(total / len(batches))
+        return losses
+
+    def end_task(self, batches: Iterable[Any], name: str | None = None) -> dict[str, np.ndarray]:
+        """Measure the finished task's importance and max-accumulate it; return it (float32)."""
+        t = self._next_task(None)
+        batches = _reiterable(batches)
+        if not batches:
+            raise EmptyDataError(f"the importance pass of task {t} got no batches")
+        own = [self._feeds(b, t, scale=0.0, cross_head=False, training=True) for b in batches]
+        heads = range(t + 1) if self.manifest.task_mode == "task_incremental" else [t]
+        sums: dict[str, list[np.ndarray]] = {n: [] for n in self.manifest.masked}
+        for h in heads:
+            self._session.reset_gradients()
+            for batch, feeds in zip(batches, own):
+                if h != t:
+                    feeds = self._feeds(batch, h, scale=0.0, cross_head=True, training=True)
+                self._session.run(feeds, training=True)
+            for n in self.manifest.masked:
+                sums[n].append(_ort.get_gradient(self._session.state, n).copy())
+        bad = sorted(n for n, gs in sums.items() if not all(np.isfinite(g).all() for g in gs))
+        if bad:
+            raise NonFiniteGradientError(
+                f"importance of task {t}: NaN/Inf gradients in {', '.join(bad[:10])}"
+            )
+        feeds = {}
+        for n in self.manifest.masked:
+            feeds[n + ".grads"] = np.stack(sums[n])
+            feeds[n + IMPORTANCE_SUFFIX] = _ort.get_parameter(
+                self._session.state, n + IMPORTANCE_SUFFIX
+            )
+        names = [o.name for o in self._importance_session.get_outputs()]
+        out = dict(zip(names, self._importance_session.run(names, feeds)))
+        state = self._session.state
+        for n in self.manifest.masked:
+            _ort.set_parameter(
+                state, n + IMPORTANCE_SUFFIX, out[n + IMPORTANCE_SUFFIX + ".updated"]
+            )
+            self._history[f"task.{t}.{n}"] = out[n + ".task_importance"]
+        _ort.set_parameter(state, MEAN_IMPORTANCE, out[MEAN_IMPORTANCE + ".updated"])
+        task_names = [*self.manifest.task_names[:t], name or f"task_{t}"]
+        self.manifest = replace(self.manifest, num_tasks=t + 1, task_names=task_names)
+        self._optimizer_task = None
+        return {n: decode(out[n + ".task_importance"]) for n in self.manifest.masked}
+
+    # inference ----------------------------------------------------------------------------
+
+    def predict(self, inputs: Any, task_id: int | None = None) -> np.ndarray:
+        """Logits of head `task_id` (task-incremental; default the latest learned) in eval mode."""
+        head = self._head_for(task_id)
+        feeds, (_, batch_size) = self._inputs((inputs, None))
+        feeds[LABELS_INPUT] = np.zeros(batch_size, np.int64)
+        feeds[CROSS_HEAD_INPUT] = np.array(0.0, np.float32)
+        if self.manifest.task_mode == "task_incremental":
+            feeds[TASK_INPUT] = np.array(head, np.int64)
+        names = self._session.input_names(training=False)
+        return self._session.run([feeds[n] for n in names], training=False)[1]
+
+    def evaluate(self, batches: Iterable[Any], task_id: int | None = None) -> float:
+        """Accuracy of head `task_id` on `(x, y)` batches."""
+        correct = total = 0
+        for batch in batches:
+            x, y = (batch, batch[LABELS_INPUT]) if isinstance(batch, Mapping) else batch
+            if isinstance(x, Mapping):
+                x = {k: v for k, v in x.items() if k != LABELS_INPUT}
+            pred = self.predict(x, task_id).argmax(axis=-1)
+            correct += int((pred == np.asarray(y)).sum())
+            total += len(pred)
+        if total == 0:
+            raise EmptyDataError("evaluate() got no batches")
+        return correct / total
+
+    def _head_for(self, task_id: int | None) -> int:
+        if self.manifest.task_mode == "shared_head":
+            return 0
+        head = max(self.num_tasks - 1, 0) if task_id is None else task_id
+        if not 0 <= head < len(self.manifest.head_classes):
+            raise TaskOrderError(f"no head {head}: {len(self.manifest.head_classes)} declared")
+        return head
+
+    # persistence --------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike | None = None) -> Path:
+        """Write weights and importance as a new generation, then switch the manifest to it.
+
+        The manifest is replaced last and atomically, so a crash at any point leaves the
+        previous generation loadable; older generation files are removed afterwards.
+        """
+        target = self.directory if directory is None else Path(directory)
+        if target.exists() and not target.is_dir():
+            raise ArtifactMismatchError(f"cannot save into {str(target)!r}: not a directory")
+        target.mkdir(parents=True, exist_ok=True)
+        if target.resolve() != self.directory.resolve():
+            for name in STATIC_FILES:
+                src = self.directory / name
+                atomic_write(target / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+        generation = self.manifest.generation + 1
+        ckpt, hist = target / checkpoint_name(generation), target / history_name(generation)
+        atomic_write(ckpt, lambda tmp: _ort.save_checkpoint(self._session.state, tmp))
+        write_history(hist, self._history)
+        manifest = replace(
+            self.manifest,
+            generation=generation,
+            checkpoint=ckpt.name,
+            checkpoint_sha256=sha256(ckpt),
+            history=hist.name,
+            history_sha256=sha256(hist),
+        )
+        manifest.save(target)
+        self.manifest, self.directory = manifest, target
+        for item in target.iterdir():
+            stale = _GENERATION_FILE.match(item.name) and item.name not in (ckpt.name, hist.name)
+            if stale or _STALE_TEMP.match(item.name):
+                item.unlink(missing_ok=True)
+        return target
+
+    def export_inference(self, path: str | os.PathLike) -> Path:
+        """Write an inference-only ONNX model (inputs [+ task_id] -> logits), atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: self._session.export_inference(tmp, [LOGITS_OUTPUT]))
+        return path

@@ -1,0 +1,304 @@
+"""Torch side of the on-device export (DESIGN §7) and the way back to the server.
+
+`export_for_device` traces the model with `torch.onnx.export` (training mode, no constant
+folding, TorchScript exporter) into a forward graph `inputs [+ task_id] -> logits` whose
+initializers carry the model's own parameter names, then hands it to
+`softmask_edge.build_artifacts`, which adds the loss, the gradient graph with the soft-mask
+before each gradient accumulator, the optimizer and the importance-update graph.
+
+Heads. A `MultiHeadClassifier` is exported task-incrementally: every head — the learned ones,
+any extra heads already added to the model and `future_heads` declared now — is computed,
+padded to the widest head with -1e4 logits, stacked, and one is picked by the scalar int64
+input `task_id`. The device can learn as many new tasks as there are declared heads; the
+price is that every step computes all heads (one extra (feature_dim x classes) matmul each)
+and the checkpoint holds their weights from the start. Any other model is exported with its
+head shared by all tasks (domain-incremental, no task input).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError, ImportanceMismatchError, TaskOrderError
+from .heads import MultiHeadClassifier
+from .selection import select_parameters
+from .store import ImportanceStore
+
+if TYPE_CHECKING:
+    from softmask_edge import Manifest
+
+    from .model import SoftMaskModel
+
+PAD_LOGIT = -1e4
+_PREFIX = "net."
+
+
+class _MultiHeadGraph(nn.Module):
+    """features -> every head (padded to `width`) -> stacked -> the `task_id` one."""
+
+    def __init__(self, net: MultiHeadClassifier, width: int) -> None:
+        super().__init__()
+        self.net = net
+        self.width = width
+
+    def forward(self, x: Tensor, task_id: Tensor) -> Tensor:
+        z = self.net.features(x)
+        logits = [
+            F.pad(h(z), (0, self.width - h.out_features), value=PAD_LOGIT) for h in self.net.heads
+        ]
+        return torch.stack(logits)[task_id]
+
+
+class _SharedHeadGraph(nn.Module):
+    """The model's own forward; HF outputs are reduced to `.logits`."""
+
+    def __init__(self, net: nn.Module, names: Sequence[str] | None) -> None:
+        super().__init__()
+        self.net = net
+        self.names = names
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        out = self.net(**dict(zip(self.names, inputs))) if self.names else self.net(*inputs)
+        return out.logits if hasattr(out, "logits") else out
+
+
+def _inputs(example_inputs: Any) -> tuple[tuple[Tensor, ...], list[str], bool]:
+    """(tensors, names, by_keyword) of the example inputs."""
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,), ["input"], False
+    if isinstance(example_inputs, Mapping):
+        names = [k for k in example_inputs if k != "labels"]
+        return tuple(example_inputs[k] for k in names), names, True
+    if isinstance(example_inputs, (tuple, list)) and all(
+        isinstance(t, Tensor) for t in example_inputs
+    ):
+        tensors = tuple(example_inputs)
+        names = ["input"] if len(tensors) == 1 else [f"input_{i}" for i in range(len(tensors))]
+        return tensors, names, False
+    raise TypeError(
+        "example_inputs must be a tensor, a tuple of tensors or a mapping name -> tensor, "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def _strip_prefix(model: Any, prefix: str) -> None:
+    """Rename `net.X` initializers (and their uses) to the base model's own name `X`."""
+    renames = {
+        i.name: i.name[len(prefix) :] for i in model.graph.initializer if i.name.startswith(prefix)
+    }
+    for init in model.graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if name in renames:
+                node.input[k] = renames[name]
+    for value in model.graph.input:
+        value.name = renames.get(value.name, value.name)
+
+
+def _trace(
+    graph: nn.Module,
+    args: tuple[Tensor, ...],
+    input_names: list[str],
+    dynamic: dict[str, dict[int, str]],
+    opset: int,
+) -> Any:
+    """torch.onnx.export as DESIGN §7 requires (training mode, no folding, TorchScript)."""
+    import onnx
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+        torch.onnx.export(
+            graph,
+            args,
+            buffer,
+            input_names=input_names,
+            output_names=["logits"],
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            training=torch.onnx.TrainingMode.TRAINING,
+            do_constant_folding=False,
+            dynamo=False,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _versions() -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    try:
+        out["softmask-peft"] = version("softmask-peft")
+    except PackageNotFoundError:
+        out["softmask-peft"] = "0+unknown"
+    return out
+
+
+def export_for_device(
+    model: SoftMaskModel,
+    example_inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
+    directory: str | os.PathLike,
+    *,
+    loss: str = "cross_entropy",
+    optimizer: str = "sgd",
+    future_heads: Sequence[int] = (),
+    importance_dtype: str | None = None,
+    opset: int = 17,
+) -> Manifest:
+    """Write ONNX Runtime Training artifacts for `model` into `directory`; return the manifest.
+
+    Args:
+        example_inputs: one batch of model inputs (no labels); dim 0 is exported as dynamic,
+            and dim 1 of integer rank-2 mapping inputs (token ids, masks) too.
+        loss: "cross_entropy" (the task loss; SPG's cross-head term is built in).
+        optimizer: "sgd" (plain, as the official SPG) or "adamw" (betas 0.9/0.999, eps 1e-8,
+            no weight decay, so a parameter with importance 1 stays exactly unchanged).
+        future_heads: class counts of heads added now for tasks the device will learn
+            (task-incremental models only).
+        importance_dtype: storage of A in the checkpoint; default the config's.
+    """
+    from softmask_edge import build_artifacts
+
+    from .model import SoftMaskModel  # model.py may import this module for its methods
+
+    if not isinstance(model, SoftMaskModel):
+        raise TypeError(f"model must be a SoftMaskModel, got {type(model).__name__}")
+    cfg = model.softmask_config
+    if cfg.method != "spg":
+        raise ConfigError(
+            f"device export supports parameter-level importance (method='spg'), got {cfg.method!r}"
+        )
+    if model.current_task is not None:
+        raise TaskOrderError(
+            f"task {model.current_task} is still open: call end_task() before exporting"
+        )
+    tensors, names, by_keyword = _inputs(example_inputs)
+    net = copy.deepcopy(model.base_model)
+    multi_head = isinstance(net, MultiHeadClassifier)
+    if future_heads and not multi_head:
+        raise ConfigError("future_heads needs a MultiHeadClassifier (task-incremental) model")
+    for classes in future_heads:
+        net.add_head(int(classes))
+    if multi_head:
+        if len(net.heads) <= model.num_tasks:
+            raise ConfigError(
+                f"{model.num_tasks} tasks are learned and the model has {len(net.heads)} heads: "
+                "declare the device's tasks with future_heads=[num_classes, ...]"
+            )
+        if by_keyword or len(tensors) != 1:
+            raise ConfigError("a MultiHeadClassifier takes exactly one input tensor")
+        head_classes = [h.out_features for h in net.heads]
+        graph: nn.Module = _MultiHeadGraph(net, max(head_classes))
+        args = (*tensors, torch.tensor(0, dtype=torch.int64))
+        input_names = [*names, "task_id"]
+    else:
+        graph = _SharedHeadGraph(net, names if by_keyword else None)
+        args = tensors
+        input_names = names
+    dynamic = {n: {0: "batch"} for n in names}
+    for n, t in zip(names, tensors):
+        if by_keyword and t.dim() == 2 and not t.is_floating_point():
+            dynamic[n][1] = "sequence"
+    dynamic["logits"] = {0: "batch"}
+    forward = _trace(graph, args, input_names, dynamic, opset)
+    _strip_prefix(forward, _PREFIX)
+    masked, heads = select_parameters(net, cfg)
+    if not multi_head:
+        head_classes = [forward.graph.output[0].type.tensor_type.shape.dim[-1].dim_value]
+    params = dict(net.named_parameters())
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    accumulated = model.parameter_importance()
+    importance = {
+        n: accumulated[n].detach().cpu().numpy()
+        if n in accumulated
+        else np.zeros(tuple(params[n].shape), np.float32)
+        for n in masked
+    }
+    return build_artifacts(
+        forward,
+        directory,
+        trainable=trainable,
+        masked=masked,
+        heads=heads,
+        head_classes=head_classes,
+        task_mode="task_incremental" if multi_head else "shared_head",
+        importance=importance,
+        history=[{n: t[n].cpu().numpy() for n in masked} for t in model.store.history],
+        importance_dtype=importance_dtype or cfg.importance_dtype,
+        loss=loss,
+        optimizer=optimizer,
+        task_names=list(cfg.task_names),
+        versions=_versions(),
+    )
+
+
+def load_device_checkpoint(model: SoftMaskModel, directory: str | os.PathLike) -> SoftMaskModel:
+    """Restore what a device learned (weights, accumulated and per-task importance) into `model`.
+
+    Everything is checked before anything changes: the masked parameters must be the
+    manifest's, and every weight the model has must be in the checkpoint with its shape. A
+    `MultiHeadClassifier` gains the heads of the tasks the device learned; declared heads the
+    device never trained are not added.
+    """
+    from softmask_edge import read_device_checkpoint
+
+    ckpt = read_device_checkpoint(directory)
+    m = ckpt.manifest
+    base = model.base_model
+    new_heads: list[int] = []
+    first_new = 0
+    if isinstance(base, MultiHeadClassifier):
+        first_new = len(base.heads)
+        new_heads = m.head_classes[first_new : m.num_tasks]
+    shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    for k, classes in enumerate(new_heads, start=first_new):
+        shapes[f"heads.{k}.weight"] = (classes, base.feature_dim)
+        shapes[f"heads.{k}.bias"] = (classes,)
+    problems = [f"the model has no parameter {n!r}" for n in m.masked if n not in shapes]
+    problems += [f"checkpoint lacks {n!r}" for n in sorted(set(shapes) - set(ckpt.weights))]
+    problems += [
+        f"{n}: device shape {tuple(ckpt.weights[n].shape)} != model {shapes[n]}"
+        for n in sorted(set(shapes) & set(ckpt.weights))
+        if tuple(ckpt.weights[n].shape) != shapes[n]
+    ]
+    if set(m.masked) != set(model.masked_parameter_names):
+        problems.append(
+            f"masked parameters differ: device {sorted(m.masked)} vs model "
+            f"{sorted(model.masked_parameter_names)}"
+        )
+    if problems:
+        raise ImportanceMismatchError(
+            f"device checkpoint {str(directory)!r} does not fit this model:\n  "
+            + "\n  ".join(problems)
+        )
+    for classes in new_heads:
+        base.add_head(classes)
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            p.copy_(torch.from_numpy(ckpt.weights[n]))
+    store = ImportanceStore()
+    for task in ckpt.history:
+        store.add_task({n: torch.from_numpy(a) for n, a in task.items()})
+    store.accumulated = {n: torch.from_numpy(a) for n, a in ckpt.importance.items()}
+    model.store = store
+    cfg = model.softmask_config
+    for k in range(len(cfg.task_names), m.num_tasks):
+        cfg.task_names.append(m.task_names[k] if k < len(m.task_names) else f"task_{k}")
+        cfg.task_num_classes.append(
+            m.task_classes(k) if m.task_mode == "task_incremental" else None
+        )
+    model.current_task = None
+    model.refresh_masks()
+    return model

@@ -1,0 +1,19 @@
+"""Session-scoped artifacts (generation costs ~0.3 s per model); tests work on copies."""
+
+from __future__ import annotations
+
+import pytest
+from edge_helpers import clone_case, export_copy, mlp_model_after_two_tasks
+
+
+@pytest.fixture(scope="session")
+def mlp_source(tmp_path_factory):
+    """MLP with per-task heads: tasks 0-1 in torch, heads 2 and 3 declared, SGD artifacts."""
+    model = mlp_model_after_two_tasks()
+    return model, export_copy(model, tmp_path_factory.mktemp("mlp") / "artifacts")
+
+
+@pytest.fixture
+def mlp_case(mlp_source, tmp_path):
+    model, artifacts = mlp_source
+    return clone_case(model, artifacts, tmp_path / "artifacts")

@@ -1,0 +1,117 @@
+"""Tiny models, data and torch-side training shared by the edge tests (built in-process)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from softmask_peft import SoftMaskConfig, SoftMaskModel, SoftMaskOptimizer, get_softmask_model
+from softmask_peft.export import export_for_device
+from softmask_peft.heads import MultiHeadClassifier
+
+IN_FEATURES = 6
+
+
+def batches(
+    seed: int, n: int = 4, size: int = 8, classes: int = 2, shape: tuple[int, ...] = (IN_FEATURES,)
+) -> list[tuple[Tensor, Tensor]]:
+    """Gaussian inputs whose label depends on the inputs (so there is something to learn)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(size, *shape, generator=g)
+        y = (x.flatten(1)[:, :classes].argmax(dim=1) + seed) % classes
+        out.append((x, y))
+    return out
+
+
+def numpy_batches(data: list[tuple[Tensor, Tensor]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(x.numpy(), y.numpy()) for x, y in data]
+
+
+def mlp_multihead(seed: int = 0) -> MultiHeadClassifier:
+    """Dropout-free MLP backbone (the SPG pass runs in train mode; parity needs no dropout)."""
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(nn.Linear(IN_FEATURES, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh())
+    return MultiHeadClassifier(backbone, 8)
+
+
+class SmallCNN(nn.Module):
+    """conv -> relu -> maxpool -> linear head (`fc`), on 1x8x8 images."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1))
+
+
+def train_torch(
+    model: SoftMaskModel,
+    task: int,
+    data: list[tuple[Tensor, Tensor]],
+    *,
+    classes: int | None = 2,
+    lr: float = 0.1,
+    epochs: int = 1,
+    optimizer: str = "sgd",
+    end: bool = True,
+) -> None:
+    """begin_task, `epochs` passes of soft-masked steps (grad mode), optionally end_task."""
+    model.begin_task(task, num_classes=classes)
+    params = [p for p in model.parameters() if p.requires_grad]
+    base = (
+        torch.optim.SGD(params, lr=lr)
+        if optimizer == "sgd"
+        else torch.optim.AdamW(params, lr=lr, eps=1e-8, weight_decay=0.0)
+    )
+    opt = SoftMaskOptimizer(base, model, mask_mode="grad")
+    for _ in range(epochs):
+        for x, y in data:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    if end:
+        model.end_task(data)
+
+
+def mlp_model_after_two_tasks(
+    importance_dtype: str = "float32", extra_heads: tuple[int, ...] = (2, 2)
+) -> SoftMaskModel:
+    """Tasks 0 and 1 learned in torch; heads for the device's tasks added (so both sides share them)."""
+    net = mlp_multihead()
+    model = get_softmask_model(net, SoftMaskConfig(importance_dtype=importance_dtype))
+    for t in range(2):
+        train_torch(model, t, batches(t))
+    for classes in extra_heads:
+        net.add_head(classes)
+    return model
+
+
+def export_copy(model: SoftMaskModel, directory: Path, **kwargs) -> Path:
+    example = kwargs.pop("example", torch.randn(3, IN_FEATURES))
+    export_for_device(model, example, directory, **kwargs)
+    return directory
+
+
+def clone_case(model: SoftMaskModel, artifacts: Path, target: Path) -> tuple[SoftMaskModel, Path]:
+    """An independent copy of a (model, artifacts) pair for one test."""
+    shutil.copytree(artifacts, target)
+    return copy.deepcopy(model), target
+
+
+def max_diff(a: dict[str, np.ndarray], b: dict[str, Tensor | np.ndarray]) -> float:
+    assert set(a) == set(b), sorted(set(a) ^ set(b))
+    return max(float(np.abs(a[k] - np.asarray(b[k])).max()) for k in a)
+
+
+def torch_weights(model: SoftMaskModel) -> dict[str, np.ndarray]:
+    return {n: p.detach().numpy().copy() for n, p in model.base_model.named_parameters()}

@@ -1,0 +1,43 @@
+"""The server-then-device demo returns well-formed accuracy matrices (fast) and shows the
+benefit of on-device soft-masking over on-device fine-tuning (slow, full budget)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from softmask_peft.continual.device_demo import run_device_demo
+from softmask_peft.continual.metrics import compute_metrics
+from softmask_peft.continual.training import TrainConfig
+from softmask_peft.errors import ConfigError
+
+
+def test_demo_matrices_are_well_formed(tmp_path):
+    result = run_device_demo(
+        torch_tasks=3,
+        train_config=TrainConfig(epochs=1, batch_size=64),
+        device_epochs=1,
+        workdir=tmp_path,
+    )
+    assert result.device_tasks == 2 and result.task_incremental
+    soft, fine = result.matrices["softmask"], result.matrices["finetune"]
+    assert soft[:3] == fine[:3]  # the PyTorch part is shared
+    for matrix in (soft, fine):
+        assert len(matrix) == 5 and all(len(row) == 5 for row in matrix)
+        for i, row in enumerate(matrix):
+            assert all((v is None) == (j > i) for j, v in enumerate(row))
+            assert all(0.0 <= v <= 100.0 for v in row if v is not None)
+    assert result.metrics["softmask"] == compute_metrics(soft)
+    assert (tmp_path / "device_softmask" / "manifest.json").is_file()
+    with pytest.raises(ConfigError, match="torch_tasks"):
+        run_device_demo(torch_tasks=5)
+
+
+@pytest.mark.slow
+def test_device_softmask_forgets_less_than_device_finetuning():
+    result = run_device_demo(torch_tasks=3, device_epochs=10)
+    soft, fine = result.metrics["softmask"], result.metrics["finetune"]
+    assert soft["acc"] > fine["acc"]
+    assert soft["forgetting"] < fine["forgetting"]
+    assert math.isfinite(soft["bwt"])

@@ -1,0 +1,154 @@
+"""The ONNX pieces on their own: importance-update graph and LayerNormalization fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from softmask_edge.graphs import (
+    STORAGE_TYPES,
+    add_codec_constants,
+    add_gradient_outputs,
+    decode_nodes,
+    encode_nodes,
+    importance_update_model,
+)
+
+from softmask_peft.importance import normalize_importance
+
+SHAPES = {"w": [3, 4], "b": [3], "scalar": [1]}
+
+
+def _run(dtype: str, grads: dict[str, np.ndarray], stored: dict[str, np.ndarray]):
+    session = ort.InferenceSession(
+        importance_update_model(SHAPES, dtype).SerializeToString(),
+        providers=["CPUExecutionProvider"],
+    )
+    feeds = {f"{n}.grads": grads[n] for n in SHAPES}
+    feeds.update({f"{n}.softmask_importance": stored[n] for n in SHAPES})
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def _reference(g: np.ndarray) -> np.ndarray:
+    """max over heads of |tanh((g_h - mean) / std_unbiased)|, written out with numpy."""
+    flat = g.reshape(g.shape[0], -1).astype(np.float64)
+    std = flat.std(axis=1, ddof=1, keepdims=True)
+    z = (flat - flat.mean(axis=1, keepdims=True)) / std
+    return np.abs(np.tanh(z)).max(axis=0).reshape(g.shape[1:])
+
+
+def test_update_graph_is_standardize_tanh_abs_max_over_heads_then_max():
+    rng = np.random.default_rng(0)
+    grads = {n: rng.normal(size=(3, *s)).astype(np.float32) for n, s in SHAPES.items()}
+    grads["b"][1] = 5.0  # one head with a constant gradient: std 0 -> importance 0 for that head
+    stored = {n: rng.uniform(0, 0.6, size=s).astype(np.float32) for n, s in SHAPES.items()}
+    out = _run("float32", grads, stored)
+    for n in ("w", "b"):
+        h = [0, 2] if n == "b" else [0, 1, 2]
+        expected = _reference(grads[n][h])
+        np.testing.assert_allclose(out[f"{n}.task_importance"], expected, atol=1e-6)
+        np.testing.assert_allclose(
+            out[f"{n}.softmask_importance.updated"], np.maximum(stored[n], expected), atol=1e-6
+        )
+        # the same map as the torch side's normalize_importance, head by head
+        torch_side = torch.stack([normalize_importance(torch.from_numpy(g)) for g in grads[n]])
+        np.testing.assert_allclose(
+            out[f"{n}.task_importance"], torch_side.amax(0).numpy(), atol=1e-6
+        )
+    np.testing.assert_array_equal(out["scalar.task_importance"], np.zeros(1, np.float32))
+    np.testing.assert_array_equal(out["scalar.softmask_importance.updated"], stored["scalar"])
+
+
+def test_zero_gradients_give_zero_importance():
+    grads = {n: np.zeros((2, *s), np.float32) for n, s in SHAPES.items()}
+    stored = {n: np.full(s, 0.25, np.float32) for n, s in SHAPES.items()}
+    out = _run("float32", grads, stored)
+    for n in SHAPES:
+        np.testing.assert_array_equal(out[f"{n}.task_importance"], np.zeros(SHAPES[n], np.float32))
+        np.testing.assert_array_equal(out[f"{n}.softmask_importance.updated"], stored[n])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_update_graph_decodes_and_encodes_the_storage_dtype(dtype):
+    rng = np.random.default_rng(1)
+    grads = {n: rng.normal(size=(1, *s)).astype(np.float32) for n, s in SHAPES.items()}
+    if dtype == "uint8":
+        stored = {n: rng.integers(0, 256, size=s).astype(np.uint8) for n, s in SHAPES.items()}
+        old = {n: stored[n].astype(np.float32) / 255.0 for n in SHAPES}
+    else:
+        halves = {n: rng.uniform(0, 1, size=s).astype(np.float16) for n, s in SHAPES.items()}
+        stored = {n: h.view(np.uint16) for n, h in halves.items()}
+        old = {n: halves[n].astype(np.float32) for n in SHAPES}
+    out = _run(dtype, grads, stored)
+    gamma = _reference(grads["w"])
+    new = np.maximum(old["w"], gamma)
+    task, updated = out["w.task_importance"], out["w.softmask_importance.updated"]
+    if dtype == "uint8":
+        assert task.dtype == updated.dtype == np.uint8
+        np.testing.assert_array_equal(updated, np.round(new * 255).astype(np.uint8))
+        np.testing.assert_array_equal(task, np.round(gamma * 255).astype(np.uint8))
+    else:
+        assert task.dtype == updated.dtype == np.uint16
+        np.testing.assert_allclose(updated.view(np.float16).astype(np.float32), new, atol=5e-4)
+        np.testing.assert_allclose(task.view(np.float16).astype(np.float32), gamma, atol=5e-4)
+
+
+def _codec_session(dtype: str, direction: str) -> ort.InferenceSession:
+    storage = STORAGE_TYPES[dtype]
+    if direction == "decode":
+        x = helper.make_tensor_value_info("x", storage, [None])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])
+        nodes = decode_nodes("x", "y", dtype)
+    else:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])
+        y = helper.make_tensor_value_info("y", storage, [None])
+        nodes = encode_nodes("x", "y", dtype)
+    graph = helper.make_graph(nodes, "codec", [x], [y])
+    add_codec_constants(graph)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_float16_bit_codec_is_exact_on_every_value_in_unit_interval():
+    """All 15,361 float16 values in [0, 1] (subnormals included) decode and re-encode exactly."""
+    bits = np.arange(0, 0x3C01, dtype=np.uint16)
+    decoded = _codec_session("float16", "decode").run(["y"], {"x": bits})[0]
+    np.testing.assert_array_equal(decoded, bits.view(np.float16).astype(np.float32))
+    encoded = _codec_session("float16", "encode").run(["y"], {"x": decoded})[0]
+    np.testing.assert_array_equal(encoded, bits)
+    floats = np.random.default_rng(0).uniform(0, 1, 5000).astype(np.float32)
+    floats[:3] = [0.0, 1.0, 3e-7]
+    encoded = _codec_session("float16", "encode").run(["y"], {"x": floats})[0]
+    np.testing.assert_array_equal(encoded, floats.astype(np.float16).view(np.uint16))
+
+
+def _layer_norm_model() -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
+    scale = numpy_helper.from_array(np.array([1, 2, 3, 4], np.float32), "scale")
+    bias = numpy_helper.from_array(np.zeros(4, np.float32), "bias")
+    node = helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y"], epsilon=1e-5)
+    graph = helper.make_graph([node], "ln", [x], [y], [scale, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_layer_norm_gets_mean_and_inv_std_outputs_and_still_computes_the_same():
+    model = _layer_norm_model()
+    x = np.array([[1, 2, 3, 4], [0, 0, 1, -1]], np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(["y"], {"x": x})[0]
+    assert add_gradient_outputs(model) == 1
+    assert len(model.graph.node[0].output) == 3
+    onnx.checker.check_model(model)
+    after = ort.InferenceSession(model.SerializeToString()).run(["y"], {"x": x})[0]
+    centered = x - x.mean(axis=1, keepdims=True)
+    expected = centered / np.sqrt((centered**2).mean(axis=1, keepdims=True) + 1e-5) * [1, 2, 3, 4]
+    np.testing.assert_allclose(after, before)
+    np.testing.assert_allclose(after, expected, rtol=1e-5, atol=1e-5)
+    assert add_gradient_outputs(model) == 0

@@ -1,0 +1,123 @@
+"""Several model families and optimizers: MLP (AdamW), small CNN (shared head), tiny BERT."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from edge_helpers import (
+    SmallCNN,
+    batches,
+    export_copy,
+    max_diff,
+    mlp_model_after_two_tasks,
+    mlp_multihead,
+    numpy_batches,
+    torch_weights,
+    train_torch,
+)
+from helpers import text_batches, tiny_bert
+from softmask_edge import EdgeLearner
+
+from softmask_peft import SoftMaskConfig, get_softmask_model
+
+
+def test_adamw_steps_match_torch_adamw_with_grad_masking(tmp_path):
+    model = mlp_model_after_two_tasks()
+    artifacts = export_copy(model, tmp_path / "art", optimizer="adamw")
+    data = batches(2)
+    learner = EdgeLearner(artifacts)
+    learner.learn_task(numpy_batches(data), epochs=2, lr=0.01)
+    train_torch(model, 2, data, lr=0.01, epochs=2, optimizer="adamw", end=False)
+    assert max_diff(learner.parameters(), torch_weights(model)) <= 1e-5
+
+
+def test_optimizer_state_is_fresh_for_each_task(tmp_path):
+    """Task 3 after task 2 in one session == task 3 started from the saved checkpoint."""
+    model = mlp_model_after_two_tasks()
+    artifacts = export_copy(model, tmp_path / "art", optimizer="adamw")
+    learner = EdgeLearner(artifacts)
+    learner.learn_task(numpy_batches(batches(2)), epochs=2, lr=0.01)
+    learner.end_task(numpy_batches(batches(2)))
+    learner.save()
+    task3 = numpy_batches(batches(3, n=2))
+    learner.learn_task(task3, lr=0.01)
+    reloaded = EdgeLearner(artifacts)
+    reloaded.learn_task(task3, lr=0.01)
+    assert max_diff(learner.parameters(), reloaded.parameters()) == 0.0
+
+
+def test_small_cnn_shared_head_matches_torch(tmp_path):
+    torch.manual_seed(0)
+    model = get_softmask_model(SmallCNN(), SoftMaskConfig(head_modules=["fc"]))
+    shape = (1, 8, 8)
+    train_torch(model, 0, batches(0, classes=3, shape=shape), classes=None)
+    artifacts = export_copy(model, tmp_path / "art", example=torch.randn(2, *shape))
+    learner = EdgeLearner(artifacts)
+    assert learner.manifest.task_mode == "shared_head"
+    assert learner.manifest.heads == ["fc.weight", "fc.bias"]
+    data = batches(1, classes=3, shape=shape)
+    losses = learner.learn_task(numpy_batches(data), epochs=4, lr=0.1)
+    train_torch(model, 1, data, classes=None, lr=0.1, epochs=4, end=False)
+    assert losses[-1] < losses[0]
+    assert max_diff(learner.parameters(), torch_weights(model)) <= 1e-5
+    assert max_diff(learner.end_task(numpy_batches(data)), model.end_task(data)) <= 1e-4
+
+
+def test_heads_of_different_widths_are_padded(tmp_path):
+    net = mlp_multihead()
+    model = get_softmask_model(net, SoftMaskConfig())
+    train_torch(model, 0, batches(0, classes=2))
+    net.add_head(3)
+    artifacts = export_copy(model, tmp_path / "art")
+    learner = EdgeLearner(artifacts)
+    assert learner.manifest.head_classes == [2, 3]
+    data = batches(1, classes=3)
+    learner.learn_task(numpy_batches(data), epochs=2, lr=0.1)
+    train_torch(model, 1, data, classes=3, lr=0.1, epochs=2, end=False)
+    assert max_diff(learner.parameters(), torch_weights(model)) <= 1e-5
+    assert learner.predict(data[0][0].numpy(), task_id=0).shape == (8, 3)
+    assert max_diff(learner.end_task(numpy_batches(data)), model.end_task(data)) <= 1e-4
+
+
+def test_tiny_bert_learns_on_device_with_adamw(tmp_path):
+    net = tiny_bert().train()
+    model = get_softmask_model(net, SoftMaskConfig(head_modules=["classifier"]))
+    data = text_batches()
+    model.begin_task(0)
+    model.end_task(data)
+    example = {k: v for k, v in data[0].items() if k != "labels"}
+    artifacts = export_copy(model, tmp_path / "art", example=example, optimizer="adamw")
+    training = onnx.load(artifacts / "training_model.onnx")
+    norms = [n for n in training.graph.node if n.op_type == "LayerNormalization"]
+    assert norms and all(len(n.output) == 3 for n in norms)
+    learner = EdgeLearner(artifacts)
+    device = [{k: v.numpy() for k, v in b.items()} for b in data]
+    before = learner.parameters()
+    losses = learner.learn_task(device, epochs=4, lr=0.01)
+    assert losses[-1] < losses[0]
+    after = learner.parameters()
+    a = learner.importance()
+    # elements the exported importance fully protects did not move; others did
+    word = "bert.embeddings.word_embeddings.weight"
+    assert set(a) == set(model.masked_parameter_names)
+    frozen = np.isclose(a["bert.encoder.layer.0.output.dense.weight"], 1.0)
+    moved = (
+        after["bert.encoder.layer.0.output.dense.weight"]
+        != before["bert.encoder.layer.0.output.dense.weight"]
+    )
+    assert not (frozen & moved).any()
+    assert not np.array_equal(after["classifier.weight"], before["classifier.weight"])
+    imp = learner.end_task(device)
+    assert all(v.min() >= 0.0 and v.max() <= 1.0 for v in imp.values())
+    assert imp[word].max() > 0.5
+    # the device's eval graph and torch agree on the logits (dropout off in both)
+    net.eval()
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(torch.from_numpy(learner.parameters()[n]))
+        expected = net(**example).logits.numpy()
+    got = learner.predict({k: v.numpy() for k, v in example.items()})
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert F.softmax(torch.from_numpy(got), -1).sum().item() > 0
