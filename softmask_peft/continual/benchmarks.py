@@ -1,0 +1,188 @@
+"""Continual-learning benchmarks built from data that ships with installed packages (DESIGN §8).
+
+Every builder is deterministic given `seed` and returns train / validation / test splits per
+task; the test images of a benchmark never appear in any task's train or validation split.
+
+* Split-Digits: sklearn `load_digits` (1,797 8x8 images), classes (0,1), (2,3), ..., (8,9);
+  labels re-indexed to 0/1 inside each task.
+* Permuted-Digits: all 10 classes, task k sees the images through a fixed random pixel
+  permutation drawn from `seed` (task 0 included). One image split is shared by all tasks, so
+  a test image is a test image under every permutation.
+* Split-MNIST1D: `mnist1d.make_dataset(get_dataset_args())` (procedural, never its download
+  helper), its own 4,000 / 1,000 train / test split, 5 tasks x 2 classes as Split-Digits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+
+SCENARIOS = ("task", "domain")
+SCENARIO_TITLES = {
+    "task": "task-incremental (task id given at test time, one head per task)",
+    "domain": "domain-incremental (no task id at test time, one shared head)",
+}
+
+
+@dataclass(frozen=True)
+class Split:
+    """Inputs (N, *input_shape) float32 and integer labels (N,)."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    num_classes: int
+    train: Split
+    val: Split
+    test: Split
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A task sequence; `default_scenario` is the scenario the benchmark is usually reported in."""
+
+    name: str
+    tasks: list[Task]
+    input_shape: tuple[int, ...]
+    default_scenario: str
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the shared head in the domain-incremental scenario."""
+        return max(t.num_classes for t in self.tasks)
+
+
+def _split_indices(
+    y: np.ndarray, fractions: tuple[float, float], rng: np.random.Generator
+) -> tuple[np.ndarray, ...]:
+    """Stratified split of indices into (train, val, test) with val/test fractions per class."""
+    val_frac, test_frac = fractions
+    parts: tuple[list[np.ndarray], ...] = ([], [], [])
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_test = round(len(idx) * test_frac)
+        n_val = round(len(idx) * val_frac)
+        parts[2].append(idx[:n_test])
+        parts[1].append(idx[n_test : n_test + n_val])
+        parts[0].append(idx[n_test + n_val :])
+    return tuple(np.sort(np.concatenate(p)) for p in parts)
+
+
+def _tensor_split(x: np.ndarray, y: np.ndarray, shape: tuple[int, ...]) -> Split:
+    return Split(
+        torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(len(x), *shape),
+        torch.from_numpy(y.astype(np.int64)),
+    )
+
+
+def _class_split_tasks(
+    prefix: str,
+    parts: dict[str, tuple[np.ndarray, np.ndarray]],
+    shape: tuple[int, ...],
+    classes_per_task: int = 2,
+) -> list[Task]:
+    """Tasks of consecutive class pairs; labels become 0..classes_per_task-1 inside a task."""
+    classes = np.unique(parts["train"][1])
+    tasks = []
+    for k in range(len(classes) // classes_per_task):
+        chosen = classes[k * classes_per_task : (k + 1) * classes_per_task]
+        splits = {}
+        for part, (x, y) in parts.items():
+            keep = np.isin(y, chosen)
+            splits[part] = _tensor_split(x[keep], np.searchsorted(chosen, y[keep]), shape)
+        name = f"{prefix}{'/'.join(str(c) for c in chosen)}"
+        tasks.append(Task(name, classes_per_task, splits["train"], splits["val"], splits["test"]))
+    return tasks
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.data / 16.0, d.target
+
+
+def split_digits(
+    seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.2
+) -> Benchmark:
+    """Split-Digits: 5 tasks x 2 classes from sklearn's bundled digits (task-incremental)."""
+    x, y = _digits()
+    rng = np.random.default_rng(seed)
+    tr, va, te = _split_indices(y, (val_fraction, test_fraction), rng)
+    parts = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (x[te], y[te])}
+    tasks = _class_split_tasks("digits ", parts, (1, 8, 8))
+    return Benchmark("split-digits", tasks, (1, 8, 8), "task")
+
+
+def permuted_digits(
+    seed: int = 0, num_tasks: int = 10, val_fraction: float = 0.15, test_fraction: float = 0.2
+) -> Benchmark:
+    """Permuted-Digits: `num_tasks` fixed pixel permutations of all 10 digit classes."""
+    if num_tasks < 1:
+        raise ConfigError(f"num_tasks must be >= 1, got {num_tasks}")
+    x, y = _digits()
+    rng = np.random.default_rng(seed)
+    tr, va, te = _split_indices(y, (val_fraction, test_fraction), rng)
+    perms = [rng.permutation(x.shape[1]) for _ in range(num_tasks)]
+    tasks = []
+    for k, perm in enumerate(perms):
+        xp = x[:, perm]
+        splits = [_tensor_split(xp[i], y[i], (1, 8, 8)) for i in (tr, va, te)]
+        tasks.append(Task(f"permutation {k}", 10, *splits))
+    return Benchmark("permuted-digits", tasks, (1, 8, 8), "domain")
+
+
+@lru_cache(maxsize=1)
+def _mnist1d() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The standard MNIST-1D data, generated procedurally (mnist1d seeds numpy's global RNG;
+    its state is restored afterwards so callers' randomness is untouched)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    state = np.random.get_state()
+    try:
+        d = make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(state)
+    return d["x"], d["y"], d["x_test"], d["y_test"]
+
+
+def split_mnist1d(seed: int = 0, val_fraction: float = 0.15) -> Benchmark:
+    """Split-MNIST1D: 5 tasks x 2 classes; validation carved from MNIST-1D's train split."""
+    x, y, x_test, y_test = _mnist1d()
+    rng = np.random.default_rng(seed)
+    tr, va, _ = _split_indices(y, (val_fraction, 0.0), rng)
+    parts = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (x_test, y_test)}
+    tasks = _class_split_tasks("mnist1d ", parts, (1, 40))
+    return Benchmark("split-mnist1d", tasks, (1, 40), "task")
+
+
+BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
+    "split-digits": split_digits,
+    "permuted-digits": permuted_digits,
+    "split-mnist1d": split_mnist1d,
+}
+
+
+def get_benchmark(name: str, seed: int = 0) -> Benchmark:
+    """Build benchmark `name` for `seed`; unknown names raise a ConfigError listing the choices."""
+    if name not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[name](seed)

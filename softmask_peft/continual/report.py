@@ -1,0 +1,152 @@
+"""Result tables (markdown), JSON and accuracy-matrix heatmaps; every file written atomically.
+
+Metrics follow DESIGN §9 (formulas in `metrics.py`); every table states its scenario.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .._atomic import atomic_write, atomic_write_text, ensure_directory
+from .benchmarks import SCENARIO_TITLES
+from .metrics import mean_std
+from .runner import RunResult
+
+METRIC_NOTE = (
+    "R[i][j] = test accuracy (%) on task j after training task i. ACC = mean_j R[T-1][j]; "
+    "BWT = mean_{j<T-1} (R[T-1][j] - R[j][j]) (Lopez-Paz & Ranzato 2017); "
+    "Forgetting = mean_{j<T-1} max_{j<=l<T-1} (R[l][j] - R[T-1][j]) (Chaudhry et al. 2018). "
+    "Mean ± sample std over seeds. joint trains once on all tasks, so it has only the final row "
+    "and no BWT/Forgetting."
+)
+
+
+def _by_method(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
+    groups: dict[str, list[RunResult]] = defaultdict(list)
+    for r in results:
+        groups[r.method].append(r)
+    return dict(groups)
+
+
+def _fmt(stat: tuple[float, float] | None) -> str:
+    return "—" if stat is None else f"{stat[0]:.2f} ± {stat[1]:.2f}"
+
+
+def mean_matrix(runs: Sequence[RunResult]) -> np.ndarray:
+    """Seed-mean accuracy matrix; NaN where a task had not been learned yet."""
+    stack = np.array([np.asarray(r.matrix, dtype=np.float64) for r in runs])
+    return stack.mean(axis=0)
+
+
+def summary(results: Sequence[RunResult]) -> dict[str, dict[str, object]]:
+    """Per method: mean/std of each metric over seeds, the per-seed values and the mean matrix."""
+    out = {}
+    for method, runs in _by_method(results).items():
+        entry: dict[str, object] = {"seeds": [r.seed for r in runs]}
+        for key in ("acc", "bwt", "forgetting"):
+            values = [r.metrics[key] for r in runs]
+            stat = mean_std(values)
+            entry[key] = None if stat is None else {"mean": stat[0], "std": stat[1]}
+            entry[f"{key}_per_seed"] = values
+        entry["mean_matrix"] = [
+            [None if np.isnan(v) else round(float(v), 4) for v in row] for row in mean_matrix(runs)
+        ]
+        out[method] = entry
+    return out
+
+
+def markdown_report(results: Sequence[RunResult], settings: dict[str, object]) -> str:
+    """Metric table (one row per method) and the seed-mean accuracy matrices."""
+    first = results[0]
+    lines = [
+        f"## {first.benchmark} — {SCENARIO_TITLES[first.scenario]}",
+        "",
+        f"Architecture `{first.arch}`; seeds {sorted({r.seed for r in results})}; "
+        + "; ".join(f"{k}={v}" for k, v in settings.items()),
+        "",
+        "| method | ACC (%) | BWT (points) | Forgetting (points) | ACC per seed | notes |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for method, runs in _by_method(results).items():
+        stats = [mean_std([r.metrics[k] for r in runs]) for k in ("acc", "bwt", "forgetting")]
+        per_seed = ", ".join(f"{r.metrics['acc']:.2f}" for r in runs)
+        notes = "; ".join(f"{k}={v}" for k, v in runs[0].info.items() if k != "ewc_lambda_grid")
+        if method == "ewc":
+            notes = "λ per seed: " + ", ".join(str(r.info.get("ewc_lambda")) for r in runs)
+        lines.append(f"| {method} | {' | '.join(_fmt(s) for s in stats)} | {per_seed} | {notes} |")
+    lines += ["", METRIC_NOTE, ""]
+    for method, runs in _by_method(results).items():
+        m = mean_matrix(runs)
+        lines += [f"Accuracy matrix R (%), {method}, mean over seeds:", ""]
+        lines.append("| after task | " + " | ".join(f"T{j}" for j in range(m.shape[1])) + " |")
+        lines.append("| --- " * (m.shape[1] + 1) + "|")
+        for i, row in enumerate(m):
+            label = "all (joint)" if m.shape[0] == 1 else f"T{i}"
+            cells = " | ".join("·" if np.isnan(v) else f"{v:.1f}" for v in row)
+            lines.append(f"| {label} | {cells} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_heatmaps(results: Sequence[RunResult], path: str | os.PathLike, title: str = "") -> None:
+    """One heatmap per method of the seed-mean accuracy matrix, side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _by_method(results)
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(3.6 * len(groups), 4.2), squeeze=False, layout="constrained"
+    )
+    for ax, (method, runs) in zip(axes[0], groups.items()):
+        m = mean_matrix(runs)
+        image = ax.imshow(np.ma.masked_invalid(m), vmin=0, vmax=100, cmap="viridis")
+        ax.set_title(method)
+        ax.set_xlabel("evaluated on task j")
+        ax.set_ylabel("after training task i" if m.shape[0] > 1 else "after all tasks")
+        ax.set_xticks(range(m.shape[1]))
+        ax.set_yticks(range(m.shape[0]))
+        for (i, j), v in np.ndenumerate(m):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="k")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy (%)")
+    if title:
+        fig.suptitle(title)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
+def write_report(
+    results: Sequence[RunResult], out_dir: str | os.PathLike, settings: dict[str, object]
+) -> dict[str, Path]:
+    """Write `<stem>.md`, `<stem>.json` and `<stem>.png` into `out_dir`; return their paths.
+
+    stem = `<benchmark>_<scenario>_<arch>`.
+    """
+    out = ensure_directory(out_dir)
+    first = results[0]
+    stem = f"{first.benchmark}_{first.scenario}_{first.arch}"
+    paths = {ext: out / f"{stem}.{ext}" for ext in ("md", "json", "png")}
+    atomic_write_text(paths["md"], markdown_report(results, settings) + "\n")
+    payload = {
+        "benchmark": first.benchmark,
+        "scenario": first.scenario,
+        "scenario_description": SCENARIO_TITLES[first.scenario],
+        "arch": first.arch,
+        "settings": settings,
+        "metric_definitions": METRIC_NOTE,
+        "summary": summary(results),
+        "runs": [r.to_dict() for r in results],
+    }
+    atomic_write_text(paths["json"], json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    plot_heatmaps(results, paths["png"], f"{first.benchmark} ({first.scenario}-incremental)")
+    return paths

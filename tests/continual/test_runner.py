@@ -1,0 +1,171 @@
+"""Training loop, strategies and runner on small real data (the first Split-Digits tasks)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from softmask_peft.continual.benchmarks import Split, split_digits
+from softmask_peft.continual.models import MLP, build_classifier
+from softmask_peft.continual.runner import check_methods, run_method
+from softmask_peft.continual.strategies import EWCStrategy, SoftMaskStrategy
+from softmask_peft.continual.training import (
+    TrainConfig,
+    batches,
+    classification_loss,
+    evaluate,
+    fit,
+)
+from softmask_peft.errors import ConfigError
+from softmask_peft.heads import MultiHeadClassifier
+
+TINY = TrainConfig(epochs=3, batch_size=32, patience=2)
+
+
+def _head(split: Split, n: int) -> Split:
+    return Split(split.x[:n], split.y[:n])
+
+
+@pytest.fixture(scope="module")
+def two_tasks():
+    """The first two Split-Digits tasks, cut to 96 / 48 / 48 samples to keep the tests fast."""
+    bench = split_digits(seed=0)
+    tasks = [
+        replace(t, train=_head(t.train, 96), val=_head(t.val, 48), test=_head(t.test, 48))
+        for t in bench.tasks[:2]
+    ]
+    return replace(bench, tasks=tasks)
+
+
+def _multi_head(num_heads: int = 2) -> MultiHeadClassifier:
+    torch.manual_seed(0)
+    net = MultiHeadClassifier(MLP(64, hidden=(16,)), 16)
+    for _ in range(num_heads):
+        net.add_head(2)
+    return net
+
+
+def test_mixed_task_loss_scores_each_sample_by_its_head() -> None:
+    net = _multi_head(3).eval()
+    x = torch.randn(6, 1, 8, 8)
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    tid = torch.tensor([0, 2, 1, 2, 0, 1])
+    with torch.no_grad():
+        expected = sum(
+            F.cross_entropy(net.heads[int(t)](net.backbone(x[i : i + 1])), y[i : i + 1])
+            for i, t in enumerate(tid)
+        ) / len(y)
+        loss = classification_loss(net, x, y, tid)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_fisher_is_the_mean_squared_per_sample_gradient(two_tasks) -> None:
+    strategy = EWCStrategy(TINY, ewc_lambda=1.0)
+    strategy.setup(_multi_head(0), "task")
+    task = two_tasks.tasks[0]
+    strategy.begin_task(0, task)
+    model = strategy.model
+    fisher = strategy._fisher(task, 0)
+    model.eval()
+    expected = {n: torch.zeros_like(p) for n, p in model.backbone.named_parameters()}
+    for i in range(len(task.train)):
+        model.zero_grad()
+        F.cross_entropy(
+            model(task.train.x[i : i + 1], task_id=0), task.train.y[i : i + 1]
+        ).backward()
+        for n, p in model.backbone.named_parameters():
+            expected[n] += p.grad.square()
+    assert set(fisher) == {f"backbone.{n}" for n in expected}, "per-task heads are not penalised"
+    for n, e in expected.items():
+        torch.testing.assert_close(
+            fisher[f"backbone.{n}"], e / len(task.train), rtol=1e-4, atol=1e-7
+        )
+
+
+def test_ewc_penalty_closed_form() -> None:
+    strategy = EWCStrategy(TINY, ewc_lambda=3.0)
+    strategy.setup(build_classifier("mlp", (1, 8, 8), "domain", 10), "domain")
+    params = dict(strategy.model.named_parameters())
+    zeros = {n: torch.zeros_like(p) for n, p in params.items()}
+    twos = {n: torch.full_like(p, 2.0) for n, p in params.items()}
+    strategy._anchors = [(zeros, twos), (dict(params.items()), twos)]
+    expected = 0.5 * 3.0 * sum(2.0 * float(p.detach().square().sum()) for p in params.values())
+    assert float(strategy.penalty().detach()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_fit_stops_early_and_restores_the_best_weights(two_tasks) -> None:
+    task = two_tasks.tasks[0]
+    net = _multi_head(1)
+    train = batches([(task.train, 0)], 32, seed=0)
+    val = batches([(task.val, 0)], 256)
+    cfg = TrainConfig(epochs=40, lr=25.0, patience=3, lr_patience=100)  # diverges after a while
+    history = fit(net, torch.optim.SGD(net.parameters(), lr=cfg.lr), train, val, cfg)
+    best = min(range(len(history)), key=lambda i: history[i])
+    assert len(history) == best + 1 + cfg.patience < cfg.epochs
+    assert evaluate(net, val)[0] == pytest.approx(history[best], rel=1e-6)
+
+
+def test_uint8_importance_goes_through_the_store(two_tasks) -> None:
+    for dtype, quantized in (("uint8", True), ("float32", False)):
+        result = run_method("spg", two_tasks, "task", "mlp", 0, TINY, importance_dtype=dtype)
+        a = torch.cat([v.flatten() for v in result.model.importance.values()])
+        assert bool(torch.all((a * 255 - torch.round(a * 255)).abs() < 1e-4)) is quantized
+        assert result.model.num_tasks == 2 and result.info["importance_dtype"] == dtype
+
+
+def test_spg_masks_with_keep_from_the_first_task(two_tasks) -> None:
+    strategy = SoftMaskStrategy(TINY)
+    strategy.setup(build_classifier("mlp", (1, 8, 8), "task", 2), "task")
+    strategy.begin_task(0, two_tasks.tasks[0])
+    strategy.end_task(0, two_tasks.tasks[0])
+    strategy.begin_task(1, two_tasks.tasks[1])
+    a = strategy.model.importance
+    total = sum(float(v.sum()) for v in a.values())
+    count = sum(v.numel() for v in a.values())
+    assert strategy.model.head_keep() == pytest.approx(1 - total / count, rel=1e-6)
+    assert set(a) == {
+        n for n, _ in strategy.model.base_model.backbone.named_parameters(prefix="backbone")
+    }
+
+
+def test_joint_reports_only_the_final_row(two_tasks) -> None:
+    result = run_method("joint", two_tasks, "task", "mlp", 0, TINY)
+    assert len(result.matrix) == 1 and len(result.matrix[0]) == 2
+    assert result.metrics["bwt"] is None and result.metrics["forgetting"] is None
+    assert result.metrics["acc"] == pytest.approx(sum(result.matrix[0]) / 2)
+    assert "model" not in result.to_dict()
+
+
+def test_task_incremental_matrix_is_lower_triangular(two_tasks) -> None:
+    result = run_method("finetune", two_tasks, "task", "mlp", 0, TINY)
+    assert result.matrix[0][1] is None and all(v is not None for v in result.matrix[1])
+
+
+def test_unknown_method_or_scenario_is_named(two_tasks) -> None:
+    with pytest.raises(ConfigError, match="'sgd-magic'|sgd-magic.*choose from spg"):
+        check_methods(["spg", "sgd-magic"])
+    with pytest.raises(ConfigError, match="scenario 'class'"):
+        run_method("spg", two_tasks, "class", "mlp", 0, TINY)
+
+
+def test_fit_restores_the_starting_weights_when_training_diverges(two_tasks) -> None:
+    task = two_tasks.tasks[0]
+    net = _multi_head(1)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cfg = TrainConfig(epochs=4, lr=1e30, patience=2)
+    train, val = batches([(task.train, 0)], 32, seed=0), batches([(task.val, 0)], 256)
+    history = fit(net, torch.optim.SGD(net.parameters(), lr=cfg.lr), train, val, cfg)
+    assert not any(torch.isfinite(torch.tensor(history)))
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 40)])
+def test_cnn_backbone_handles_images_and_signals(shape) -> None:
+    net = build_classifier("cnn", shape, "domain", 10)
+    assert net(torch.randn(3, *shape)).shape == (3, 10)
+    with pytest.raises(ConfigError, match="unknown architecture 'vit'"):
+        build_classifier("vit", shape, "task", 2)
