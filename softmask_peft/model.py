@@ -127,12 +127,13 @@ class SoftMaskModel(nn.Module):
         by hand (e.g. after loading a device checkpoint).
         """
         self._select()
-        if self.store.num_tasks == 0:
+        importance = self.parameter_importance()  # DAS: general importance masks domain 0
+        if not importance:
             self.keep_masks = None
         else:
             params = dict(self.base_model.named_parameters())
             heads = [params[n] for n in self.head_parameter_names]
-            self.keep_masks = build_keep_masks(params, self.parameter_importance(), heads)
+            self.keep_masks = build_keep_masks(params, importance, heads)
         self.mask_version += 1
 
     def end_task(self, train_batches: Iterable[Any]) -> dict[str, Tensor]:

@@ -3,9 +3,10 @@
 from types import MappingProxyType
 
 from .base import ImportanceMethod
+from .das import DAS
 from .normalize import normalize_importance
 from .spg import SPG
 
-METHODS = MappingProxyType({"spg": SPG})
+METHODS = MappingProxyType({"spg": SPG, "das": DAS})
 
-__all__ = ["METHODS", "SPG", "ImportanceMethod", "normalize_importance"]
+__all__ = ["DAS", "METHODS", "SPG", "ImportanceMethod", "normalize_importance"]

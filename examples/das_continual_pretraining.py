@@ -1,0 +1,34 @@
+"""Continual MLM pre-training of the real all-MiniLM-L6-v2 over three text domains: DAS vs naive.
+
+    python examples/das_continual_pretraining.py --out results/
+    python examples/das_continual_pretraining.py --steps 64 --mask-mode grad   # other budgets
+
+Both methods start from the same base model (MiniLM + an MLM head trained on the general set)
+and get the same number of AdamW steps per domain. Prints, per method, the MLM loss on every
+domain's eval split and on the held-out general set after each stage, and the mean cosine of
+probe-sentence embeddings to the base model's; writes das_pretraining.{md,json} into --out.
+Runs offline (HF_HUB_OFFLINE=1); the default budget takes under 10 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from softmask_peft.continual import das_pretraining  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    das_pretraining.add_arguments(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    das_pretraining.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+"""DAS importance: hand-made gradients, mask gradients vs weight gradients, proxy KL, masking,
+contrastive pairing and persistence (DESIGN §5, §6)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import standardize_tanh_abs, text_batches, tiny_bert, tiny_gpt2
+from safetensors import safe_open
+from test_units import tiny_llama
+
+from softmask_peft import SoftMaskConfig, SoftMaskModel, SoftMaskOptimizer, get_softmask_model
+from softmask_peft.constants import IMPORTANCE_NAME
+from softmask_peft.contrastive import info_nce, mean_pool
+from softmask_peft.errors import ConfigError, EmptyDataError
+from softmask_peft.units import discover_units
+
+
+def das_model(net, **cfg) -> SoftMaskModel:
+    return get_softmask_model(net, SoftMaskConfig(method="das", **cfg))
+
+
+def lm_batches(n: int = 8, seed: int = 2):
+    """Causal-LM batches: labels are the input ids (the model shifts them)."""
+    return [
+        {
+            "input_ids": b["input_ids"],
+            "attention_mask": b["attention_mask"],
+            "labels": b["input_ids"],
+        }
+        for b in text_batches(n=n, seed=seed)
+    ]
+
+
+def _unit_vectors(model, fill):
+    return {k: fill(k, s) for k, s in model.method.importance_shapes().items()}
+
+
+# normalisation and accumulation on hand-made gradients ---------------------------------------
+
+
+def test_raw_importance_sums_absolute_gradients_over_batches_divided_by_tokens():
+    model = das_model(tiny_bert())
+    shapes = model.method.importance_shapes()
+    g = torch.Generator().manual_seed(3)
+    g1 = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    g2 = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    model.method.begin_task(0)
+    model.method.add_gradients(g1, tokens=5)
+    model.method.add_gradients(g2, tokens=3)
+    raw = model.method.raw_importance()
+    for k in shapes:
+        assert torch.allclose(raw[k], (g1[k].abs() + g2[k].abs()) / 8)
+    out = model.method.finalize()
+    for k in shapes:  # one layer's units of one kind are standardised together
+        assert torch.allclose(out[k], standardize_tanh_abs(raw[k]).float(), atol=1e-6)
+    with pytest.raises(EmptyDataError):
+        model.method.finalize()
+
+
+def test_general_and_domain_importance_accumulate_by_max():
+    model = das_model(tiny_bert())
+    shapes = model.method.importance_shapes()
+    general = {k: torch.linspace(0, 1, s[0]) for k, s in shapes.items()}
+    model.method.general = general
+    domains = []
+    for t, seed in enumerate((4, 5)):
+        g = torch.Generator().manual_seed(seed)
+        grads = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+        model.method.begin_task(t)
+        model.method.add_gradients(grads, tokens=1)
+        domain = {k: standardize_tanh_abs(grads[k].abs()).float() for k in shapes}
+        model.store.add_task(model.method.finalize())
+        domains.append(domain)
+        for k in shapes:
+            assert torch.allclose(model.task_importance(t)[k], torch.maximum(general[k], domain[k]))
+    for k in shapes:
+        expected = torch.maximum(general[k], torch.maximum(domains[0][k], domains[1][k]))
+        assert torch.allclose(model.importance[k], expected)
+
+
+# the real pass: mask gradients against weight gradients ---------------------------------------
+
+
+def _mask_grads_from_weights(net, blocks, batch):
+    """∂L/∂m at m = 1 from ordinary weight gradients, without hooks.
+
+    Scaling head h's context by m equals scaling the output projection's columns that read it,
+    so ∂L/∂m_h = Σ_{cols of h} W ⊙ ∂L/∂W; intermediate j: column j of down; output i: row i of
+    down plus bias i.
+    """
+    net.zero_grad(set_to_none=True)
+    net(**batch).loss.backward()
+    out = {}
+    for b in blocks:
+        att = net.get_submodule(b.paths["attn_out"])
+        down = net.get_submodule(b.paths["down"])
+        wg = (att.weight * att.weight.grad).sum(dim=0)
+        out[b.key("heads")] = wg.view(b.num_heads, b.head_dim).sum(dim=1)
+        dg = down.weight * down.weight.grad
+        out[b.key("intermediate")] = dg.sum(dim=0)
+        out[b.key("output")] = dg.sum(dim=1) + down.bias * down.bias.grad
+    net.zero_grad(set_to_none=True)
+    return {k: v.detach() for k, v in out.items()}
+
+
+def test_domain_pass_matches_weight_gradient_identity_and_zeroes_between_batches():
+    net = tiny_bert(dropout=0.0)
+    model = das_model(net)
+    batches = text_batches(n=8, batch_size=4)
+    blocks = model.method.blocks
+    per_batch = [_mask_grads_from_weights(net, blocks, b) for b in batches]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    model.method.begin_task(0)
+    for b in batches:
+        model.method.accumulate(b)
+    raw = model.method.raw_importance()
+    for k in raw:
+        expected = (per_batch[0][k].abs() + per_batch[1][k].abs()) / tokens
+        assert torch.allclose(raw[k], expected, rtol=1e-3, atol=1e-12), k
+    summed = {k: (per_batch[0][k] + per_batch[1][k]).abs() / tokens for k in raw}  # not zeroed
+    assert not all(torch.allclose(raw[k], summed[k], rtol=1e-3, atol=1e-12) for k in raw)
+
+
+def test_end_task_stores_normalised_units_per_layer():
+    model = das_model(tiny_bert(dropout=0.0))
+    model.begin_task(0, name="d0")
+    imp = model.end_task(text_batches())
+    assert set(imp) == set(model.method.importance_shapes())
+    for v in imp.values():
+        assert v.dim() == 1 and bool(((v >= 0) & (v <= 1)).all()) and v.max() > 0
+    with pytest.raises(EmptyDataError):
+        model.begin_task(1)
+        model.end_task([])
+
+
+# proxy KL --------------------------------------------------------------------------------------
+
+
+def test_proxy_kl_is_positive_with_dropout_and_zero_without():
+    batch = text_batches()[0]
+    with_dropout = das_model(tiny_bert(dropout=0.3))
+    with_dropout.train()
+    assert float(with_dropout.method.proxy_kl(batch).detach()) > 1e-6
+    without = das_model(tiny_bert(dropout=0.0))
+    without.train()
+    assert float(without.method.proxy_kl(batch).detach()) == 0.0
+
+
+def test_proxy_kl_is_kl_of_softmaxed_pooled_states():
+    model = das_model(tiny_bert(dropout=0.3))
+    model.train()
+    batch = text_batches()[0]
+    torch.manual_seed(7)
+    kl = model.method.proxy_kl(batch)
+    torch.manual_seed(7)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    h = [model.base_model.bert(**inputs).last_hidden_state for _ in range(2)]
+    m = inputs["attention_mask"].unsqueeze(-1).float()
+    r = [(x * m).sum(1) / m.sum(1) for x in h]
+    p, q = r[0].softmax(-1), r[1].softmax(-1)
+    expected = (p * (p.log() - q.log())).sum()
+    assert torch.allclose(kl, expected, rtol=1e-5)
+
+
+def test_general_importance_runs_in_train_mode_and_restores_eval():
+    net = tiny_bert(dropout=0.3).eval()
+    model = das_model(net)
+    general = model.method.general_importance(text_batches())
+    assert not net.training
+    assert set(general) == set(model.method.importance_shapes())
+    assert any(float(v.max()) > 0 for v in general.values())
+
+
+# unit -> parameter masking in training ---------------------------------------------------------
+
+IMPORTANT = {"heads": 1, "intermediate": 5, "output": 3}
+
+
+def _one_hot_importance(model):
+    return _unit_vectors(
+        model,
+        lambda k, s: F.one_hot(torch.tensor(IMPORTANT[k.rsplit("softmask_", 1)[1]]), s[0]).float(),
+    )
+
+
+def _frozen_slices(net, block):
+    """(parameter name, index) of every element that importance 1 must freeze, by hand."""
+    from transformers.pytorch_utils import Conv1D
+
+    d = block.head_dim
+    h, j, i = IMPORTANT["heads"], IMPORTANT["intermediate"], IMPORTANT["output"]
+    rows = slice(h * d, (h + 1) * d)
+    group = block.num_heads // block.num_kv_heads
+    kv_rows = slice((h // group) * d, (h // group + 1) * d)
+    out = []
+    if "qkv" in block.paths:  # GPT-2: Conv1D (in x out), fused q | k | v columns
+        n = block.num_heads * d
+        for part in range(3):
+            cols = slice(part * n + h * d, part * n + (h + 1) * d)
+            out += [(f"{block.paths['qkv']}.weight", (slice(None), cols))]
+            out += [(f"{block.paths['qkv']}.bias", (cols,))]
+    else:
+        for role, sl in (("query", rows), ("key", kv_rows), ("value", kv_rows)):
+            mod = net.get_submodule(block.paths[role])
+            out.append((f"{block.paths[role]}.weight", (sl, slice(None))))
+            if mod.bias is not None:
+                out.append((f"{block.paths[role]}.bias", (sl,)))
+    conv = isinstance(net.get_submodule(block.paths["attn_out"]), Conv1D)
+    out.append(
+        (f"{block.paths['attn_out']}.weight", (rows, slice(None)) if conv else (slice(None), rows))
+    )
+    for role in ("gate", "up"):
+        if role in block.paths:
+            out.append(
+                (f"{block.paths[role]}.weight", (slice(None), j) if conv else (j, slice(None)))
+            )
+            if net.get_submodule(block.paths[role]).bias is not None:
+                out.append((f"{block.paths[role]}.bias", (j,)))
+    out.append((f"{block.paths['down']}.weight", (slice(None), i) if conv else (i, slice(None))))
+    if net.get_submodule(block.paths["down"]).bias is not None:
+        out.append((f"{block.paths['down']}.bias", (i,)))
+    return out
+
+
+@pytest.mark.parametrize(
+    "arch, mask_mode",
+    [
+        ("bert", "grad"),
+        ("gpt2", "grad"),
+        ("llama", "grad"),
+        ("bert", "update"),
+        ("llama", "update"),
+    ],
+)
+def test_important_units_stay_bit_exact_and_the_rest_moves(arch, mask_mode):
+    if arch == "bert":
+        net, batches = tiny_bert(dropout=0.0), text_batches()
+    else:
+        net, batches = (tiny_gpt2() if arch == "gpt2" else tiny_llama()), lm_batches()
+    model = das_model(net, mask_mode=mask_mode)
+    model.store.add_task(_one_hot_importance(model))
+    model.begin_task(1)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    base = (
+        torch.optim.SGD(net.parameters(), lr=0.5)
+        if mask_mode == "grad"
+        else torch.optim.AdamW(net.parameters(), lr=0.05)
+    )
+    opt = SoftMaskOptimizer(base, model)
+    net.train()
+    for _ in range(2):
+        for b in batches:
+            opt.zero_grad()
+            net(**b).loss.backward()
+            opt.step()
+    after = dict(net.named_parameters())
+    for block in model.method.blocks:
+        frozen = _frozen_slices(net, block)
+        keep_mask = {}
+        for name, idx in frozen:
+            assert torch.equal(after[name][idx], before[name][idx]), (name, idx)
+            keep_mask.setdefault(name, torch.ones_like(before[name], dtype=torch.bool))[idx] = False
+        for name, free in keep_mask.items():  # every free row and column moved somewhere
+            moved = (after[name] != before[name]) & free
+            for dim in range(moved.dim()):
+                has_free = free.any(dim=dim) if moved.dim() > 1 else free
+                hit = moved.any(dim=dim) if moved.dim() > 1 else moved
+                assert bool(hit[has_free].all()), f"{name}: an unprotected unit did not move"
+    embeddings = [n for n in before if "emb" in n or n.endswith("wte.weight")]
+    assert embeddings and all(not torch.equal(after[n], before[n]) for n in embeddings)
+
+
+# contrastive integration ---------------------------------------------------------------------
+
+
+def test_info_nce_pairs_each_anchor_with_its_own_second_view():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    p = torch.tensor([[2.0, 0.1], [0.2, 1.0], [1.0, 0.8]], dtype=torch.float64)
+    g = torch.tensor([[0.5, 0.5], [1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    tau = 0.05
+
+    def cos(u, v):
+        return float(u @ v / (u.norm() * v.norm()))
+
+    expected = 0.0
+    for i in range(3):
+        logits = [cos(a[i], p[j]) / tau for j in range(3)] + [cos(a[i], g[i]) / tau]
+        expected += -logits[i] + float(
+            torch.logsumexp(torch.tensor(logits, dtype=torch.float64), 0)
+        )
+    expected /= 3
+    assert float(info_nce(a, p, g, tau)) == pytest.approx(expected, rel=1e-5)
+    swapped = info_nce(a, p[[1, 0, 2]], g, tau)  # wrong pairing gives a different loss
+    assert float(swapped) != pytest.approx(expected, rel=1e-3)
+    no_general = (
+        sum(
+            -cos(a[i], p[i]) / tau
+            + float(
+                torch.logsumexp(
+                    torch.tensor([cos(a[i], p[j]) / tau for j in range(3)], dtype=torch.float64), 0
+                )
+            )
+            for i in range(3)
+        )
+        / 3
+    )
+    assert float(info_nce(a, p, None, tau)) == pytest.approx(no_general, rel=1e-5)
+    with pytest.raises(ValueError, match="general must match"):
+        info_nce(a, p, g[:2], tau)
+
+
+def test_integration_loss_uses_same_sequence_positive_and_importance_scaled_general():
+    net = tiny_bert(dropout=0.0)
+    model = das_model(net, contrastive_temperature=0.1)
+    model.store.add_task(_unit_vectors(model, lambda k, s: torch.linspace(0.2, 0.9, s[0])))
+    batch = text_batches()[0]
+    mask = batch["attention_mask"]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask}
+    with torch.no_grad():
+        r = mean_pool(net.bert(**inputs).last_hidden_state, mask)
+        general_net = copy.deepcopy(net)  # unit outputs x importance, written into the weights
+        for b in discover_units(general_net):
+            imp = {k: model.importance[b.key(k)] for k in ("heads", "intermediate", "output")}
+            att = general_net.get_submodule(b.paths["attn_out"])
+            att.weight.mul_(imp["heads"].repeat_interleave(b.head_dim)[None, :])
+            down = general_net.get_submodule(b.paths["down"])
+            down.weight.mul_(imp["intermediate"][None, :]).mul_(imp["output"][:, None])
+            down.bias.mul_(imp["output"])
+        g = mean_pool(general_net.bert(**inputs).last_hidden_state, mask)
+    a = F.normalize(r, dim=-1)
+    logits = torch.cat([a @ a.T, (a * F.normalize(g, dim=-1)).sum(-1, keepdim=True)], 1) / 0.1
+    expected = F.cross_entropy(logits, torch.arange(len(r)))
+    got = model.method.integration_loss(batch)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    total = model.method.training_loss(batch)
+    assert torch.allclose(total, net(**batch).loss + expected, rtol=1e-4, atol=1e-5)
+    model.softmask_config.contrastive_weight = 0.0
+    assert torch.allclose(model.method.training_loss(batch), net(**batch).loss)
+
+
+# first-domain masking and the registry --------------------------------------------------------
+
+
+def test_general_importance_masks_the_first_domain():
+    model = das_model(tiny_bert(dropout=0.3))
+    model.method.general_importance(text_batches())
+    model.begin_task(0)
+    assert model.keep_masks is not None
+    expected = model.method.parameter_importance({})
+    got = model.parameter_importance()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_unknown_layout_is_a_config_error():
+    from test_units import Toy
+
+    with pytest.raises(ConfigError, match="das_units"):
+        das_model(Toy())
+
+
+def test_training_loss_needs_dict_batches():
+    model = das_model(tiny_bert())
+    with pytest.raises(ConfigError, match="dict batches"):
+        model.method.training_loss((torch.zeros(2, 3, dtype=torch.long), torch.zeros(2)))
+
+
+# persistence ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_unit_importance_round_trips_through_save_and_load(tmp_path, dtype):
+    model = das_model(tiny_gpt2(), importance_dtype=dtype)
+    model.begin_task(0, name="d0")
+    model.end_task(lm_batches())
+    model.begin_task(1, name="d1")
+    model.end_task(lm_batches(seed=9))
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / IMPORTANCE_NAME, framework="pt") as f:
+        keys = set(f.keys())
+    units = {
+        f"transformer.h.{i}.softmask_{k}"
+        for i in range(2)
+        for k in ("heads", "intermediate", "output")
+    }
+    assert keys == units | {f"task.{t}.{u}" for t in range(2) for u in units}
+    assert json.loads((tmp_path / "softmask_config.json").read_text())["method"] == "das"
+    loaded = SoftMaskModel.from_pretrained(tiny_gpt2(seed=5), tmp_path)
+    tol = 0 if dtype == "float32" else 0.5 / 255
+    for k, v in model.importance.items():
+        assert torch.allclose(loaded.importance[k], v, atol=tol, rtol=0)
+    loaded.begin_task(2)
+    pi, expected = (
+        loaded.parameter_importance(),
+        model.method.parameter_importance(loaded.importance),
+    )
+    assert pi.keys() == expected.keys()
+    assert loaded.keep_masks is not None and loaded.head_keep() < 1.0
