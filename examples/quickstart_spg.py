@@ -1,7 +1,7 @@
 """Quick start: SPG on a tiny synthetic task sequence (task-incremental, one head per task).
 
-Prints every task's test accuracy after each task, so forgetting is visible as a drop along
-a column. Run: python examples/quickstart_spg.py
+Prints every task's test accuracy before and after each task, so forgetting is visible as a
+drop along a column. Run: python examples/quickstart_spg.py
 """
 
 from pathlib import Path
@@ -44,6 +44,8 @@ def accuracy(task_id: int) -> float:
 
 for t, (train, _) in enumerate(tasks):
     model.begin_task(t, num_classes=2)
+    before = "  ".join(f"task {j}: {accuracy(j):.3f}" for j in range(t + 1))
+    print(f"before task {t} (new head untrained)  | {before}")
     model.train()
     for _epoch in range(20):
         for x, y in train:
@@ -52,7 +54,7 @@ for t, (train, _) in enumerate(tasks):
             opt.step()
     model.end_task(train)
     row = "  ".join(f"task {j}: {accuracy(j):.3f}" for j in range(t + 1))
-    print(f"after task {t} (head keep {model.head_keep():.2f}) | {row}")
+    print(f"after task {t}  (head keep {model.head_keep():.2f}) | {row}")
 
 model.save_pretrained("run/quickstart")
 print("saved to run/quickstart:", sorted(p.name for p in Path("run/quickstart").iterdir()))
