@@ -29,8 +29,7 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Non
     os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
@@ -46,3 +45,23 @@ def atomic_write_text(target: str | os.PathLike, text: str) -> None:
             f.write(text)
 
     atomic_write(target, write)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file to disk."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Flush a directory entry (renames) to disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -8,11 +8,13 @@ so each transform is a handful of `torch._foreach_*` calls.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 
 @dataclass
@@ -27,6 +29,14 @@ class MaskGroup:
 @dataclass
 class KeepMasks:
     groups: list[MaskGroup]
+
+    def stale(self) -> bool:
+        """True once the parameters moved to another device or dtype (`model.to(...)`)."""
+        return any(
+            g.params[0].device != g.keep[0].device or g.params[0].dtype != g.keep[0].dtype
+            for g in self.groups
+        )
+
     heads: list[Tensor] = field(default_factory=list)
     head_keep: float = 1.0
 
@@ -50,11 +60,19 @@ def build_keep_masks(
     return KeepMasks(list(grouped.values()), list(heads), head_keep)
 
 
+def _base_step(base: Optimizer, closure: Callable[[], Any] | None) -> Any:
+    return base.step() if closure is None else base.step(closure)
+
+
 class GradMask:
-    """The paper: `grad *= keep` before the base step (exact under plain SGD)."""
+    """The paper: `grad *= keep` before the base step (exact under plain SGD).
+
+    With a closure (LBFGS re-evaluates it several times per step) the gradients are masked
+    after every evaluation.
+    """
 
     @torch.no_grad()
-    def before_step(self, masks: KeepMasks) -> None:
+    def mask_gradients(self, masks: KeepMasks) -> None:
         for g in masks.groups:
             pairs = [(p.grad, k) for p, k in zip(g.params, g.keep) if p.grad is not None]
             if pairs:
@@ -64,8 +82,17 @@ class GradMask:
         if head_grads and masks.head_keep != 1.0:
             torch._foreach_mul_(head_grads, masks.head_keep)
 
-    def after_step(self, masks: KeepMasks) -> None:
-        """Nothing to do after the step."""
+    def step(self, base: Optimizer, masks: KeepMasks, closure: Callable[[], Any] | None) -> Any:
+        if closure is None:
+            self.mask_gradients(masks)
+            return base.step()
+
+        def masked_closure() -> Any:
+            loss = closure()
+            self.mask_gradients(masks)
+            return loss
+
+        return base.step(masked_closure)
 
 
 class UpdateMask:
@@ -83,7 +110,7 @@ class UpdateMask:
         self._old_heads: list[Tensor] = []
 
     @torch.no_grad()
-    def before_step(self, masks: KeepMasks) -> None:
+    def _remember(self, masks: KeepMasks) -> None:
         if self._for is not masks:
             self._old = [[torch.empty_like(p) for p in g.params] for g in masks.groups]
             self._old_heads = [torch.empty_like(p) for p in masks.heads]
@@ -94,11 +121,17 @@ class UpdateMask:
             torch._foreach_copy_(self._old_heads, masks.heads)
 
     @torch.no_grad()
-    def after_step(self, masks: KeepMasks) -> None:
+    def _pull_back(self, masks: KeepMasks) -> None:
         for g, old in zip(masks.groups, self._old):
             torch._foreach_lerp_(g.params, old, g.importance)
         if masks.head_keep != 1.0 and masks.heads:
             torch._foreach_lerp_(masks.heads, self._old_heads, 1.0 - masks.head_keep)
+
+    def step(self, base: Optimizer, masks: KeepMasks, closure: Callable[[], Any] | None) -> Any:
+        self._remember(masks)
+        loss = _base_step(base, closure)
+        self._pull_back(masks)
+        return loss
 
 
 MASK_TRANSFORMS = {"grad": GradMask, "update": UpdateMask}

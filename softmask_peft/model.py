@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import Tensor, nn
 
-from ._atomic import ensure_directory
+from ._atomic import ensure_directory, fsync_directory, fsync_file
 from .config import SoftMaskConfig
 from .constants import CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME
 from .errors import CorruptFileError, ImportanceMismatchError, MissingFileError, TaskOrderError
@@ -165,8 +165,10 @@ class SoftMaskModel(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config, importance and the base weights into `directory`, each file atomically.
 
-        Weights and importance carry the same random `save_id` in their metadata, so a crash
-        between the renames (new weights beside old importance) is refused at load time.
+        All files are written and fsynced in a staging folder first, then renamed into place in
+        quick succession. The renames are not one atomic step: weights and importance carry the
+        same random `save_id`, so a crash between two renames (new weights beside old importance)
+        is refused at load time instead of pairing mismatched files.
         """
         directory = ensure_directory(directory)
         cfg = self.softmask_config
@@ -180,8 +182,12 @@ class SoftMaskModel(nn.Module):
             )
             self.store.save(staging / IMPORTANCE_NAME, cfg.importance_dtype, save_id)
             cfg.save_pretrained(staging)
-            for item in sorted(staging.iterdir()):
+            staged = sorted(staging.iterdir())
+            for item in staged:
+                fsync_file(item)
+            for item in staged:  # every file is durable before the first rename
                 os.replace(item, directory / item.name)
+            fsync_directory(directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

@@ -6,7 +6,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch.optim import Optimizer
 
 from .config import MASK_MODES
@@ -43,7 +42,6 @@ class SoftMaskOptimizer(Optimizer):
         self.model = model
         self.mask_mode = mode
         self._mask = MASK_TRANSFORMS[mode]()
-        self._masks: KeepMasks | None = None
         self._masks_version = -1
         self._adopted = len(model.added_parameters)  # heads added before us: the caller's choice
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
@@ -102,28 +100,28 @@ class SoftMaskOptimizer(Optimizer):
         return f"SoftMaskOptimizer(mask_mode={self.mask_mode!r}, base={self.base!r})"
 
     def _refresh(self) -> KeepMasks | None:
-        """Pick up the keep-masks (and any new parameters) after `begin_task`."""
+        """Pick up the keep-masks (and any new parameters) after `begin_task` or `model.to()`."""
         if self.model.mask_version != self._masks_version:
             known = {id(p) for g in self.base.param_groups for p in g["params"]}
             new = [p for p in self.model.added_parameters[self._adopted :] if id(p) not in known]
             self._adopted = len(self.model.added_parameters)
             if new:
                 self.base.param_groups[0]["params"].extend(new)
-            self._masks = self.model.keep_masks
-            self._masks_version = self.model.mask_version
-        return self._masks
+        if self.model.keep_masks is not None and self.model.keep_masks.stale():
+            self.model.refresh_masks()
+        self._masks_version = self.model.mask_version
+        return self.model.keep_masks
 
     @Optimizer.profile_hook_step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        """One masked step; a closure is passed to the base optimizer (LBFGS calls it repeatedly)."""
         masks = self._refresh()
         if masks is None:
-            self.base.step()
-            return loss
-        self._mask.before_step(masks)
-        self.base.step()
-        self._mask.after_step(masks)
-        return loss
+            return self.base.step() if closure is None else self.base.step(closure)
+        return self._mask.step(self.base, masks, closure)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)

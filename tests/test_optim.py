@@ -145,7 +145,7 @@ def test_keep_masks_built_once_per_task():
         opt.zero_grad()
         loss_of(model, b).backward()
         opt.step()
-    assert model.mask_version == v0 and opt._masks is None
+    assert model.mask_version == v0 and model.keep_masks is None
     model.end_task(batches)
     assert model.mask_version == v0  # end_task does not touch the masks of the running task
     model.begin_task(1, num_classes=2)
@@ -156,7 +156,7 @@ def test_keep_masks_built_once_per_task():
         opt.zero_grad()
         F.cross_entropy(model(x), torch.zeros(len(x), dtype=torch.long)).backward()
         opt.step()
-        seen.append(opt._masks)
+        seen.append(opt._refresh())
     assert all(m is masks for m in seen)
     assert model.mask_version == v0 + 1 and model.keep_masks is masks
 
@@ -233,3 +233,49 @@ def test_state_dict_hooks_reach_the_base_optimizer():
     opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append("load"))
     opt.load_state_dict(opt.state_dict())
     assert seen == [["param_groups", "state"], "load"]
+
+
+def test_lbfgs_closure_is_passed_through_and_masked():
+    """LBFGS needs the closure; grads are masked after every evaluation (A = 1 never moves)."""
+    model = model_at_task_one()
+    net = model.base_model
+    frozen = model.masked_parameter_names[0]
+    model.store.history[0] = {n: torch.zeros_like(a) for n, a in model.importance.items()}
+    model.store.accumulated = {n: torch.zeros_like(a) for n, a in model.importance.items()}
+    model.store.accumulated[frozen] = torch.ones_like(model.store.accumulated[frozen])
+    model.refresh_masks()
+    before = dict(net.named_parameters())[frozen].detach().clone()
+    opt = SoftMaskOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5), model)
+    batch = classification_batches()[0]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = loss_of(model, batch)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and len(calls) > 1
+    assert torch.equal(dict(net.named_parameters())[frozen].detach(), before)
+    others = [p for n, p in net.named_parameters() if n != frozen]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in others)
+
+
+@pytest.mark.parametrize("mode", ["grad", "update"])
+def test_masks_follow_the_model_to_another_dtype(mode):
+    model = model_at_task_one()
+    model.to(torch.float64)
+    opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, mask_mode=mode)
+    x, y = classification_batches()[0]
+    loss_of(model, (x.double(), y)).backward()
+    opt.step()
+    assert all(k.dtype == torch.float64 for g in model.keep_masks.groups for k in g.keep)
+
+
+def test_optimizer_deepcopies():
+    model = model_at_task_one()
+    opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    clone = copy.deepcopy(opt)
+    assert clone.mask_mode == opt.mask_mode and clone.param_groups[0]["lr"] == 0.1
