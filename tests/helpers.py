@@ -94,6 +94,39 @@ def tiny_gpt2(seed: int = 0):
     return GPT2LMHeadModel(cfg).eval()
 
 
+def tiny_llama(seed: int = 0, heads: int = 4, kv_heads: int = 2):
+    """LlamaForCausalLM (gated MLP, grouped-query attention) from a tiny random config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=16,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_roberta(seed: int = 0):
+    """RobertaForMaskedLM from a tiny random config."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=20,
+    )
+    return RobertaForMaskedLM(cfg).eval()
+
+
 def classification_batches(
     n: int = 12, in_features: int = 4, num_classes: int = 3, batch_size: int = 4, seed: int = 1
 ) -> list[tuple[Tensor, Tensor]]:

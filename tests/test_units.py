@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import text_batches, tiny_bert, tiny_gpt2
+from helpers import text_batches, tiny_bert, tiny_gpt2, tiny_llama, tiny_roberta
 from torch import nn
 
 from softmask_peft.errors import ConfigError
@@ -17,39 +17,6 @@ from softmask_peft.units import (
     ones_masks,
     parameter_importance,
 )
-
-
-def tiny_llama(seed: int = 0, heads: int = 4, kv_heads: int = 2):
-    """LlamaForCausalLM (gated MLP, grouped-query attention) from a tiny random config."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=16,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_roberta(seed: int = 0):
-    """RobertaForMaskedLM from a tiny random config."""
-    from transformers import RobertaConfig, RobertaForMaskedLM
-
-    torch.manual_seed(seed)
-    cfg = RobertaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=20,
-    )
-    return RobertaForMaskedLM(cfg).eval()
 
 
 class ToyBlock(nn.Module):

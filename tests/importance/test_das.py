@@ -9,9 +9,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import standardize_tanh_abs, text_batches, tiny_bert, tiny_gpt2
+from helpers import standardize_tanh_abs, text_batches, tiny_bert, tiny_gpt2, tiny_llama
 from safetensors import safe_open
-from test_units import tiny_llama
 
 from softmask_peft import SoftMaskConfig, SoftMaskModel, SoftMaskOptimizer, get_softmask_model
 from softmask_peft.constants import IMPORTANCE_NAME
