@@ -115,8 +115,9 @@ class DAS(ImportanceMethod):
         base.train()
         try:
             self.begin_task(-1)
-            for batch in tqdm(batches, desc=desc, leave=False, disable=None):
-                self._add(batch, self.proxy_kl)
+            with torch.enable_grad():  # callers often sit under no_grad
+                for batch in tqdm(batches, desc=desc, leave=False, disable=None):
+                    self._add(batch, self.proxy_kl)
             self.general = self._normalized("DAS general importance")
         finally:
             base.train(was_training)

@@ -39,10 +39,8 @@ class SPG(ImportanceMethod):
         self._task = task_id
         self._sums: list[Tensor] | None = None
         self._batched_backward = True
-
-    def _params(self) -> list[Tensor]:
         named = dict(self.model.base_model.named_parameters())
-        return [named[n] for n in self.model.masked_parameter_names]
+        self._params = [named[n] for n in self.model.masked_parameter_names]
 
     def _head_losses_grads(self, batch: Any, params: list[Tensor]) -> list[Tensor]:
         """Gradients of every head's loss, each stacked as (num_heads, *param.shape)."""
@@ -99,12 +97,11 @@ class SPG(ImportanceMethod):
         ]
 
     def accumulate(self, batch: Any) -> None:
-        params = self._params()
-        grads = self._head_losses_grads(batch, params)
-        if self._sums is None:
-            self._sums = [g.detach().clone() for g in grads]
+        grads = self._head_losses_grads(batch, self._params)
+        if self._sums is None:  # autograd may hand back expanded views: own the accumulators
+            self._sums = [g.clone() for g in grads]
         else:
-            torch._foreach_add_(self._sums, [g.detach() for g in grads])
+            torch._foreach_add_(self._sums, grads)
 
     def finalize(self) -> dict[str, Tensor]:
         if self._sums is None:
