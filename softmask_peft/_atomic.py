@@ -1,13 +1,29 @@
-"""Atomic file writes: write a temporary file in the target's directory, fsync, rename."""
+"""Atomic writes: one file (temporary file, fsync, rename) or a set of files (a journal).
+
+A set of files — a checkpoint's config, weights and importance — cannot be renamed into place
+in one atomic step, so `commit_files` uses a staging folder as a journal:
+
+1. every file is written and fsynced in a fresh staging folder inside the target directory;
+2. a `COMMITTED` marker is written into it: from here on the new set is the checkpoint;
+3. the files are renamed into place and the staging folder is removed.
+
+A crash before 2 leaves the old files untouched; a crash after 2 leaves a committed staging
+folder that `recover_directory` (run by every load and save) rolls forward. One writer per
+directory at a time.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import SaveLocationError
+
+STAGING_PREFIX = ".softmask_save."
+COMMIT_MARKER = "COMMITTED"
 
 
 def ensure_directory(path: str | os.PathLike) -> Path:
@@ -65,3 +81,45 @@ def fsync_directory(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def commit_files(directory: Path, write: Callable[[Path], None]) -> None:
+    """Let `write(staging)` create files, then move them all into `directory` (module docstring).
+
+    An exception before the commit point removes the staging folder and leaves `directory` as it
+    was; after it, the staging folder stays for `recover_directory` to finish.
+    """
+    recover_directory(directory, drop_uncommitted=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+    try:
+        write(staging)
+        for item in staging.iterdir():
+            fsync_file(item)
+        atomic_write_text(staging / COMMIT_MARKER, "")
+        fsync_directory(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _roll_forward(staging, directory)
+
+
+def recover_directory(directory: Path, drop_uncommitted: bool = False) -> None:
+    """Finish every committed save left in `directory`; optionally drop uncommitted ones.
+
+    Loading only rolls forward (an uncommitted staging folder may be another writer's save in
+    progress); saving also removes uncommitted leftovers of crashed saves.
+    """
+    for staging in sorted(directory.glob(STAGING_PREFIX + "*")):
+        if (staging / COMMIT_MARKER).is_file():
+            _roll_forward(staging, directory)
+        elif drop_uncommitted:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _roll_forward(staging: Path, directory: Path) -> None:
+    for item in sorted(staging.iterdir()):
+        if item.name != COMMIT_MARKER:
+            os.replace(item, directory / item.name)
+    fsync_directory(directory)
+    shutil.rmtree(staging)
+    fsync_directory(directory)

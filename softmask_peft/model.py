@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,10 +14,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import Tensor, nn
 
-from ._atomic import ensure_directory, fsync_directory, fsync_file
+from ._atomic import commit_files, ensure_directory, recover_directory
 from .config import SoftMaskConfig
 from .constants import CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME
-from .errors import CorruptFileError, ImportanceMismatchError, MissingFileError, TaskOrderError
+from .errors import (
+    CorruptFileError,
+    ImportanceMismatchError,
+    MissingFileError,
+    SaveLocationError,
+    TaskOrderError,
+)
 from .heads import MultiHeadClassifier, expand_heads
 from .importance import METHODS
 from .masking import KeepMasks, build_keep_masks
@@ -163,33 +167,27 @@ class SoftMaskModel(nn.Module):
         return load_device_checkpoint(model, directory)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config, importance and the base weights into `directory`, each file atomically.
+        """Write config, importance and the base weights into `directory`, as one commit.
 
-        All files are written and fsynced in a staging folder first, then renamed into place in
-        quick succession. The renames are not one atomic step: weights and importance carry the
-        same random `save_id`, so a crash between two renames (new weights beside old importance)
-        is refused at load time instead of pairing mismatched files.
+        The files are staged and committed as a set (`_atomic.commit_files`): a crash leaves the
+        previous checkpoint or, once committed, the new one, which the next load finishes
+        moving into place. Weights and importance also carry the same random `save_id`, so a
+        pair of files from two different saves is refused at load time.
         """
         directory = ensure_directory(directory)
         cfg = self.softmask_config
-        staging = Path(tempfile.mkdtemp(prefix=".softmask_save.", dir=directory))
-        try:
+        save_id = uuid.uuid4().hex
+
+        def write(staging: Path) -> None:
             if hasattr(self.base_model, "save_pretrained") and hasattr(self.base_model, "config"):
                 self.base_model.config.save_pretrained(staging)
-            save_id = uuid.uuid4().hex
             save_model(
                 self.base_model, str(staging / WEIGHTS_NAME), {"format": "pt", "save_id": save_id}
             )
             self.store.save(staging / IMPORTANCE_NAME, cfg.importance_dtype, save_id)
             cfg.save_pretrained(staging)
-            staged = sorted(staging.iterdir())
-            for item in staged:
-                fsync_file(item)
-            for item in staged:  # every file is durable before the first rename
-                os.replace(item, directory / item.name)
-            fsync_directory(directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+
+        commit_files(directory, write)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike) -> SoftMaskModel:
@@ -201,6 +199,13 @@ class SoftMaskModel(nn.Module):
         directory = Path(directory)
         if not directory.is_dir():
             raise MissingFileError(f"{str(directory)!r} is not a directory")
+        try:
+            recover_directory(directory)
+        except OSError as e:
+            raise SaveLocationError(
+                f"{str(directory)!r} holds a committed but unfinished save that cannot be "
+                f"completed: {e}"
+            ) from e
         missing = [
             n for n in (CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME) if not (directory / n).is_file()
         ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +37,7 @@ from softmask_peft import (
     UnsupportedFormatError,
     get_softmask_model,
 )
+from softmask_peft._atomic import STAGING_PREFIX
 from softmask_peft.constants import CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME
 
 
@@ -416,8 +419,54 @@ def test_attribute_lookup_on_an_uninitialised_wrapper_does_not_recurse():
         _ = bare.config
 
 
+class Crash(BaseException):
+    """Stands for the process dying: nothing after it runs, no cleanup handler catches it."""
+
+
+@pytest.mark.parametrize("renames_before_crash", [0, 1, 2])  # three files
+def test_crash_between_the_renames_is_rolled_forward_by_the_next_load(
+    tmp_path, monkeypatch, renames_before_crash
+):
+    model, directory = saved_mlp(tmp_path)
+    model.begin_task(2)
+    model.end_task(classification_batches(in_features=6))
+    with torch.no_grad():
+        model.base_model.fc1.weight.add_(1.0)
+    expected = snapshot(model.base_model)
+    real_replace, moved = os.replace, []
+
+    def crash_midway(src, dst):
+        if Path(dst).parent == directory:  # a rename into place, after the commit point
+            if len(moved) == renames_before_crash:
+                raise Crash
+            moved.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_midway)
+    with pytest.raises(Crash):
+        model.save_pretrained(directory)
+    monkeypatch.undo()
+    fresh = small_mlp(seed=3, in_features=6)
+    loaded = SoftMaskModel.from_pretrained(fresh, directory)
+    assert loaded.num_tasks == 3 and same_state(snapshot(fresh), expected)
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        [CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME]
+    )
+
+
+def test_a_killed_uncommitted_save_is_ignored_by_loads_and_cleared_by_the_next_save(tmp_path):
+    model, directory = saved_mlp(tmp_path)
+    leftover = directory / (STAGING_PREFIX + "killed")
+    leftover.mkdir()
+    (leftover / WEIGHTS_NAME).write_bytes(b"\x00" * 16)  # killed before its commit marker
+    loaded = SoftMaskModel.from_pretrained(small_mlp(seed=3, in_features=6), directory)
+    assert loaded.num_tasks == 2 and leftover.is_dir()
+    model.save_pretrained(directory)
+    assert not leftover.exists()
+
+
 def test_weights_and_importance_from_different_saves_are_refused(tmp_path):
-    """A crash between save_pretrained's renames leaves new weights beside old importance."""
+    """Files of two different saves put side by side (e.g. copied by hand) are not paired."""
     model, directory = saved_mlp(tmp_path)
     other = tmp_path / "second"
     model.save_pretrained(other)  # same tensors, another save
