@@ -97,7 +97,15 @@ class SPG(ImportanceMethod):
         ]
 
     def accumulate(self, batch: Any) -> None:
-        grads = self._head_losses_grads(batch, self._params)
+        """Add this batch's per-head gradients; sums are kept in at least float32.
+
+        A float16 / bfloat16 model would otherwise sum in 8-11 mantissa bits, where a long
+        task's sum stops growing (in bfloat16, 256 + 1 == 256) and distorts the importance.
+        """
+        grads = [
+            g.to(torch.promote_types(g.dtype, torch.float32))
+            for g in self._head_losses_grads(batch, self._params)
+        ]
         if self._sums is None:  # autograd may hand back expanded views: own the accumulators
             self._sums = [g.clone() for g in grads]
         else:

@@ -6,6 +6,8 @@ dL/dlogits = (softmax - onehot) / B; for the sum of a head's logits, dL/dz = W_h
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -309,6 +311,27 @@ def test_hf_dict_batches_use_the_model_loss():
     model.begin_task(0)
     model.end_task(batches)
     assert_importance_close(model.importance, {n: norm_ref(s) for n, s in sums.items()})
+
+
+class FixedGradient(nn.Module):
+    """loss = Σ w · c, so every batch's gradient is c = (1, 0.7, 0.3, 0.1) in the model's dtype."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(4, dtype=dtype))
+
+    def forward(self, input_ids: Tensor, labels: Tensor) -> SimpleNamespace:
+        c = torch.tensor([1.0, 0.7, 0.3, 0.1], dtype=self.w.dtype)
+        return SimpleNamespace(loss=(self.w * c).sum())
+
+
+def test_low_precision_models_sum_gradients_in_float32():
+    batches = [{"input_ids": torch.zeros(1, 1), "labels": torch.zeros(1)}] * 600
+    model = get_softmask_model(FixedGradient(torch.bfloat16), SoftMaskConfig())
+    model.begin_task(0)
+    got = model.end_task(batches)["w"]  # bfloat16 sums would stall at 256, 256, 128, 32
+    expected = norm_ref(600 * torch.tensor([1.0, 0.7, 0.3, 0.1]).bfloat16().double())
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-6)
 
 
 # errors and determinism ----------------------------------------------------------------------
