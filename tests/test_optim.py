@@ -213,6 +213,46 @@ def test_step_hooks_of_torch_optim_work():
     assert calls == ["pre", "post"]
 
 
+def test_global_step_hooks_run_once_per_step():
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    model = model_at_task_one()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = SoftMaskOptimizer(base, model)
+    calls = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o))),
+        register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append(("post", o))),
+    ]
+    try:
+        loss_of(model, classification_batches()[0]).backward()
+        opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [("pre", base), ("post", base)]
+
+
+def test_a_pre_hook_can_replace_the_closure():
+    model = model_at_task_one()
+    opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    batch = classification_batches()[0]
+    evaluated = []
+
+    def closure():
+        evaluated.append(True)
+        opt.zero_grad()
+        loss = loss_of(model, batch)
+        loss.backward()
+        return loss
+
+    opt.register_step_pre_hook(lambda o, args, kwargs: ((o,), {"closure": closure}))
+    assert torch.is_tensor(opt.step()) and evaluated == [True]
+
+
 def test_optimizer_created_after_begin_task_does_not_grow():
     net = multi_head()
     model = get_softmask_model(net, SoftMaskConfig())
