@@ -249,13 +249,25 @@ class SoftMaskModel(nn.Module):
         return model
 
 
+def _memory_span(t: Tensor) -> tuple[int, int, int]:
+    """(storage pointer, first element, one past the last element) of a tensor's memory."""
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else -1
+    return t.untyped_storage().data_ptr(), t.storage_offset(), t.storage_offset() + last + 1
+
+
 def _check_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
-    """All saved keys exist with equal shapes; keys not saved must be shared duplicates."""
+    """All saved keys exist with equal shapes; a key not saved must lie inside a saved tensor.
+
+    safetensors drops the duplicates of shared tensors (tied embeddings, views of a weight), and
+    loading into the saved tensor fills them. A tensor that merely shares a storage with a saved
+    one, outside its span, would keep stale values: it is reported as missing.
+    """
     state = model.state_dict()
     problems = [f"unexpected weight {k!r}" for k in sorted(set(weights) - set(state))]
-    saved_storages = {state[k].untyped_storage().data_ptr() for k in weights if k in state}
+    saved = [_memory_span(state[k]) for k in weights if k in state]
     for k in sorted(set(state) - set(weights)):
-        if state[k].untyped_storage().data_ptr() not in saved_storages:
+        ptr, start, end = _memory_span(state[k])
+        if not any(p == ptr and s <= start and end <= e for p, s, e in saved):
             problems.append(f"missing weight {k!r}")
     for k in sorted(set(state) & set(weights)):
         if tuple(state[k].shape) != tuple(weights[k].shape):

@@ -250,6 +250,38 @@ def test_gpt2_with_tied_embeddings_round_trip(tmp_path):
     assert_same_importance(model, loaded)
 
 
+class BufferViews(nn.Module):
+    """A linear layer plus buffers that are views: `row` of the weight, `a` / `b` of one flat storage."""
+
+    def __init__(self, flat_b: bool = True) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.register_buffer("row", self.fc.weight.data[1])
+        flat = torch.arange(20.0)
+        self.register_buffer("a", flat[:10] if flat_b else flat[:10].clone())
+        if flat_b:
+            self.register_buffer("b", flat[10:])
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_view_inside_a_saved_weight_loads_with_it(tmp_path):
+    net = BufferViews(flat_b=False)
+    model = run_tasks(get_softmask_model(net, SoftMaskConfig()), 1, in_features=6)
+    model.save_pretrained(tmp_path)
+    assert "row" not in load_file(tmp_path / WEIGHTS_NAME)  # safetensors kept fc.weight only
+    fresh = BufferViews(flat_b=False)
+    SoftMaskModel.from_pretrained(fresh, tmp_path)
+    assert torch.equal(fresh.row, net.fc.weight[1]) and torch.equal(fresh.fc.weight, net.fc.weight)
+
+
+def test_a_tensor_sharing_storage_outside_the_saved_span_is_missing(tmp_path):
+    net = BufferViews(flat_b=False)
+    run_tasks(get_softmask_model(net, SoftMaskConfig()), 1, in_features=6).save_pretrained(tmp_path)
+    refused(BufferViews(flat_b=True), tmp_path, ImportanceMismatchError, "missing weight 'b'")
+
+
 # refused loads: clear error, nothing changed ------------------------------------------------
 
 
