@@ -112,28 +112,19 @@ class SoftMaskOptimizer(Optimizer):
         self._masks_version = self.model.mask_version
         return self.model.keep_masks
 
+    @Optimizer.profile_hook_step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One masked step; a closure is passed to the base optimizer (LBFGS calls it repeatedly).
 
-        This wrapper's own step hooks run around the masked step. torch's *global* step hooks
-        (`register_optimizer_step_pre_hook`) run once, around the base optimizer's step, which
-        does the update; `Optimizer.profile_hook_step` here would run them a second time.
+        Hooks follow torch's contract for every `Optimizer.step` call: this wrapper's hooks and
+        torch's global ones run around the whole masked step (post-hooks see the final
+        parameters); the base optimizer's step, inside, runs its own hooks and the global ones
+        again, with the base optimizer as their `optimizer` argument, before update masking.
         """
-        args: tuple[Any, ...] = (self,) if closure is None else (self, closure)
-        kwargs: dict[str, Any] = {}
-        for hook in list(self._optimizer_step_pre_hooks.values()):
-            result = hook(self, args, kwargs)
-            if result is not None:
-                args, kwargs = result
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         masks = self._refresh()
         if masks is None:
-            out = self.base.step() if closure is None else self.base.step(closure)
-        else:
-            out = self._mask.step(self.base, masks, closure)
-        for hook in list(self._optimizer_step_post_hooks.values()):
-            hook(self, args, kwargs)
-        return out
+            return self.base.step() if closure is None else self.base.step(closure)
+        return self._mask.step(self.base, masks, closure)
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__.copy()
