@@ -14,6 +14,7 @@ directory at a time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -87,18 +88,19 @@ def commit_files(directory: Path, write: Callable[[Path], None]) -> None:
     """Let `write(staging)` create files, then move them all into `directory` (module docstring).
 
     An exception before the commit point removes the staging folder and leaves `directory` as it
-    was; after it, the staging folder stays for `recover_directory` to finish.
+    was; from the commit point on, the staging folder is never deleted before its files moved.
     """
     recover_directory(directory, drop_uncommitted=True)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+    marker = staging / COMMIT_MARKER
     try:
         write(staging)
         for item in staging.iterdir():
             fsync_file(item)
-        atomic_write_text(staging / COMMIT_MARKER, "")
-        fsync_directory(staging)
+        atomic_write_text(marker, "")  # the commit point
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not marker.exists():
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     _roll_forward(staging, directory)
 
@@ -117,9 +119,16 @@ def recover_directory(directory: Path, drop_uncommitted: bool = False) -> None:
 
 
 def _roll_forward(staging: Path, directory: Path) -> None:
-    for item in sorted(staging.iterdir()):
+    """Move a committed save's files into place; idempotent, and a reader may race the writer."""
+    fsync_directory(staging)  # the marker is durable before the first file moves
+    try:
+        items = sorted(staging.iterdir())
+    except FileNotFoundError:  # another process finished this save
+        return
+    for item in items:
         if item.name != COMMIT_MARKER:
-            os.replace(item, directory / item.name)
+            with contextlib.suppress(FileNotFoundError):  # another process moved it first
+                os.replace(item, directory / item.name)
     fsync_directory(directory)
-    shutil.rmtree(staging)
+    shutil.rmtree(staging, ignore_errors=True)
     fsync_directory(directory)

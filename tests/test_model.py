@@ -35,9 +35,10 @@ from softmask_peft import (
     SoftMaskOptimizer,
     TaskOrderError,
     UnsupportedFormatError,
+    _atomic,
     get_softmask_model,
 )
-from softmask_peft._atomic import STAGING_PREFIX
+from softmask_peft._atomic import COMMIT_MARKER, STAGING_PREFIX
 from softmask_peft.constants import CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME
 
 
@@ -484,6 +485,43 @@ def test_crash_between_the_renames_is_rolled_forward_by_the_next_load(
     assert sorted(p.name for p in directory.iterdir()) == sorted(
         [CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME]
     )
+
+
+def test_an_interrupt_right_after_the_commit_point_keeps_the_new_save(tmp_path, monkeypatch):
+    model, directory = saved_mlp(tmp_path)
+    model.begin_task(2)
+    model.end_task(classification_batches(in_features=6))
+    real_fsync = _atomic.fsync_directory
+
+    def interrupted(path):
+        if (Path(path) / COMMIT_MARKER).is_file():
+            raise Crash
+        real_fsync(path)
+
+    monkeypatch.setattr(_atomic, "fsync_directory", interrupted)
+    with pytest.raises(Crash):
+        model.save_pretrained(directory)
+    monkeypatch.undo()
+    assert SoftMaskModel.from_pretrained(small_mlp(seed=3, in_features=6), directory).num_tasks == 3
+
+
+def test_a_load_racing_the_renames_does_not_fail_the_save(tmp_path, monkeypatch):
+    model, directory = saved_mlp(tmp_path)
+    model.begin_task(2)
+    model.end_task(classification_batches(in_features=6))
+    real_replace, loads = os.replace, []
+
+    def reader_cuts_in(src, dst):
+        if Path(dst).parent == directory and not loads:
+            loads.append(None)  # the reader's own renames go straight through
+            loads[0] = SoftMaskModel.from_pretrained(small_mlp(seed=3, in_features=6), directory)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", reader_cuts_in)
+    model.save_pretrained(directory)
+    monkeypatch.undo()
+    assert loads[0].num_tasks == 3  # the reader finished the committed save itself
+    assert SoftMaskModel.from_pretrained(small_mlp(seed=3, in_features=6), directory).num_tasks == 3
 
 
 def test_a_killed_uncommitted_save_is_ignored_by_loads_and_cleared_by_the_next_save(tmp_path):
