@@ -129,9 +129,14 @@ def _features(module: nn.Module, name: str) -> tuple[int, int]:
         return module.in_features, module.out_features
     if isinstance(module, Conv1D):
         return int(module.weight.shape[0]), int(module.weight.shape[1])
-    raise UnitDiscoveryError(
-        f"{name} is a {type(module).__name__}; DAS units need nn.Linear or transformers Conv1D"
-    )
+    kind = f"{type(module).__module__}.{type(module).__qualname__}"
+    if hasattr(module, "base_layer"):  # a PEFT adapter layer (LoRA & co.) wraps the projection
+        raise UnitDiscoveryError(
+            f"{name} is a PEFT adapter layer ({kind}); DAS masks rows and columns of the "
+            "projections themselves, which an adapter does not train. Use method='spg' on a "
+            "PeftModel, or DAS on the model without adapters"
+        )
+    raise UnitDiscoveryError(f"{name} is a {kind}; DAS units need nn.Linear or transformers Conv1D")
 
 
 @dataclass(frozen=True)

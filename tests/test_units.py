@@ -99,6 +99,14 @@ def test_unrecognised_layout_names_what_is_missing_and_how_to_declare():
     assert isinstance(e.value, ConfigError)
 
 
+def test_a_peft_adapter_layer_is_named_with_what_to_do_instead():
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=["query", "value"]))
+    with pytest.raises(UnitDiscoveryError, match="PEFT adapter layer .*method='spg'"):
+        discover_units(lora)
+
+
 def test_manual_declaration():
     blocks = discover_units(Toy(), TOY_UNITS)
     assert [b.name for b in blocks] == ["blocks.0", "blocks.1"]

@@ -84,9 +84,15 @@ class DAS(ImportanceMethod):
         }
 
     def parameter_importance(self, importance: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Parameter-shaped importance of max(accumulated, general), rows/columns per DESIGN §5."""
+        """Parameter-shaped importance of max(accumulated, general), rows/columns per DESIGN §5.
+
+        Only parameters the config selects (`target_modules` / `exclude_modules`) are masked.
+        """
         merged = self.combined_importance(importance)
-        return parameter_importance(self.blocks, merged) if merged else {}
+        if not merged:
+            return {}
+        selected = set(self.model.masked_parameter_names)
+        return {k: v for k, v in parameter_importance(self.blocks, merged).items() if k in selected}
 
     def begin_task(self, task_id: int) -> None:
         self._task = task_id

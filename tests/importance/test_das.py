@@ -274,6 +274,17 @@ def test_important_units_stay_bit_exact_and_the_rest_moves(arch, mask_mode):
     assert embeddings and all(not torch.equal(after[n], before[n]) for n in embeddings)
 
 
+def test_excluded_modules_are_not_masked():
+    every = das_model(tiny_bert())
+    every.store.add_task(_one_hot_importance(every))
+    masked = set(every.method.parameter_importance(every.store.accumulated))
+    assert any(".query." in n for n in masked)
+    model = das_model(tiny_bert(), exclude_modules=["query"])
+    model.store.add_task(_one_hot_importance(model))
+    kept = set(model.method.parameter_importance(model.store.accumulated))
+    assert kept == {n for n in masked if ".query." not in n}
+
+
 # contrastive integration ---------------------------------------------------------------------
 
 
