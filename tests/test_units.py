@@ -99,6 +99,7 @@ def test_unrecognised_layout_names_what_is_missing_and_how_to_declare():
     assert isinstance(e.value, ConfigError)
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 def test_a_peft_adapter_layer_is_named_with_what_to_do_instead():
     from peft import LoraConfig, get_peft_model
 
