@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
+from .errors import EmptyDataError
+
 
 def split_batch(batch: Any) -> tuple[Any, Tensor | None, dict[str, Any]]:
     """Return (inputs, labels, hf_kwargs).
@@ -22,3 +24,16 @@ def split_batch(batch: Any) -> tuple[Any, Tensor | None, dict[str, Any]]:
         "a batch must be (inputs, labels) or a mapping with model inputs and 'labels', "
         f"got {type(batch).__name__}"
     )
+
+
+def logits_of(output: Any) -> Tensor:
+    """A forward's logits: `.logits` of a transformers output, else the output itself."""
+    return output.logits if hasattr(output, "logits") else output
+
+
+def model_loss(output: Any) -> Tensor:
+    """The loss a transformers model computed from a dict batch's `labels`."""
+    loss = getattr(output, "loss", None)
+    if loss is None:
+        raise EmptyDataError("the batch has no 'labels', so the model computed no loss")
+    return loss

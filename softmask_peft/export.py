@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batches import logits_of
 from .errors import ConfigError, ImportanceMismatchError, TaskOrderError
 from .heads import MultiHeadClassifier
 from .selection import select_parameters
@@ -70,7 +71,7 @@ class _SharedHeadGraph(nn.Module):
 
     def forward(self, *inputs: Tensor) -> Tensor:
         out = self.net(**dict(zip(self.names, inputs))) if self.names else self.net(*inputs)
-        return out.logits if hasattr(out, "logits") else out
+        return logits_of(out)
 
 
 def _inputs(example_inputs: Any) -> tuple[tuple[Tensor, ...], list[str], bool]:

@@ -7,9 +7,9 @@ so each transform is a handful of `torch._foreach_*` calls.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -19,11 +19,24 @@ from torch.optim import Optimizer
 
 @dataclass
 class MaskGroup:
-    """Masked parameters of one (device, dtype), with keep = 1 - A and A itself."""
+    """Masked parameters of one (device, dtype) and their importance A (float32, on the device).
+
+    `keep` = 1 - A and `importance` = A in the parameters' dtype are built on first use: grad
+    masking reads only `keep`, update masking only `importance`, so neither mode pays for a
+    second parameter-sized copy.
+    """
 
     params: list[Tensor]
-    keep: list[Tensor]
-    importance: list[Tensor]
+    sources: list[Tensor]
+    dtype: torch.dtype  # of the parameters, when the masks were built
+
+    @cached_property
+    def keep(self) -> list[Tensor]:
+        return [(1.0 - a).to(p.dtype) for a, p in zip(self.sources, self.params)]
+
+    @cached_property
+    def importance(self) -> list[Tensor]:
+        return [a.to(p.dtype) for a, p in zip(self.sources, self.params)]
 
 
 @dataclass
@@ -33,7 +46,7 @@ class KeepMasks:
     def stale(self) -> bool:
         """True once the parameters moved to another device or dtype (`model.to(...)`)."""
         return any(
-            g.params[0].device != g.keep[0].device or g.params[0].dtype != g.keep[0].dtype
+            g.params[0].device != g.sources[0].device or g.params[0].dtype != g.dtype
             for g in self.groups
         )
 
@@ -45,22 +58,22 @@ def build_keep_masks(
     params: Mapping[str, Tensor], importance: Mapping[str, Tensor], heads: list[Tensor]
 ) -> KeepMasks:
     """keep[p] = 1 - A[p] for the masked parameters, head_keep = 1 - Σ A / Σ numel (DESIGN §3)."""
-    grouped: dict[tuple, MaskGroup] = defaultdict(lambda: MaskGroup([], [], []))
+    grouped: dict[tuple, MaskGroup] = {}
     total, count = 0.0, 0
     for name, a in importance.items():
         p = params[name]
         a = a.to(device=p.device, dtype=torch.float32)
         total += float(a.sum(dtype=torch.float64))
         count += a.numel()
-        g = grouped[(p.device, p.dtype)]
+        g = grouped.setdefault((p.device, p.dtype), MaskGroup([], [], p.dtype))
         g.params.append(p)
-        g.importance.append(a.to(p.dtype))
-        g.keep.append((1.0 - a).to(p.dtype))
+        g.sources.append(a)
     head_keep = 1.0 - (total / count if count else 0.0)
     return KeepMasks(list(grouped.values()), list(heads), head_keep)
 
 
-def _base_step(base: Optimizer, closure: Callable[[], Any] | None) -> Any:
+def base_step(base: Optimizer, closure: Callable[[], Any] | None) -> Any:
+    """`base.step()` or `base.step(closure)`: some optimizers' step takes no closure argument."""
     return base.step() if closure is None else base.step(closure)
 
 
@@ -85,7 +98,7 @@ class GradMask:
     def step(self, base: Optimizer, masks: KeepMasks, closure: Callable[[], Any] | None) -> Any:
         if closure is None:
             self.mask_gradients(masks)
-            return base.step()
+            return base_step(base, None)
 
         def masked_closure() -> Any:
             loss = closure()
@@ -129,7 +142,7 @@ class UpdateMask:
 
     def step(self, base: Optimizer, masks: KeepMasks, closure: Callable[[], Any] | None) -> Any:
         self._remember(masks)
-        loss = _base_step(base, closure)
+        loss = base_step(base, closure)
         self._pull_back(masks)
         return loss
 

@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from .config import MASK_MODES
 from .errors import ConfigError
-from .masking import MASK_TRANSFORMS, KeepMasks
+from .masking import MASK_TRANSFORMS, KeepMasks, base_step
 
 if TYPE_CHECKING:
     from .model import SoftMaskModel
@@ -123,7 +123,7 @@ class SoftMaskOptimizer(Optimizer):
         """
         masks = self._refresh()
         if masks is None:
-            return self.base.step() if closure is None else self.base.step(closure)
+            return base_step(self.base, closure)
         return self._mask.step(self.base, masks, closure)
 
     def __getstate__(self) -> dict[str, Any]:

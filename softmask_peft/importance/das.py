@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..batches import split_batch
+from ..batches import logits_of, model_loss, split_batch
 from ..contrastive import info_nce, mean_pool
 from ..errors import ConfigError, EmptyDataError
 from ..units import apply_virtual_masks, discover_units, ones_masks, parameter_importance
@@ -137,11 +137,17 @@ class DAS(ImportanceMethod):
         return merged
 
     def add_gradients(self, grads: Mapping[str, Tensor], tokens: int) -> None:
-        """Accumulate one batch: sums[u] += |grad[u]|, token count += tokens."""
+        """Accumulate one batch: sums[u] += |grad[u]|, token count += tokens.
+
+        The sums move to the gradients' device on the first batch, so a pass on an accelerator
+        does not copy to the host every batch; `raw_importance` returns them on the CPU.
+        """
         if self._sums is None:
             raise EmptyDataError("add_gradients() before begin_task()")
         for k, g in grads.items():
-            self._sums[k] += g.detach().abs().to(device="cpu", dtype=torch.float32)
+            if self._sums[k].device != g.device:
+                self._sums[k] = self._sums[k].to(g.device)
+            self._sums[k] += g.detach().abs().to(torch.float32)
         self._tokens += tokens
 
     def _add(self, batch: Any, loss_fn: Any) -> None:
@@ -158,7 +164,7 @@ class DAS(ImportanceMethod):
         """Σ_b |∂L_b/∂m| / Σ_b n_b of the pass so far (before normalisation)."""
         if self._sums is None or self._tokens == 0:
             raise EmptyDataError("the DAS importance pass got no batches (or no tokens)")
-        return {k: v / self._tokens for k, v in self._sums.items()}
+        return {k: v.cpu() / self._tokens for k, v in self._sums.items()}
 
     def _normalized(self, what: str) -> dict[str, Tensor]:
         raw = self.raw_importance()
@@ -173,12 +179,8 @@ class DAS(ImportanceMethod):
         x, y, hf = split_batch(batch)
         base = self.model.base_model
         if hf:
-            loss = getattr(base(**hf), "loss", None)
-            if loss is None:
-                raise EmptyDataError("the batch has no 'labels', so the domain loss is undefined")
-            return loss
-        out = base(x)
-        return F.cross_entropy(getattr(out, "logits", out), y)
+            return model_loss(base(**hf))
+        return F.cross_entropy(logits_of(base(x)), y)
 
     def pooled(self, batch: Any) -> Tensor:
         """Mean over non-padding tokens of the last hidden state, (batch, hidden).
@@ -238,10 +240,9 @@ class DAS(ImportanceMethod):
         if not hf:
             raise ConfigError("DAS training_loss needs HF-style dict batches with 'labels'")
         out = self.model.base_model(**hf, output_hidden_states=True)
-        if out.loss is None:
-            raise EmptyDataError("the batch has no 'labels', so the domain loss is undefined")
+        loss = model_loss(out)
         weight = self.model.softmask_config.contrastive_weight
         if weight == 0:
-            return out.loss
+            return loss
         anchor = mean_pool(out.hidden_states[-1], hf.get("attention_mask"))
-        return out.loss + weight * self.integration_loss(batch, anchor=anchor)
+        return loss + weight * self.integration_loss(batch, anchor=anchor)

@@ -9,8 +9,8 @@ from torch import Tensor
 def normalize_importance(g: Tensor, dim: int | None = None) -> Tensor:
     """Map raw gradient sums to [0, 1]: |tanh((g - mean g) / std g)| (Konishi et al. 2023).
 
-    Statistics are over the whole tensor (SPG) or along `dim` (DAS: over one layer's units),
-    with the unbiased std. Where the std is zero or undefined (a single element, or a
+    Statistics are over the whole tensor (SPG's parameter, DAS's one block and unit kind) or,
+    with `dim`, along that dimension of a stack of such tensors; unbiased std. Where the std is zero or undefined (a single element, or a
     constant tensor, all-zero included) the importance is 0: the official code divides by
     zero there and produces NaN, which would then poison the max-accumulation.
     """

@@ -19,15 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..batches import split_batch
+from ..batches import logits_of, model_loss, split_batch
 from ..errors import EmptyDataError
 from ..heads import MultiHeadClassifier
 from .base import ImportanceMethod, check_finite
 from .normalize import normalize_importance
-
-
-def _logits(output: Any) -> Tensor:
-    return output.logits if hasattr(output, "logits") else output
 
 
 class SPG(ImportanceMethod):
@@ -49,12 +45,10 @@ class SPG(ImportanceMethod):
         if isinstance(base, MultiHeadClassifier) and self._task > 0:
             return self._multi_head_grads(base, x, y, params)
         if hf:
-            loss = base(**hf).loss
-            if loss is None:
-                raise EmptyDataError("the batch has no 'labels', so the task loss is undefined")
+            loss = model_loss(base(**hf))
         else:
             out = base(x, task_id=self._task) if isinstance(base, MultiHeadClassifier) else base(x)
-            loss = F.cross_entropy(_logits(out), y)
+            loss = F.cross_entropy(logits_of(out), y)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return [
             (torch.zeros_like(p) if g is None else g).unsqueeze(0) for g, p in zip(grads, params)
