@@ -35,7 +35,7 @@ from torch import nn
 
 from softmask_peft import SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
 from softmask_peft.continual.models import CNN, MLP, SharedHeadClassifier
-from softmask_peft.export import export_for_device
+from softmask_peft.device import export_for_device
 
 THREADS = 2  # default of --threads
 

@@ -1,11 +1,13 @@
 """softmask-peft: continual learning without forgetting by soft-masking gradients.
 
-Public API: `SoftMaskConfig`, `SoftMaskModel`, `get_softmask_model`, `SoftMaskOptimizer`,
-and the exception types in `softmask_peft.errors`.
+Public API: `SoftMaskConfig` (with the methods' own `SPGConfig` / `DASConfig`), `SoftMaskModel`,
+`get_softmask_model`, `SoftMaskOptimizer`, `MultiHeadClassifier`, `TaskRecord`, and the
+exception types (all subclasses of `SoftMaskError`).
 """
 
 from .config import SoftMaskConfig
 from .errors import (
+    BatchError,
     ConfigError,
     CorruptFileError,
     EmptyDataError,
@@ -17,11 +19,15 @@ from .errors import (
     TargetModulesError,
     TaskOrderError,
     UnsupportedFormatError,
+    WeightsMismatchError,
 )
+from .heads import MultiHeadClassifier
+from .importance import DASConfig, SPGConfig
 from .model import SoftMaskModel
 from .optim import SoftMaskOptimizer
+from .store import TaskRecord
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def get_softmask_model(model, config: SoftMaskConfig) -> SoftMaskModel:
@@ -30,12 +36,16 @@ def get_softmask_model(model, config: SoftMaskConfig) -> SoftMaskModel:
 
 
 __all__ = [
+    "BatchError",
     "ConfigError",
     "CorruptFileError",
+    "DASConfig",
     "EmptyDataError",
     "ImportanceMismatchError",
     "MissingFileError",
+    "MultiHeadClassifier",
     "NonFiniteGradientError",
+    "SPGConfig",
     "SaveLocationError",
     "SoftMaskConfig",
     "SoftMaskError",
@@ -43,6 +53,8 @@ __all__ = [
     "SoftMaskOptimizer",
     "TargetModulesError",
     "TaskOrderError",
+    "TaskRecord",
     "UnsupportedFormatError",
+    "WeightsMismatchError",
     "get_softmask_model",
 ]

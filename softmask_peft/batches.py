@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .errors import EmptyDataError
 
@@ -37,3 +38,11 @@ def model_loss(output: Any) -> Tensor:
     if loss is None:
         raise EmptyDataError("the batch has no 'labels', so the model computed no loss")
     return loss
+
+
+def task_loss(model: nn.Module, batch: Any) -> Tensor:
+    """The task loss: the model's own loss for dict batches, cross-entropy for `(x, y)`."""
+    x, y, hf = split_batch(batch)
+    if hf:
+        return model_loss(model(**hf))
+    return F.cross_entropy(logits_of(model(x)), y)

@@ -1,23 +1,55 @@
-"""SoftMaskConfig: what to protect and how, saved as JSON beside the weights (PEFT style)."""
+"""SoftMaskConfig: how to protect (method, mask mode, selection), saved as JSON (PEFT style).
+
+A config describes how to adapt, never what happened in a run: the task log lives in the
+importance store. Method-specific options live in the method's own config (`SPGConfig`,
+`DASConfig`), chosen by `method`, the JSON's discriminator:
+
+    {"format_version": 2, "method": "das", "method_config": {"contrastive_weight": 1.0, ...}, ...}
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ._atomic import atomic_write_text, ensure_directory
-from .constants import CONFIG_NAME, FORMAT_VERSION, IMPORTANCE_DTYPES
+from .constants import CONFIG_NAME, FORMAT_VERSION, IMPORTANCE_DTYPES, READABLE_FORMAT_VERSIONS
 from .errors import ConfigError, CorruptFileError, MissingFileError, UnsupportedFormatError
+from .importance import METHODS, method_spec
+from .masking import MASK_MODES
 
-METHODS = ("spg", "das")
-MASK_MODES = ("grad", "update")
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; refuse to parse megabytes
+_LEGACY_METHOD_KEYS = {  # format 1 kept DAS's options at the top level
+    "das_units": "units",
+    "contrastive_weight": "contrastive_weight",
+    "contrastive_temperature": "contrastive_temperature",
+}
+LEGACY_TASK_KEYS = ("task_names", "task_num_classes")  # format 1 kept the task log here
 
 
 def _modules_field(help_text: str) -> Any:
     return field(default=None, metadata={"help": help_text})
+
+
+def _check_modules(name: str, value: Any) -> Any:
+    if isinstance(value, (set, tuple)):
+        value = sorted(value)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ConfigError(f"{name}={value!r} is not a valid regular expression: {e}") from e
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConfigError(f"{name} must be a str (regex), a list of str or None, got {value!r}")
 
 
 @dataclass
@@ -29,12 +61,15 @@ class SoftMaskConfig:
     matches a module whose name equals an entry or ends with `"." + entry`.
     """
 
-    method: str = field(default="spg", metadata={"help": f"importance method, one of {METHODS}"})
+    method: str = field(
+        default="spg", metadata={"help": "importance method: a name registered in METHODS"}
+    )
     mask_mode: str = field(
-        default="grad",
+        default="auto",
         metadata={
-            "help": "'grad': grad *= 1 - A (the paper); 'update': scale the optimizer's "
-            "parameter change by 1 - A (protects under Adam-family optimizers too)"
+            "help": "'grad': grad *= 1 - A (the paper; exact under plain SGD); 'update': scale "
+            "the optimizer's parameter change by 1 - A (protects under Adam-family optimizers "
+            "and weight decay too); 'auto': grad for torch.optim.SGD, update for any other"
         },
     )
     target_modules: list[str] | str | None = _modules_field(
@@ -44,30 +79,19 @@ class SoftMaskConfig:
         "modules never masked (PEFT matching rules)"
     )
     head_modules: list[str] | str | None = _modules_field(
-        "classifier heads: their gradients are scaled by one scalar 1 - mean(A)"
+        "classifier heads: their gradients are scaled by one scalar 1 - mean(A); None = found "
+        "automatically (MultiHeadClassifier heads)"
     )
     importance_dtype: str = field(
         default="float32", metadata={"help": f"dtype on disk, one of {IMPORTANCE_DTYPES}"}
     )
-    das_units: dict[str, Any] | None = field(
-        default=None, metadata={"help": "DAS: declare attention/FFN modules by hand (see DAS docs)"}
-    )
-    contrastive_weight: float = field(
-        default=1.0, metadata={"help": "DAS: weight of the contrastive integration loss"}
-    )
-    contrastive_temperature: float = field(
-        default=0.05, metadata={"help": "DAS: InfoNCE temperature"}
-    )
-    task_names: list[str] = field(
-        default_factory=list, metadata={"help": "names of the learned tasks, in order"}
-    )
-    task_num_classes: list[int | None] = field(
-        default_factory=list, metadata={"help": "classes of each task's head (per-task heads)"}
+    method_config: Any = field(
+        default=None,
+        metadata={"help": "the method's own options (SPGConfig, DASConfig); None = its defaults"},
     )
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        spec = method_spec(self.method)
         if self.mask_mode not in MASK_MODES:
             raise ConfigError(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
         if self.importance_dtype not in IMPORTANCE_DTYPES:
@@ -75,35 +99,58 @@ class SoftMaskConfig:
                 f"importance_dtype must be one of {IMPORTANCE_DTYPES}, got {self.importance_dtype!r}"
             )
         for name in ("target_modules", "exclude_modules", "head_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple)):
-                value = sorted(value)
-                setattr(self, name, value)
-            if value is not None and not isinstance(value, (str, list)):
-                raise ConfigError(f"{name} must be a str, a list of str or None, got {value!r}")
-            if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{name} must contain only strings, got {value!r}")
-        if not self.contrastive_temperature > 0:
+            setattr(self, name, _check_modules(name, getattr(self, name)))
+        options = self.method_config
+        if options is None:
+            options = spec.config_class()
+        elif isinstance(options, dict):
+            known = {f.name for f in fields(spec.config_class)}
+            unknown = sorted(set(options) - known)
+            if unknown:
+                raise ConfigError(
+                    f"unknown {spec.config_class.__name__} keys: {', '.join(unknown)} "
+                    f"(known: {', '.join(sorted(known)) or 'none'})"
+                )
+            try:
+                options = spec.config_class(**options)
+            except TypeError as e:
+                raise ConfigError(f"method_config for {self.method!r}: {e}") from e
+        elif not isinstance(options, spec.config_class):
             raise ConfigError(
-                f"contrastive_temperature must be > 0, got {self.contrastive_temperature!r}"
+                f"method {self.method!r} takes a {spec.config_class.__name__} as method_config, "
+                f"got {type(options).__name__}"
             )
-        if len(self.task_num_classes) not in (0, len(self.task_names)):
-            raise ConfigError("task_num_classes must be empty or as long as task_names")
+        self.method_config = options
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict, including the format version."""
-        return {"format_version": FORMAT_VERSION, **asdict(self)}
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+        out["method_config"] = asdict(self.method_config)
+        return {"format_version": FORMAT_VERSION, **out}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SoftMaskConfig:
-        """Build from `to_dict()` output; unknown keys or an unknown format version raise."""
+        """Build from `to_dict()` output (format 1 or 2); unknown keys or versions raise."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a dict, got {type(data).__name__}")
         data = dict(data)
-        version = data.pop("format_version", FORMAT_VERSION)
-        if version != FORMAT_VERSION:
+        if "format_version" not in data:
+            raise UnsupportedFormatError(
+                f"softmask config has no format_version (this release reads "
+                f"{READABLE_FORMAT_VERSIONS}); was it written by softmask-peft?"
+            )
+        version = data.pop("format_version")
+        if isinstance(version, bool) or version not in READABLE_FORMAT_VERSIONS:
             raise UnsupportedFormatError(
                 f"softmask config format_version {version!r} is not supported "
-                f"(this release reads {FORMAT_VERSION})"
+                f"(this release reads {READABLE_FORMAT_VERSIONS})"
             )
+        if version == 1:
+            legacy = {new: data.pop(old) for old, new in _LEGACY_METHOD_KEYS.items() if old in data}
+            for key in LEGACY_TASK_KEYS:
+                data.pop(key, None)
+            if data.get("method") == "das":
+                data["method_config"] = legacy
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -120,13 +167,24 @@ class SoftMaskConfig:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> SoftMaskConfig:
         """Read `softmask_config.json` from `directory`."""
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise MissingFileError(f"no {CONFIG_NAME} in {str(directory)!r}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CorruptFileError(f"{path} is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise CorruptFileError(f"{path} must hold a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_json(directory))
+
+
+def read_config_json(directory: str | os.PathLike) -> dict[str, Any]:
+    """The raw JSON object of `softmask_config.json`, size-checked before parsing."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise MissingFileError(f"no {CONFIG_NAME} in {str(directory)!r}")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise CorruptFileError(f"{path} is {size} bytes; a softmask config is at most {MAX_CONFIG_BYTES}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CorruptFileError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+__all__ = ["METHODS", "SoftMaskConfig", "read_config_json"]

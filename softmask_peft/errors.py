@@ -45,3 +45,11 @@ class NonFiniteGradientError(SoftMaskError, FloatingPointError):
 
 class TaskOrderError(SoftMaskError, RuntimeError):
     """`begin_task` / `end_task` called out of order."""
+
+
+class WeightsMismatchError(SoftMaskError, ValueError):
+    """Saved weights do not fit the model they are loaded into (another architecture?)."""
+
+
+class BatchError(SoftMaskError, ValueError):
+    """A batch has the wrong structure, lacks labels, or holds labels out of range."""

@@ -8,8 +8,9 @@ so each transform is a handful of `torch._foreach_*` calls.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ class MaskGroup:
 
     params: list[Tensor]
     sources: list[Tensor]
-    dtype: torch.dtype  # of the parameters, when the masks were built
+    dtype: torch.dtype  # of the parameters, when the group was built
 
     @cached_property
     def keep(self) -> list[Tensor]:
@@ -38,38 +39,72 @@ class MaskGroup:
     def importance(self) -> list[Tensor]:
         return [a.to(p.dtype) for a, p in zip(self.sources, self.params)]
 
-
-@dataclass
-class KeepMasks:
-    groups: list[MaskGroup]
-
     def stale(self) -> bool:
         """True once the parameters moved to another device or dtype (`model.to(...)`)."""
-        return any(
-            g.params[0].device != g.sources[0].device or g.params[0].dtype != g.dtype
-            for g in self.groups
-        )
+        p = self.params[0]
+        return p.device != self.sources[0].device or p.dtype != self.dtype
 
-    heads: list[Tensor] = field(default_factory=list)
-    head_keep: float = 1.0
+
+def _group(params: list[Tensor], importance: list[Tensor]) -> list[MaskGroup]:
+    grouped: dict[tuple, MaskGroup] = {}
+    for p, a in zip(params, importance):
+        g = grouped.setdefault((p.device, p.dtype), MaskGroup([], [], p.dtype))
+        g.params.append(p)
+        g.sources.append(a.to(device=p.device, dtype=torch.float32))
+    return list(grouped.values())
+
+
+class KeepMasks:
+    """What one task's steps are masked with: per-parameter A, the heads and their 1 - ā.
+
+    A value built once per task (`build_keep_masks`). The groups follow the parameters: after
+    `model.to(device or dtype)` they are rebuilt from the float32 importance on first use, so
+    whoever holds the masks never has to refresh them. `added` lists the parameters that
+    `begin_task` created for this task (a new head), which an optimizer should adopt.
+    """
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        importance: list[Tensor],
+        heads: list[Tensor],
+        head_keep: float,
+        added: list[Tensor],
+    ) -> None:
+        self._params = params
+        self._importance = [a.detach().to("cpu", torch.float32) for a in importance]
+        self._groups = _group(params, self._importance)
+        self.heads = heads
+        self.head_keep = head_keep
+        self.added = added
+
+    @property
+    def groups(self) -> list[MaskGroup]:
+        if any(g.stale() for g in self._groups):
+            self._groups = _group(self._params, self._importance)
+        return self._groups
 
 
 def build_keep_masks(
-    params: Mapping[str, Tensor], importance: Mapping[str, Tensor], heads: list[Tensor]
+    params: Mapping[str, Tensor],
+    importance: Mapping[str, Tensor],
+    heads: list[Tensor],
+    added: list[Tensor] | None = None,
 ) -> KeepMasks:
-    """keep[p] = 1 - A[p] for the masked parameters, head_keep = 1 - Σ A / Σ numel (DESIGN §3)."""
-    grouped: dict[tuple, MaskGroup] = {}
+    """keep[p] = 1 - A[p] for the masked parameters, head_keep = 1 - Σ A / Σ numel (element-weighted)."""
     total, count = 0.0, 0
-    for name, a in importance.items():
-        p = params[name]
-        a = a.to(device=p.device, dtype=torch.float32)
+    for a in importance.values():
         total += float(a.sum(dtype=torch.float64))
         count += a.numel()
-        g = grouped.setdefault((p.device, p.dtype), MaskGroup([], [], p.dtype))
-        g.params.append(p)
-        g.sources.append(a)
     head_keep = 1.0 - (total / count if count else 0.0)
-    return KeepMasks(list(grouped.values()), list(heads), head_keep)
+    names = list(importance)
+    return KeepMasks(
+        [params[n] for n in names],
+        [importance[n] for n in names],
+        list(heads),
+        head_keep,
+        list(added or []),
+    )
 
 
 def base_step(base: Optimizer, closure: Callable[[], Any] | None) -> Any:
@@ -114,21 +149,22 @@ class UpdateMask:
     `torch.lerp` is exact at both ends, so keep = 1 gives p_new and keep = 0 gives p_old
     bit-exactly (`p_old + keep * (p_new - p_old)` would round). Protects under Adam-family
     optimizers and decoupled weight decay, which grad masking does not. The copies of the old
-    parameters live in buffers allocated once per set of keep-masks.
+    parameters live in buffers allocated once per set of mask groups (a task, or a device move).
     """
 
     def __init__(self) -> None:
-        self._for: KeepMasks | None = None
+        self._for: list[MaskGroup] | None = None
         self._old: list[list[Tensor]] = []
         self._old_heads: list[Tensor] = []
 
     @torch.no_grad()
     def _remember(self, masks: KeepMasks) -> None:
-        if self._for is not masks:
-            self._old = [[torch.empty_like(p) for p in g.params] for g in masks.groups]
+        groups = masks.groups
+        if self._for is not groups:
+            self._old = [[torch.empty_like(p) for p in g.params] for g in groups]
             self._old_heads = [torch.empty_like(p) for p in masks.heads]
-            self._for = masks
-        for g, old in zip(masks.groups, self._old):
+            self._for = groups
+        for g, old in zip(groups, self._old):
             torch._foreach_copy_(old, g.params)
         if masks.head_keep != 1.0 and masks.heads:
             torch._foreach_copy_(self._old_heads, masks.heads)
@@ -147,4 +183,5 @@ class UpdateMask:
         return loss
 
 
-MASK_TRANSFORMS = {"grad": GradMask, "update": UpdateMask}
+MASK_TRANSFORMS = MappingProxyType({"grad": GradMask, "update": UpdateMask})
+MASK_MODES = ("auto", *MASK_TRANSFORMS)  # "auto": grad for SGD, update for every other optimizer

@@ -1,34 +1,28 @@
-"""SoftMaskModel: a thin wiring of config, importance method, importance store and keep-masks."""
+"""SoftMaskModel: a thin wiring of config, importance method, importance store and keep-masks.
+
+Ownership: the model owns its config (a copy, never mutated afterwards), its importance store
+(importance, per-task history, task log, general importance) and its keep-masks; nothing else
+writes them. The importance method computes and returns; `persistence` reads and writes files.
+"""
 
 from __future__ import annotations
 
 import copy
 import os
-import uuid
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_model
 from torch import Tensor, nn
 
-from ._atomic import commit_files, ensure_directory, recover_directory
 from .config import SoftMaskConfig
-from .constants import CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME
-from .errors import (
-    CorruptFileError,
-    ImportanceMismatchError,
-    MissingFileError,
-    SaveLocationError,
-    TaskOrderError,
-)
+from .errors import ConfigError, ImportanceMismatchError, TaskOrderError
 from .heads import MultiHeadClassifier, expand_heads
-from .importance import METHODS
+from .importance import ImportanceMethod, method_spec
 from .masking import KeepMasks, build_keep_masks
+from .persistence import load_checkpoint, save_checkpoint
 from .selection import select_parameters
-from .store import ImportanceStore
+from .store import ImportanceStore, TaskRecord
 
 
 class SoftMaskModel(nn.Module):
@@ -43,26 +37,32 @@ class SoftMaskModel(nn.Module):
 
     def __init__(self, base_model: nn.Module, config: SoftMaskConfig) -> None:
         super().__init__()
+        if isinstance(base_model, SoftMaskModel):
+            raise ConfigError("base_model is already a SoftMaskModel; wrap the model only once")
         if not isinstance(base_model, nn.Module):
             raise TypeError(f"base_model must be an nn.Module, got {type(base_model).__name__}")
         if not isinstance(config, SoftMaskConfig):
             raise TypeError(f"config must be a SoftMaskConfig, got {type(config).__name__}")
+        config = copy.deepcopy(config)  # ours from now on: a caller's later edits change nothing
         if config.head_modules is None and isinstance(base_model, MultiHeadClassifier):
             config.head_modules = "heads"  # regex full match: only the top-level task heads
         self.base_model = base_model
         self.softmask_config = config
         self.store = ImportanceStore()
-        self.current_task: int | None = None
         self.keep_masks: KeepMasks | None = None
-        self.mask_version = 0
-        self.added_parameters: list[nn.Parameter] = []
+        self.method: ImportanceMethod = None  # type: ignore[assignment]  # set by _select
         self._select()
-        self.method = METHODS[config.method](self)
 
     def _select(self) -> None:
-        self.masked_parameter_names, self.head_parameter_names = select_parameters(
-            self.base_model, self.softmask_config
-        )
+        """Resolve masked and head parameters; rebuild the method when the masked set changed."""
+        masked, heads = select_parameters(self.base_model, self.softmask_config)
+        self.head_parameter_names = heads
+        if self.method is None or masked != self.method.masked:
+            spec = method_spec(self.softmask_config.method)
+            self.method = spec.method_class(
+                self.base_model, masked, self.softmask_config.method_config
+            )
+        self.masked_parameter_names = masked
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -75,14 +75,26 @@ class SoftMaskModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
 
+    # what the run has learned ------------------------------------------------------------------
+
     @property
     def num_tasks(self) -> int:
         """Tasks whose importance has been recorded."""
         return self.store.num_tasks
 
     @property
+    def current_task(self) -> int | None:
+        """The task begun and not yet ended, if any."""
+        return self.store.open_task
+
+    @property
+    def task_log(self) -> tuple[TaskRecord, ...]:
+        """Name and class count of every task begun, in order."""
+        return tuple(self.store.tasks)
+
+    @property
     def importance(self) -> dict[str, Tensor]:
-        """Accumulated importance A, keyed by the base model's names."""
+        """Accumulated importance A, keyed by the base model's names (DAS: unit tensors)."""
         return self.store.accumulated
 
     def task_importance(self, task_id: int) -> dict[str, Tensor]:
@@ -95,11 +107,13 @@ class SoftMaskModel(nn.Module):
 
     def parameter_importance(self) -> dict[str, Tensor]:
         """Parameter-shaped A of every masked parameter (what the optimizer multiplies by)."""
-        return self.method.parameter_importance(self.store.accumulated)
+        return self.method.parameter_importance(self.store.accumulated, self.store.general)
 
     def head_keep(self) -> float:
         """1 - ā, the scalar that scales head gradients (1 on the first task)."""
         return 1.0 if self.keep_masks is None else self.keep_masks.head_keep
+
+    # the task lifecycle --------------------------------------------------------------------------
 
     def begin_task(
         self, task_id: int, num_classes: int | None = None, name: str | None = None
@@ -110,84 +124,70 @@ class SoftMaskModel(nn.Module):
                 f"begin_task({task_id}) but {self.store.num_tasks} task(s) are finished; "
                 f"the next task is {self.store.num_tasks}"
             )
-        cfg = self.softmask_config
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"a task name must be a str, got {type(name).__name__}")
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+        ):
+            raise ConfigError(f"num_classes must be a positive int, got {num_classes!r}")
+        added: list[Tensor] = []
         if isinstance(self.base_model, MultiHeadClassifier):
             if num_classes is None:
                 raise TaskOrderError("a MultiHeadClassifier needs begin_task(t, num_classes=...)")
             if len(self.base_model.heads) <= task_id:
                 self.base_model.add_head(num_classes)
-                self.added_parameters.extend(self.base_model.heads[task_id].parameters())
+                added = list(self.base_model.heads[task_id].parameters())
             self.base_model.active_task = task_id
-        if len(cfg.task_names) == task_id:
-            cfg.task_names.append(name or f"task_{task_id}")
-            cfg.task_num_classes.append(num_classes)
-        self.current_task = task_id
-        self.refresh_masks()
+        self.store.open(TaskRecord(name or f"task_{task_id}", num_classes))
+        self.refresh_masks(added)
 
-    def refresh_masks(self) -> None:
+    def refresh_masks(self, added: list[Tensor] | None = None) -> None:
         """Re-select masked and head parameters and rebuild keep = 1 - A from the store.
 
-        `begin_task` calls it; call it yourself after changing the model's heads or the store
-        by hand (e.g. after loading a device checkpoint).
+        `begin_task` calls it (with the parameters it added, for the optimizer to adopt).
         """
         self._select()
-        importance = self.parameter_importance()  # DAS: general importance masks domain 0
-        if not importance:
-            self.keep_masks = None
-        else:
-            params = dict(self.base_model.named_parameters())
-            heads = [params[n] for n in self.head_parameter_names]
-            self.keep_masks = build_keep_masks(params, importance, heads)
-        self.mask_version += 1
+        params = dict(self.base_model.named_parameters())
+        heads = [params[n] for n in self.head_parameter_names]
+        self.keep_masks = build_keep_masks(params, self.parameter_importance(), heads, added)
 
     def end_task(self, train_batches: Iterable[Any]) -> dict[str, Tensor]:
         """Compute this task's importance on its training data and accumulate it by max."""
-        if self.current_task is None or self.current_task != self.store.num_tasks:
+        task = self.store.open_task
+        if task is None:
             raise TaskOrderError("end_task() without a matching begin_task()")
         was_training = self.base_model.training
         self.base_model.train()
         try:
             with torch.enable_grad():  # callers often evaluate under no_grad
-                importance = self.method.run(
-                    self.current_task, train_batches, desc=f"importance task {self.current_task}"
-                )
+                importance = self.method.run(task, train_batches, self.store.general)
         finally:
             self.base_model.train(was_training)
-        self.store.add_task(importance)
-        self.current_task = None
+        self.store.close(importance)
+        self.keep_masks = None  # no task is open: a step now is a lifecycle mistake
         return importance
 
-    # persistence ---------------------------------------------------------------------------
+    def general_importance(self, batches: Iterable[Any]) -> dict[str, Tensor]:
+        """Importance of what the base model already knows (DAS's proxy KL), kept in the store.
 
-    @staticmethod
-    def load_device_checkpoint(model: SoftMaskModel, directory: str | os.PathLike) -> SoftMaskModel:
-        """Restore weights and importance that an edge device learned (see `softmask_peft.export`)."""
-        from .export import load_device_checkpoint
+        Call it before `begin_task(0)`, on a sample of the first domain; it masks every
+        domain from the first on and is saved with the checkpoint.
+        """
+        importance = self.method.general_importance(batches)
+        self.store.set_general(importance)
+        if self.store.open_task is not None:
+            self.refresh_masks()
+        return importance
 
-        return load_device_checkpoint(model, directory)
+    def training_loss(self, batch: Any) -> Tensor:
+        """The loss to train the current task on: the task loss, plus DAS's contrastive term."""
+        return self.method.training_loss(batch, self.store.accumulated, self.store.general)
+
+    # persistence ---------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config, importance and the base weights into `directory`, as one commit.
-
-        The files are staged and committed as a set (`_atomic.commit_files`): a crash leaves the
-        previous checkpoint or, once committed, the new one, which the next load finishes
-        moving into place. Weights and importance also carry the same random `save_id`, so a
-        pair of files from two different saves is refused at load time.
-        """
-        directory = ensure_directory(directory)
-        cfg = self.softmask_config
-        save_id = uuid.uuid4().hex
-
-        def write(staging: Path) -> None:
-            if hasattr(self.base_model, "save_pretrained") and hasattr(self.base_model, "config"):
-                self.base_model.config.save_pretrained(staging)
-            save_model(
-                self.base_model, str(staging / WEIGHTS_NAME), {"format": "pt", "save_id": save_id}
-            )
-            self.store.save(staging / IMPORTANCE_NAME, cfg.importance_dtype, save_id)
-            cfg.save_pretrained(staging)
-
-        commit_files(directory, write)
+        """Write config, importance (with the task log) and the base weights, as one commit."""
+        save_checkpoint(directory, self.base_model, self.softmask_config, self.store)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike) -> SoftMaskModel:
@@ -196,85 +196,74 @@ class SoftMaskModel(nn.Module):
         Nothing in `base_model` changes unless every check passes (files present, config and
         format version known, weights and importance keys and shapes equal, importance in [0, 1]).
         """
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise MissingFileError(f"{str(directory)!r} is not a directory")
-        try:
-            recover_directory(directory)
-        except OSError as e:
-            raise SaveLocationError(
-                f"{str(directory)!r} holds a committed but unfinished save that cannot be "
-                f"completed: {e}"
-            ) from e
-        missing = [
-            n for n in (CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME) if not (directory / n).is_file()
-        ]
-        if missing:
-            raise MissingFileError(f"{str(directory)!r} lacks {', '.join(missing)}")
-        config = SoftMaskConfig.from_pretrained(directory)
-        try:
-            weights = load_file(directory / WEIGHTS_NAME)
-            with safe_open(directory / WEIGHTS_NAME, framework="pt") as f:
-                weights_id = (f.metadata() or {}).get("save_id", "")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CorruptFileError(f"cannot read {directory / WEIGHTS_NAME}: {e}") from e
-        grows = isinstance(base_model, MultiHeadClassifier) and len(base_model.heads) < len(
-            config.task_num_classes
-        )
-        probe = copy.deepcopy(base_model) if grows else base_model  # validate before changing it
-        if grows:
-            expand_heads(probe, config.task_num_classes)
-        _check_weights(probe, weights)
-        store = ImportanceStore.load(
-            directory / IMPORTANCE_NAME, cls(probe, config).method.importance_shapes()
-        )
-        if weights_id != store.save_id:
-            raise CorruptFileError(
-                f"{WEIGHTS_NAME} and {IMPORTANCE_NAME} in {str(directory)!r} come from different "
-                "saves (an interrupted save_pretrained?); refusing to pair them"
-            )
-        if not store.num_tasks <= len(config.task_names) <= store.num_tasks + 1:
-            raise ImportanceMismatchError(
-                f"{CONFIG_NAME} names {len(config.task_names)} task(s) but {IMPORTANCE_NAME} "
-                f"holds {store.num_tasks}"
-            )
-        if grows:
-            expand_heads(base_model, config.task_num_classes)
-        model = cls(base_model, config)
-        model.store = store
-        with torch.no_grad():
-            state = base_model.state_dict()
-            for key, value in weights.items():
-                state[key].copy_(value)
+        ckpt = load_checkpoint(base_model, directory)
+        expand_heads(base_model, [t.num_classes for t in ckpt.store.tasks])
+        model = cls(base_model, ckpt.config)
+        model._apply_weights(ckpt.weights)
+        model.store = ckpt.store
+        if model.store.open_task is not None:
+            model.refresh_masks()
         return model
 
+    def _apply_weights(self, weights: Mapping[str, Tensor]) -> None:
+        with torch.no_grad():
+            state = self.base_model.state_dict()
+            for key, value in weights.items():
+                state[key].copy_(value)
 
-def _memory_span(t: Tensor) -> tuple[int, int, int]:
-    """(storage pointer, first element, one past the last element) of a tensor's memory."""
-    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else -1
-    return t.untyped_storage().data_ptr(), t.storage_offset(), t.storage_offset() + last + 1
-
-
-def _check_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
-    """All saved keys exist with equal shapes; a key not saved must lie inside a saved tensor.
-
-    safetensors drops the duplicates of shared tensors (tied embeddings, views of a weight), and
-    loading into the saved tensor fills them. A tensor that merely shares a storage with a saved
-    one, outside its span, would keep stale values: it is reported as missing.
-    """
-    state = model.state_dict()
-    problems = [f"unexpected weight {k!r}" for k in sorted(set(weights) - set(state))]
-    saved = [_memory_span(state[k]) for k in weights if k in state]
-    for k in sorted(set(state) - set(weights)):
-        ptr, start, end = _memory_span(state[k])
-        if not any(p == ptr and s <= start and end <= e for p, s, e in saved):
-            problems.append(f"missing weight {k!r}")
-    for k in sorted(set(state) & set(weights)):
-        if tuple(state[k].shape) != tuple(weights[k].shape):
-            problems.append(
-                f"{k}: saved shape {tuple(weights[k].shape)} != model {tuple(state[k].shape)}"
+    def load_device_state(self, state: Any) -> None:
+        """Apply what a device learned (`softmask_peft.device.read_device_checkpoint`)."""
+        base = self.base_model
+        new_heads: list[TaskRecord] = []
+        shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+        if isinstance(base, MultiHeadClassifier):
+            first = len(base.heads)
+            new_heads = list(state.tasks[first : len(state.history)])
+            for k, record in enumerate(new_heads, start=first):
+                shapes[f"heads.{k}.weight"] = (record.num_classes, base.feature_dim)
+                shapes[f"heads.{k}.bias"] = (record.num_classes,)
+        problems = _device_problems(self, state, shapes)
+        if problems:
+            raise ImportanceMismatchError(
+                f"device checkpoint {state.source!r} does not fit this model:\n  "
+                + "\n  ".join(problems)
             )
-    if problems:
-        raise ImportanceMismatchError(
-            "saved weights do not fit this model:\n  " + "\n  ".join(problems)
+        for record in new_heads:
+            base.add_head(record.num_classes)
+        with torch.no_grad():
+            for n, p in base.named_parameters():
+                p.copy_(state.weights[n])
+        self.store = ImportanceStore.from_parts(
+            state.history, state.tasks, accumulated=state.accumulated, general=self.store.general
         )
+        self.keep_masks = None
+
+
+def _device_problems(model: SoftMaskModel, state: Any, shapes: dict[str, tuple]) -> list[str]:
+    """Everything that keeps a device state from replacing `model`'s weights and store."""
+    problems = [f"the model has no parameter {n!r}" for n in state.masked if n not in shapes]
+    problems += [f"checkpoint lacks {n!r}" for n in sorted(set(shapes) - set(state.weights))]
+    problems += [
+        f"{n}: device shape {tuple(state.weights[n].shape)} != model {shapes[n]}"
+        for n in sorted(set(shapes) & set(state.weights))
+        if tuple(state.weights[n].shape) != shapes[n]
+    ]
+    if set(state.masked) != set(model.masked_parameter_names):
+        problems.append(
+            f"masked parameters differ: device {sorted(state.masked)} vs model "
+            f"{sorted(model.masked_parameter_names)}"
+        )
+    ours, theirs = model.store.tasks[: model.num_tasks], state.tasks[: len(state.history)]
+    if len(theirs) < len(ours):
+        problems.append(
+            f"the device learned {len(theirs)} task(s) and the model {len(ours)}: the device "
+            "checkpoint is behind this model (loading it would drop tasks); export again"
+        )
+    elif [t.name for t in theirs[: len(ours)]] != [t.name for t in ours]:
+        problems.append(
+            f"the device's task log {[t.name for t in theirs]} diverges from the model's "
+            f"{[t.name for t in ours]}: it was exported from another run"
+        )
+    if model.store.open_task is not None:
+        problems.append(f"task {model.store.open_task} is open on the model: end_task() first")
+    return problems

@@ -1,49 +1,74 @@
-"""SoftMaskOptimizer: any torch.optim.Optimizer, with soft-masking around its step (DESIGN §4)."""
+"""SoftMaskOptimizer: any torch.optim.Optimizer, with soft-masking around its step."""
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from torch.optim import Optimizer
 
-from .config import MASK_MODES
 from .errors import ConfigError
-from .masking import MASK_TRANSFORMS, KeepMasks, base_step
+from .masking import MASK_MODES, MASK_TRANSFORMS, KeepMasks, base_step
 
-if TYPE_CHECKING:
-    from .model import SoftMaskModel
+# a SoftMaskModel, a KeepMasks value, or a callable returning the current KeepMasks (or None)
+MaskSource = Any
+
+
+def resolve_mask_mode(mode: str, base: Optimizer) -> str:
+    """'auto' -> 'grad' for torch.optim.SGD (the paper's optimizer), 'update' for any other.
+
+    Adam-family optimizers normalise a constant per-element gradient scale away (m / sqrt(v)),
+    so grad masking barely protects under them; update masking protects under any optimizer.
+    """
+    if mode not in MASK_MODES:
+        raise ConfigError(f"mask_mode must be one of {MASK_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "grad" if isinstance(base, torch.optim.SGD) else "update"
+    if mode == "grad" and not isinstance(base, torch.optim.SGD):
+        warnings.warn(
+            f"mask_mode='grad' with {type(base).__name__}: adaptive optimizers rescale masked "
+            "gradients back up, so old tasks are barely protected; use mask_mode='update' "
+            "(or 'auto')",
+            stacklevel=3,
+        )
+    return mode
 
 
 class SoftMaskOptimizer(Optimizer):
-    """Wrap `base` so each step is soft-masked by `model`'s accumulated importance.
+    """Wrap `base` so each step is soft-masked by accumulated importance.
 
-    mask_mode="grad" (the paper): `grad *= 1 - A` before `base.step()`; with plain SGD the
-    update of each element is scaled exactly by 1 - A. mask_mode="update":
+    `masks` is where the keep-masks come from: a `SoftMaskModel` (its current task's masks),
+    a `KeepMasks` value, or a callable returning one (or None: no masking), in the spirit of
+    optax's `masked`. mask_mode="grad" (the paper): `grad *= 1 - A` before `base.step()`; with
+    plain SGD the update of each element is scaled exactly by 1 - A. mask_mode="update":
     `p <- p_old + (1 - A) ⊙ (p_new - p_old)` after `base.step()`, which protects under any
-    optimizer (Adam normalises a constant gradient scale away). Heads use the scalar 1 - ā.
+    optimizer. "auto" (default) picks grad for SGD, update otherwise. Heads use the scalar 1 - ā.
 
     Keeps torch.optim's contract: `param_groups`, `state`, `defaults`, `zero_grad`,
     `state_dict` / `load_state_dict` are the base optimizer's, so LR schedulers attach to it.
-    Parameters that `begin_task` adds to the model (a new task's head) are appended to the first
-    param group at the next step, so they train with its options and schedulers see no new group.
-    Step hooks (`register_step_pre_hook` / `_post_hook`) run around the masked step; state-dict
-    hooks are registered on the base optimizer, which produces the state dict.
+    Parameters that `begin_task` adds (a new task's head, listed in `KeepMasks.added`) are
+    appended to the first param group at the next step, so they train with its options and
+    schedulers see no new group. Step hooks (`register_step_pre_hook` / `_post_hook`) run
+    around the masked step; state-dict hooks are registered on the base optimizer.
+
+    Lifecycle guards (warnings, since both can be deliberate): a step without masks (no task
+    begun) warns once and steps unmasked; a base optimizer holding none of the model's masked
+    parameters (a frozen backbone?) warns at construction.
     """
 
-    def __init__(self, base: Optimizer, model: SoftMaskModel, mask_mode: str | None = None) -> None:
+    def __init__(self, base: Optimizer, masks: MaskSource, mask_mode: str | None = None) -> None:
         if not isinstance(base, Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}")
-        mode = model.softmask_config.mask_mode if mask_mode is None else mask_mode
-        if mode not in MASK_MODES:
-            raise ConfigError(f"mask_mode must be one of {MASK_MODES}, got {mode!r}")
+        self._source = _mask_source(masks, base)
+        default = getattr(getattr(masks, "softmask_config", None), "mask_mode", "auto")
         self.base = base
-        self.model = model
-        self.mask_mode = mode
-        self._mask = MASK_TRANSFORMS[mode]()
-        self._masks_version = -1
-        self._adopted = len(model.added_parameters)  # heads added before us: the caller's choice
+        self.mask_mode = resolve_mask_mode(default if mask_mode is None else mask_mode, base)
+        self._mask = MASK_TRANSFORMS[self.mask_mode]()
+        self._seen = self._source()  # heads added before us: the caller's choice to include
+        self._warned = False
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
 
@@ -99,18 +124,24 @@ class SoftMaskOptimizer(Optimizer):
     def __repr__(self) -> str:
         return f"SoftMaskOptimizer(mask_mode={self.mask_mode!r}, base={self.base!r})"
 
-    def _refresh(self) -> KeepMasks | None:
-        """Pick up the keep-masks (and any new parameters) after `begin_task` or `model.to()`."""
-        if self.model.mask_version != self._masks_version:
-            known = {id(p) for g in self.base.param_groups for p in g["params"]}
-            new = [p for p in self.model.added_parameters[self._adopted :] if id(p) not in known]
-            self._adopted = len(self.model.added_parameters)
-            if new:
-                self.base.param_groups[0]["params"].extend(new)
-        if self.model.keep_masks is not None and self.model.keep_masks.stale():
-            self.model.refresh_masks()
-        self._masks_version = self.model.mask_version
-        return self.model.keep_masks
+    def _current(self) -> KeepMasks | None:
+        """This step's masks; on new masks, adopt the parameters they were created with."""
+        masks = self._source()
+        if masks is not self._seen:
+            self._seen = masks
+            if masks is not None and masks.added:
+                known = {id(p) for g in self.base.param_groups for p in g["params"]}
+                self.base.param_groups[0]["params"].extend(
+                    p for p in masks.added if id(p) not in known
+                )
+        if masks is None and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "SoftMaskOptimizer.step() with no task begun: this step is not masked; call "
+                "model.begin_task(t) before training each task",
+                stacklevel=3,
+            )
+        return masks
 
     @Optimizer.profile_hook_step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -121,7 +152,7 @@ class SoftMaskOptimizer(Optimizer):
         parameters); the base optimizer's step, inside, runs its own hooks and the global ones
         again, with the base optimizer as their `optimizer` argument, before update masking.
         """
-        masks = self._refresh()
+        masks = self._current()
         if masks is None:
             return base_step(self.base, closure)
         return self._mask.step(self.base, masks, closure)
@@ -131,3 +162,44 @@ class SoftMaskOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+class _FromModel:
+    """The masks of a `SoftMaskModel`'s open task (an object, so deepcopy copies the model)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __call__(self) -> KeepMasks | None:
+        return self.model.keep_masks
+
+
+class _Fixed:
+    def __init__(self, masks: KeepMasks) -> None:
+        self.masks = masks
+
+    def __call__(self) -> KeepMasks:
+        return self.masks
+
+
+def _mask_source(masks: MaskSource, base: Optimizer) -> Callable[[], KeepMasks | None]:
+    """A callable returning the current masks, from a model, a KeepMasks value or a callable."""
+    if isinstance(masks, KeepMasks):
+        return _Fixed(masks)
+    if hasattr(masks, "keep_masks") and hasattr(masks, "masked_parameter_names"):
+        held = {id(p) for g in base.param_groups for p in g["params"]}
+        named = dict(masks.base_model.named_parameters())
+        if not any(id(named[n]) in held for n in masks.masked_parameter_names):
+            warnings.warn(
+                "the base optimizer holds none of the model's masked parameters: only heads "
+                "(or nothing) will train and nothing is soft-masked; build it from "
+                "model.parameters() unless the backbone is frozen on purpose",
+                stacklevel=3,
+            )
+        return _FromModel(masks)
+    if callable(masks) and not isinstance(masks, torch.nn.Module):
+        return masks
+    raise TypeError(
+        "masks must be a SoftMaskModel, a KeepMasks or a callable returning KeepMasks, got "
+        f"{type(masks).__name__} (wrap the model with get_softmask_model first)"
+    )

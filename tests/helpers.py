@@ -6,8 +6,10 @@ import hashlib
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from softmask_peft import SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
 from softmask_peft.heads import MultiHeadClassifier
 
 
@@ -185,3 +187,46 @@ def dir_digest(directory: Path) -> dict[str, str]:
         p.name: hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
         for p in sorted(Path(directory).iterdir())
     }
+
+
+def run_tasks(model, num_tasks: int, classes=None, in_features: int = 6):
+    """Train each task a few SGD steps, then record its importance."""
+    for t in range(num_tasks):
+        n = classes[t] if classes else 3
+        batches = classification_batches(n=12, in_features=in_features, num_classes=n, seed=20 + t)
+        model.begin_task(t, num_classes=n if classes else None)
+        opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        model.end_task(batches)
+    return model
+
+
+def assert_same_importance(a, b, tol: float = 0.0) -> None:
+    assert a.num_tasks == b.num_tasks
+    assert sorted(a.importance) == sorted(b.importance)
+    pairs = [(a.importance, b.importance)] + [
+        (a.task_importance(k), b.task_importance(k)) for k in range(a.num_tasks)
+    ]
+    for x, y in pairs:
+        for k in x:
+            if tol == 0.0:
+                assert torch.equal(x[k], y[k]), k
+            else:
+                assert float((x[k] - y[k]).abs().max()) <= tol, k
+
+
+# wrapping --------------------------------------------------------------------------------
+
+
+
+
+def saved_mlp(tmp_path, dtype: str = "float32"):
+    """A small MLP after two tasks, saved into tmp_path / "ckpt"."""
+    net = small_mlp(in_features=6)
+    model = run_tasks(get_softmask_model(net, SoftMaskConfig(importance_dtype=dtype)), 2)
+    directory = tmp_path / "ckpt"
+    model.save_pretrained(directory)
+    return model, directory

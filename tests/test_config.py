@@ -5,22 +5,26 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import multi_head
 
 from softmask_peft import (
     ConfigError,
     CorruptFileError,
+    DASConfig,
     MissingFileError,
     SoftMaskConfig,
+    SPGConfig,
     UnsupportedFormatError,
+    get_softmask_model,
 )
 from softmask_peft.constants import CONFIG_NAME, FORMAT_VERSION
 
 
 def test_defaults():
     cfg = SoftMaskConfig()
-    assert (cfg.method, cfg.mask_mode, cfg.importance_dtype) == ("spg", "grad", "float32")
+    assert (cfg.method, cfg.mask_mode, cfg.importance_dtype) == ("spg", "auto", "float32")
     assert cfg.target_modules is None and cfg.exclude_modules is None
-    assert cfg.task_names == [] and cfg.task_num_classes == []
+    assert cfg.method_config == SPGConfig()
 
 
 def test_to_dict_from_dict_round_trip():
@@ -31,8 +35,6 @@ def test_to_dict_from_dict_round_trip():
         exclude_modules=".*pooler.*",
         head_modules=["classifier"],
         importance_dtype="uint8",
-        task_names=["a", "b"],
-        task_num_classes=[2, None],
     )
     d = cfg.to_dict()
     assert d["format_version"] == FORMAT_VERSION
@@ -41,7 +43,7 @@ def test_to_dict_from_dict_round_trip():
 
 
 def test_save_pretrained_writes_sorted_indented_json(tmp_path):
-    cfg = SoftMaskConfig(target_modules="fc.*", task_names=["t0"], task_num_classes=[3])
+    cfg = SoftMaskConfig(target_modules="fc.*")
     cfg.save_pretrained(tmp_path / "sub")
     path = tmp_path / "sub" / CONFIG_NAME
     text = path.read_text()
@@ -55,7 +57,7 @@ def test_save_pretrained_writes_sorted_indented_json(tmp_path):
 
 def test_unknown_key_in_from_dict_is_named():
     with pytest.raises(ConfigError, match="unknown SoftMaskConfig keys: lora_rank"):
-        SoftMaskConfig.from_dict({"method": "spg", "lora_rank": 8})
+        SoftMaskConfig.from_dict({"format_version": 2, "method": "spg", "lora_rank": 8})
 
 
 def test_json_with_an_extra_key_is_refused(tmp_path):
@@ -67,7 +69,7 @@ def test_json_with_an_extra_key_is_refused(tmp_path):
 
 
 def test_unknown_method_is_named_with_the_choices():
-    with pytest.raises(ConfigError, match=r"method must be one of \('spg', 'das'\), got 'ewc'"):
+    with pytest.raises(ConfigError, match=r"method must be one of \('das', 'spg'\), got 'ewc'"):
         SoftMaskConfig(method="ewc")
 
 
@@ -79,8 +81,11 @@ def test_unknown_method_is_named_with_the_choices():
         ({"target_modules": 3}, "target_modules"),
         ({"exclude_modules": ["a", 1]}, "exclude_modules"),
         ({"head_modules": {"x": 1}}, "head_modules"),
-        ({"contrastive_temperature": 0.0}, "contrastive_temperature"),
-        ({"task_names": ["a"], "task_num_classes": [1, 2]}, "task_num_classes"),
+        ({"target_modules": "fc["}, "target_modules"),
+        ({"method": "das", "method_config": {"contrastive_temperature": 0.0}}, "contrastive_temperature"),
+        ({"method": "das", "method_config": {"contrastive_weight": "high"}}, "contrastive_weight"),
+        ({"method": "das", "method_config": {"dropout": 0.1}}, "dropout"),
+        ({"method": "das", "method_config": SPGConfig()}, "DASConfig"),
     ],
 )
 def test_bad_values_name_the_field(kwargs, field):
@@ -116,3 +121,44 @@ def test_missing_corrupt_and_non_object_files(tmp_path):
     (tmp_path / CONFIG_NAME).write_text("[1, 2]")
     with pytest.raises(CorruptFileError, match="JSON object"):
         SoftMaskConfig.from_pretrained(tmp_path)
+
+
+def test_das_options_live_in_the_method_config_and_round_trip():
+    cfg = SoftMaskConfig(method="das", method_config=DASConfig(contrastive_weight=0.25))
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d["method"] == "das" and d["method_config"]["contrastive_weight"] == 0.25
+    assert SoftMaskConfig.from_dict(d) == cfg
+    assert SoftMaskConfig(method="das", method_config={"contrastive_weight": 0.25}) == cfg
+
+
+def test_a_format_1_config_moves_das_options_into_the_method_config():
+    old = {
+        "format_version": 1,
+        "method": "das",
+        "mask_mode": "grad",
+        "target_modules": None,
+        "exclude_modules": None,
+        "head_modules": ["classifier"],
+        "importance_dtype": "float32",
+        "das_units": None,
+        "contrastive_weight": 0.5,
+        "contrastive_temperature": 0.1,
+        "task_names": ["a"],
+        "task_num_classes": [None],
+    }
+    cfg = SoftMaskConfig.from_dict(old)
+    assert cfg.method_config == DASConfig(contrastive_weight=0.5, contrastive_temperature=0.1)
+    assert cfg.mask_mode == "grad" and cfg.head_modules == ["classifier"]
+
+
+def test_a_config_without_format_version_is_refused():
+    with pytest.raises(UnsupportedFormatError, match="format_version"):
+        SoftMaskConfig.from_dict({"method": "spg"})
+
+
+def test_the_wrapped_model_owns_a_copy_of_the_config():
+    cfg = SoftMaskConfig()
+    a, b = get_softmask_model(multi_head(), cfg), get_softmask_model(multi_head(), cfg)
+    assert cfg.head_modules is None  # the caller's object is never written
+    a.begin_task(0, num_classes=3, name="x")
+    assert a.softmask_config is not cfg and b.task_log == ()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from softmask_peft import SoftMaskConfig, TaskOrderError, get_softmask_model
+from softmask_peft import SoftMaskConfig, TaskOrderError, TaskRecord, get_softmask_model
 from softmask_peft.heads import MultiHeadClassifier, expand_heads
 
 
@@ -78,12 +78,11 @@ def test_begin_task_adds_one_head_per_task_and_needs_num_classes():
     model.begin_task(0, num_classes=2)
     model.begin_task(0, num_classes=2)  # re-entering the running task adds nothing
     assert len(net.heads) == 1
-    assert model.softmask_config.task_names == ["task_0"]
-    assert model.softmask_config.task_num_classes == [2]
+    assert model.task_log == (TaskRecord("task_0", 2),)
     model.end_task([(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))])
     model.begin_task(1, num_classes=3, name="second")
     assert [h.out_features for h in net.heads] == [2, 3] and net.active_task == 1
-    assert model.softmask_config.task_names == ["task_0", "second"]
+    assert [t.name for t in model.task_log] == ["task_0", "second"]
     assert model.head_parameter_names == [
         "heads.0.weight",
         "heads.0.bias",

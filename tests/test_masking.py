@@ -27,7 +27,7 @@ def with_importance(net: nn.Module, importance: dict[str, Tensor], mode: str, cl
     """A SoftMaskModel at task 1 whose accumulated importance is exactly `importance`."""
     model = get_softmask_model(net, SoftMaskConfig(mask_mode=mode))
     model.begin_task(0, num_classes=classes)
-    model.store.add_task(importance)
+    model.store.close(importance)
     model.begin_task(1, num_classes=classes)
     return model
 
@@ -134,7 +134,7 @@ def test_task_zero_is_unmasked():
     model.begin_task(0, num_classes=3)
     twin.add_head(3)
     twin.heads[0].load_state_dict(net.heads[0].state_dict())
-    assert model.keep_masks is None and model.head_keep() == 1.0
+    assert model.keep_masks.groups == [] and model.head_keep() == 1.0
     opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5), model)
     plain = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.5)
     gen = torch.Generator().manual_seed(4)

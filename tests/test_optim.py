@@ -17,7 +17,7 @@ def model_at_task_one(net=None, mode: str = "grad"):
     net = net if net is not None else nn.Linear(4, 3)
     model = get_softmask_model(net, SoftMaskConfig(mask_mode=mode))
     model.begin_task(0)
-    model.store.add_task({"weight": torch.full((3, 4), 0.5), "bias": torch.zeros(3)})
+    model.store.close({"weight": torch.full((3, 4), 0.5), "bias": torch.zeros(3)})
     model.begin_task(1)
     return model
 
@@ -138,27 +138,57 @@ def test_keep_masks_built_once_per_task():
     net = multi_head()
     model = get_softmask_model(net, SoftMaskConfig())
     model.begin_task(0, num_classes=3)
-    v0 = model.mask_version
+    first = model.keep_masks
     opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
     batches = classification_batches()
     for b in batches:
         opt.zero_grad()
         loss_of(model, b).backward()
         opt.step()
-    assert model.mask_version == v0 and model.keep_masks is None
+    assert model.keep_masks is first and first.groups == [] and first.head_keep == 1.0
     model.end_task(batches)
-    assert model.mask_version == v0  # end_task does not touch the masks of the running task
+    assert model.keep_masks is None  # no task open
     model.begin_task(1, num_classes=2)
-    assert model.mask_version == v0 + 1
     masks = model.keep_masks
+    assert masks is not first and masks.groups
     seen = []
     for x, _ in batches:
         opt.zero_grad()
         F.cross_entropy(model(x), torch.zeros(len(x), dtype=torch.long)).backward()
         opt.step()
-        seen.append(opt._refresh())
-    assert all(m is masks for m in seen)
-    assert model.mask_version == v0 + 1 and model.keep_masks is masks
+        seen.append(opt._current())
+    assert all(m is masks for m in seen) and model.keep_masks is masks
+
+
+def test_a_step_with_no_task_begun_warns_once_and_is_unmasked():
+    model = get_softmask_model(nn.Linear(4, 3), SoftMaskConfig())
+    opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    with pytest.warns(UserWarning, match="no task begun"):
+        loss_of(model, classification_batches()[0]).backward()
+        opt.step()
+
+
+def test_masks_can_be_given_as_a_value_or_a_callable():
+    model = model_at_task_one()
+    for source in (model.keep_masks, lambda: model.keep_masks):
+        opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), source, "grad")
+        w0 = model.base_model.weight.detach().clone()
+        opt.zero_grad()
+        loss_of(model, classification_batches()[0]).backward()
+        g = model.base_model.weight.grad.clone()
+        opt.step()
+        torch.testing.assert_close(model.base_model.weight.detach(), w0 - 0.1 * 0.5 * g)
+    with pytest.raises(TypeError, match="get_softmask_model"):
+        SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), nn.Linear(4, 3))
+
+
+def test_auto_mask_mode_follows_the_optimizer():
+    model = model_at_task_one(mode="auto")
+    sgd = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    adamw = SoftMaskOptimizer(torch.optim.AdamW(model.parameters()), model)
+    assert (sgd.mask_mode, adamw.mask_mode) == ("grad", "update")
+    with pytest.warns(UserWarning, match="barely protected"):
+        SoftMaskOptimizer(torch.optim.Adam(model.parameters()), model, mask_mode="grad")
 
 
 def test_new_head_parameters_are_adopted_after_begin_task():
@@ -191,9 +221,8 @@ def test_parameters_left_out_of_the_optimizer_on_purpose_stay_out():
     net = multi_head()
     model = get_softmask_model(net, SoftMaskConfig())
     model.begin_task(0, num_classes=3)
-    opt = SoftMaskOptimizer(
-        torch.optim.SGD(net.heads.parameters(), lr=0.1), model
-    )  # frozen backbone
+    with pytest.warns(UserWarning, match="none of the model's masked parameters"):
+        opt = SoftMaskOptimizer(torch.optim.SGD(net.heads.parameters(), lr=0.1), model)
     w0 = net.backbone.weight.detach().clone()
     x, y = classification_batches()[0]
     loss_of(model, (x, y)).backward()

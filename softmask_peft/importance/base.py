@@ -1,66 +1,84 @@
 """The interface every importance method implements, and the pass that drives it.
 
-Lifecycle (avalanche's `after_training_exp` moment): `begin_task(t)`, `accumulate(batch)` for
-every batch of the task's data, `finalize()` -> this task's importance in [0, 1].
+A method is built from what it needs (the base model, the names of the masked parameters, its
+own config) and never holds the `SoftMaskModel`. A pass is an explicit value, as optax keeps
+state: `state = method.start(t)`, `state = method.add(state, batch)` for every batch of the
+task's data, `method.result(state, general)` -> this task's importance in [0, 1]. Nothing a
+second call does can reset a pass in progress.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
-from tqdm.auto import tqdm
+from torch import Tensor, nn
 
-from ..errors import EmptyDataError, NonFiniteGradientError
+from ..errors import ConfigError, EmptyDataError, NonFiniteGradientError
 
-if TYPE_CHECKING:
-    from ..model import SoftMaskModel
+Importance = dict[str, Tensor]
 
 
 class ImportanceMethod(ABC):
-    """Computes a task's importance for a `SoftMaskModel` and maps it onto parameters."""
+    """Computes a task's importance and maps stored importance onto parameters."""
 
     name: str = ""
 
-    def __init__(self, model: SoftMaskModel) -> None:
-        self.model = model
+    def __init__(self, base_model: nn.Module, masked: Sequence[str], config: Any) -> None:
+        self.base_model = base_model
+        self.masked = list(masked)
+        self.config = config
 
     @abstractmethod
-    def begin_task(self, task_id: int) -> None:
-        """Reset the accumulators for task `task_id`."""
+    def start(self, task_id: int) -> Any:
+        """A fresh accumulator for task `task_id`'s importance pass."""
 
     @abstractmethod
-    def accumulate(self, batch: Any) -> None:
-        """Add one batch's gradient information."""
+    def add(self, state: Any, batch: Any) -> Any:
+        """Add one batch's gradient information to `state`; return the state."""
 
     @abstractmethod
-    def finalize(self) -> dict[str, Tensor]:
+    def result(self, state: Any, general: Mapping[str, Tensor] | None) -> Importance:
         """This task's normalised importance, keyed by store name."""
+
+    @abstractmethod
+    def training_loss(
+        self, batch: Any, accumulated: Mapping[str, Tensor], general: Mapping[str, Tensor] | None
+    ) -> Tensor:
+        """The loss to train a task on (the task loss, plus any method-specific term)."""
 
     def importance_shapes(self) -> dict[str, torch.Size]:
         """Store name -> shape of every importance tensor (parameter-level: the masked parameters)."""
-        params = dict(self.model.base_model.named_parameters())
-        return {name: params[name].shape for name in self.model.masked_parameter_names}
+        params = dict(self.base_model.named_parameters())
+        return {name: params[name].shape for name in self.masked}
 
-    def parameter_importance(self, importance: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Map stored importance onto parameter-shaped tensors (identity for parameter-level methods)."""
-        return dict(importance)
+    def parameter_importance(
+        self, accumulated: Mapping[str, Tensor], general: Mapping[str, Tensor] | None
+    ) -> Importance:
+        """Parameter-shaped importance (identity for parameter-level methods)."""
+        return dict(accumulated)
+
+    def general_importance(self, batches: Iterable[Any]) -> Importance:
+        """Importance of what the model knows before the first task (methods that define it)."""
+        raise ConfigError(f"method {self.name!r} has no general importance (DAS has)")
 
     def run(
-        self, task_id: int, batches: Iterable[Any], desc: str = "importance"
-    ) -> dict[str, Tensor]:
-        """begin_task -> accumulate every batch -> finalize, with a progress bar."""
-        self.begin_task(task_id)
+        self,
+        task_id: int,
+        batches: Iterable[Any],
+        general: Mapping[str, Tensor] | None = None,
+    ) -> Importance:
+        """start -> add every batch -> result."""
+        state = self.start(task_id)
         seen = 0
-        for batch in tqdm(batches, desc=desc, leave=False, disable=None):
-            self.accumulate(batch)
+        for batch in batches:
+            state = self.add(state, batch)
             seen += 1
         if seen == 0:
             raise EmptyDataError(f"the importance pass of task {task_id} got no batches")
-        return self.finalize()
+        return self.result(state, general)
 
 
 def check_finite(grads: Mapping[str, Tensor], what: str) -> None:

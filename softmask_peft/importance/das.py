@@ -1,4 +1,4 @@
-"""DAS: unit-level importance for transformers (Ke et al., ICLR 2023, arXiv 2302.03241), DESIGN §5.
+"""DAS: unit-level importance for transformers (Ke et al., ICLR 2023, arXiv 2302.03241).
 
 Units per block: attention heads, FFN intermediate neurons, FFN output neurons
 (`softmask_peft.units`). Virtual masks m (ones, requires_grad) are multiplied into the forward
@@ -9,8 +9,9 @@ pass by hooks; for a pass over batches b with token counts n_b:
 
 L is the proxy KL for the general-knowledge importance (`general_importance`, once, on the
 base model before the first domain) and the domain's own loss for a domain's importance
-(`end_task`). A domain's stored importance is max(general, domain), so the accumulated
-importance is the max over the general importance and every domain, as DESIGN §5 asks.
+(`end_task`). The general importance is stored on its own, and a domain's stored importance
+is max(general, domain), so the accumulated importance is the max over the general importance
+and every domain.
 
 Store keys: `{block module name}.softmask_{heads|intermediate|output}`, one 1-D tensor each,
 e.g. `bert.encoder.layer.0.softmask_heads` of shape (num_heads,).
@@ -19,22 +20,47 @@ e.g. `bert.encoder.layer.0.softmask_heads` of shape (num_heads,).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from ..batches import logits_of, model_loss, split_batch
+from ..batches import model_loss, split_batch, task_loss
 from ..contrastive import info_nce, mean_pool
 from ..errors import ConfigError, EmptyDataError
 from ..units import apply_virtual_masks, discover_units, ones_masks, parameter_importance
-from .base import ImportanceMethod, check_finite
+from .base import Importance, ImportanceMethod, check_finite
 from .normalize import normalize_importance
 
-if TYPE_CHECKING:
-    from ..model import SoftMaskModel
+
+@dataclass
+class DASConfig:
+    """DAS's own options."""
+
+    units: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "declare attention/FFN modules by hand (see softmask_peft.units)"},
+    )
+    contrastive_weight: float = field(
+        default=1.0, metadata={"help": "weight of the contrastive integration loss"}
+    )
+    contrastive_temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature"})
+
+    def __post_init__(self) -> None:
+        if self.units is not None and not isinstance(self.units, dict):
+            raise ConfigError(f"units must be a dict or None, got {type(self.units).__name__}")
+        for name in ("contrastive_weight", "contrastive_temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not self.contrastive_weight >= 0:
+            raise ConfigError(f"contrastive_weight must be >= 0, got {self.contrastive_weight!r}")
+        if not self.contrastive_temperature > 0:
+            raise ConfigError(
+                f"contrastive_temperature must be > 0, got {self.contrastive_temperature!r}"
+            )
 
 
 def model_inputs(batch: Any) -> dict[str, Any]:
@@ -58,23 +84,38 @@ def token_count(batch: Any) -> int:
     return int(x.numel()) if not torch.is_floating_point(x) else int(x.shape[0])
 
 
+def combined_importance(
+    importance: Mapping[str, Tensor] | None, general: Mapping[str, Tensor] | None
+) -> Importance:
+    """Elementwise max of `importance` and the general importance (either may be absent)."""
+    merged = {k: v.to(torch.float32) for k, v in (importance or {}).items()}
+    for k, g in (general or {}).items():
+        merged[k] = torch.maximum(merged[k], g) if k in merged else g.clone()
+    return merged
+
+
+@dataclass
+class DASState:
+    """One pass: Σ_b |∂L_b/∂m| per unit tensor and the token count Σ_b n_b."""
+
+    what: str
+    sums: dict[str, Tensor]
+    tokens: int = 0
+
+
 class DAS(ImportanceMethod):
     """Unit-level importance: one [0, 1] value per head, intermediate and output neuron.
 
-    Use: `model.method.general_importance(first_domain_sample)` before `begin_task(0)`; per
-    domain train on `model.method.training_loss(batch)` (domain loss + contrastive term) with a
-    `SoftMaskOptimizer`, then `end_task(domain_batches)`.
+    Use through the model: `model.general_importance(first_domain_sample)` before
+    `begin_task(0)`; per domain train on `model.training_loss(batch)` (domain loss +
+    contrastive term) with a `SoftMaskOptimizer`, then `end_task(domain_batches)`.
     """
 
     name = "das"
 
-    def __init__(self, model: SoftMaskModel) -> None:
-        super().__init__(model)
-        self.blocks = discover_units(model.base_model, model.softmask_config.das_units)
-        self.general: dict[str, Tensor] | None = None
-        self._sums: dict[str, Tensor] | None = None
-        self._tokens = 0
-        self._task: int | None = None
+    def __init__(self, base_model: nn.Module, masked: list[str], config: DASConfig) -> None:
+        super().__init__(base_model, masked, config)
+        self.blocks = discover_units(base_model, config.units)
 
     # ImportanceMethod interface ----------------------------------------------------------------
 
@@ -83,104 +124,91 @@ class DAS(ImportanceMethod):
             b.key(kind): torch.Size([n]) for b in self.blocks for kind, n in b.unit_counts().items()
         }
 
-    def parameter_importance(self, importance: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Parameter-shaped importance of max(accumulated, general), rows/columns per DESIGN §5.
+    def parameter_importance(
+        self, accumulated: Mapping[str, Tensor], general: Mapping[str, Tensor] | None
+    ) -> Importance:
+        """Parameter-shaped importance of max(accumulated, general), rows/columns per unit.
 
         Only parameters the config selects (`target_modules` / `exclude_modules`) are masked.
         """
-        merged = self.combined_importance(importance)
+        merged = combined_importance(accumulated, general)
         if not merged:
             return {}
-        selected = set(self.model.masked_parameter_names)
+        selected = set(self.masked)
         return {k: v for k, v in parameter_importance(self.blocks, merged).items() if k in selected}
 
-    def begin_task(self, task_id: int) -> None:
-        self._task = task_id
-        self._sums = {k: torch.zeros(s) for k, s in self.importance_shapes().items()}
-        self._tokens = 0
+    def start(self, task_id: int) -> DASState:
+        what = "DAS general importance" if task_id < 0 else f"DAS importance of task {task_id}"
+        return DASState(what, {k: torch.zeros(s) for k, s in self.importance_shapes().items()})
 
-    def accumulate(self, batch: Any) -> None:
+    def add(self, state: DASState, batch: Any) -> DASState:
         """Add |∂L/∂m| of the domain loss on one batch."""
-        self._add(batch, self.domain_loss)
+        return self._add(state, batch, self.domain_loss)
 
-    def finalize(self) -> dict[str, Tensor]:
+    def result(self, state: DASState, general: Mapping[str, Tensor] | None = None) -> Importance:
         """This domain's importance, max-merged with the general importance if computed."""
-        return self.combined_importance(self._normalized(f"DAS importance of task {self._task}"))
+        return combined_importance(self._normalized(state), general)
 
     # the passes ------------------------------------------------------------------------------
 
-    def general_importance(
-        self, batches: Iterable[Any], desc: str = "general importance"
-    ) -> dict[str, Tensor]:
-        """General-knowledge importance by the proxy KL (train mode, dropout on); kept in `general`.
+    def general_importance(self, batches: Iterable[Any]) -> Importance:
+        """General-knowledge importance by the proxy KL (train mode, dropout on).
 
-        Call it on the base model before `begin_task(0)`, on a sample of the first domain.
+        Run on the base model before the first domain, on a sample of the first domain.
         """
-        base = self.model.base_model
-        was_training = base.training
-        base.train()
+        was_training = self.base_model.training
+        self.base_model.train()
         try:
-            self.begin_task(-1)
+            state = self.start(-1)
             with torch.enable_grad():  # callers often sit under no_grad
-                for batch in tqdm(batches, desc=desc, leave=False, disable=None):
-                    self._add(batch, self.proxy_kl)
-            self.general = self._normalized("DAS general importance")
+                for batch in batches:
+                    state = self._add(state, batch, self.proxy_kl)
+            return self._normalized(state)
         finally:
-            base.train(was_training)
-        return self.general
+            self.base_model.train(was_training)
 
-    def combined_importance(self, importance: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-        """Elementwise max of `importance` and the general importance (either may be absent)."""
-        merged = {k: v.to(torch.float32) for k, v in (importance or {}).items()}
-        for k, g in (self.general or {}).items():
-            merged[k] = torch.maximum(merged[k], g) if k in merged else g.clone()
-        return merged
-
-    def add_gradients(self, grads: Mapping[str, Tensor], tokens: int) -> None:
+    @staticmethod
+    def add_gradients(state: DASState, grads: Mapping[str, Tensor], tokens: int) -> DASState:
         """Accumulate one batch: sums[u] += |grad[u]|, token count += tokens.
 
         The sums move to the gradients' device on the first batch, so a pass on an accelerator
         does not copy to the host every batch; `raw_importance` returns them on the CPU.
         """
-        if self._sums is None:
-            raise EmptyDataError("add_gradients() before begin_task()")
         for k, g in grads.items():
-            if self._sums[k].device != g.device:
-                self._sums[k] = self._sums[k].to(g.device)
-            self._sums[k] += g.detach().abs().to(torch.float32)
-        self._tokens += tokens
+            if state.sums[k].device != g.device:
+                state.sums[k] = state.sums[k].to(g.device)
+            state.sums[k] += g.detach().abs().to(torch.float32)
+        state.tokens += tokens
+        return state
 
-    def _add(self, batch: Any, loss_fn: Any) -> None:
+    def _add(self, state: DASState, batch: Any, loss_fn: Any) -> DASState:
         masks = ones_masks(self.blocks)
         with apply_virtual_masks(self.blocks, masks):
             loss = loss_fn(batch)
         grads = torch.autograd.grad(loss, list(masks.values()), allow_unused=True)
-        self.add_gradients(
+        return self.add_gradients(
+            state,
             {k: torch.zeros_like(m) if g is None else g for (k, m), g in zip(masks.items(), grads)},
             token_count(batch),
         )
 
-    def raw_importance(self) -> dict[str, Tensor]:
+    @staticmethod
+    def raw_importance(state: DASState) -> Importance:
         """Σ_b |∂L_b/∂m| / Σ_b n_b of the pass so far (before normalisation)."""
-        if self._sums is None or self._tokens == 0:
-            raise EmptyDataError("the DAS importance pass got no batches (or no tokens)")
-        return {k: v.cpu() / self._tokens for k, v in self._sums.items()}
+        if state.tokens == 0:
+            raise EmptyDataError(f"{state.what}: the pass got no batches (or no tokens)")
+        return {k: v.cpu() / state.tokens for k, v in state.sums.items()}
 
-    def _normalized(self, what: str) -> dict[str, Tensor]:
-        raw = self.raw_importance()
-        check_finite(raw, what)
-        self._sums = None
+    def _normalized(self, state: DASState) -> Importance:
+        raw = self.raw_importance(state)
+        check_finite(raw, state.what)
         return {k: normalize_importance(v) for k, v in raw.items()}
 
     # losses ------------------------------------------------------------------------------------
 
     def domain_loss(self, batch: Any) -> Tensor:
         """The domain's own loss: the model's loss for dict batches (MLM, causal LM, task), CE for (x, y)."""
-        x, y, hf = split_batch(batch)
-        base = self.model.base_model
-        if hf:
-            return model_loss(base(**hf))
-        return F.cross_entropy(logits_of(base(x)), y)
+        return task_loss(self.base_model, batch)
 
     def pooled(self, batch: Any) -> Tensor:
         """Mean over non-padding tokens of the last hidden state, (batch, hidden).
@@ -189,7 +217,7 @@ class DAS(ImportanceMethod):
         BertForMaskedLM), whose last_hidden_state is the model's last hidden state.
         """
         inputs = model_inputs(batch)
-        base = self.model.base_model
+        base = self.base_model
         body = getattr(base, "base_model", None)
         if isinstance(body, nn.Module) and body is not base:
             hidden = body(**inputs).last_hidden_state  # skip the LM head: a vocab-wide matmul
@@ -214,35 +242,41 @@ class DAS(ImportanceMethod):
             F.log_softmax(r2, dim=-1), F.log_softmax(r1, dim=-1), log_target=True, reduction="sum"
         )
 
-    def integration_loss(self, batch: Any, anchor: Tensor | None = None) -> Tensor:
-        """Contrastive integration term (InfoNCE, τ = config.contrastive_temperature).
+    def integration_loss(
+        self,
+        batch: Any,
+        importance: Mapping[str, Tensor] | None,
+        anchor: Tensor | None = None,
+    ) -> Tensor:
+        """Contrastive integration term (InfoNCE, τ = contrastive_temperature).
 
         anchor = pooled x (dropout pass 1; pass `anchor` to reuse the training forward),
         positive = pooled x (pass 2), negatives = the other sequences' positives and x's
-        "general" representation: a forward with unit outputs multiplied by max(A, general),
-        without gradient (a fixed point to move away from; this also saves a third backward).
+        "general" representation: a forward with unit outputs multiplied by `importance`
+        (max(A, general)), without gradient (a fixed point to move away from; this also saves
+        a third backward).
         """
         if anchor is None:
             anchor = self.pooled(batch)
         positive = self.pooled(batch)
-        importance = self.combined_importance(self.model.store.accumulated)
         general = None
         if importance:
             with torch.no_grad(), apply_virtual_masks(self.blocks, importance):
                 general = self.pooled(batch)
-        return info_nce(
-            anchor, positive, general, self.model.softmask_config.contrastive_temperature
-        )
+        return info_nce(anchor, positive, general, self.config.contrastive_temperature)
 
-    def training_loss(self, batch: Mapping[str, Any]) -> Tensor:
+    def training_loss(
+        self, batch: Any, accumulated: Mapping[str, Tensor], general: Mapping[str, Tensor] | None
+    ) -> Tensor:
         """Domain loss + contrastive_weight · integration loss, sharing the first forward pass."""
         _, _, hf = split_batch(batch)
         if not hf:
             raise ConfigError("DAS training_loss needs HF-style dict batches with 'labels'")
-        out = self.model.base_model(**hf, output_hidden_states=True)
+        out = self.base_model(**hf, output_hidden_states=True)
         loss = model_loss(out)
-        weight = self.model.softmask_config.contrastive_weight
+        weight = self.config.contrastive_weight
         if weight == 0:
             return loss
         anchor = mean_pool(out.hidden_states[-1], hf.get("attention_mask"))
-        return loss + weight * self.integration_loss(batch, anchor=anchor)
+        importance = combined_importance(accumulated, general)
+        return loss + weight * self.integration_loss(batch, importance, anchor=anchor)

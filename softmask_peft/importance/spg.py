@@ -13,17 +13,34 @@ copies every gradient to the CPU.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..batches import logits_of, model_loss, split_batch
+from ..batches import logits_of, model_loss, split_batch, task_loss
 from ..errors import EmptyDataError
 from ..heads import MultiHeadClassifier
-from .base import ImportanceMethod, check_finite
+from .base import Importance, ImportanceMethod, check_finite
 from .normalize import normalize_importance
+
+
+@dataclass
+class SPGConfig:
+    """SPG's own options (none yet beyond the shared ones in `SoftMaskConfig`)."""
+
+
+@dataclass
+class SPGState:
+    """One importance pass: per masked parameter, the summed gradients of every head."""
+
+    task: int
+    params: list[Tensor]
+    sums: list[Tensor] | None = None
+    batched_backward: bool = True  # cleared once an op without a batching rule is met
 
 
 class SPG(ImportanceMethod):
@@ -31,38 +48,43 @@ class SPG(ImportanceMethod):
 
     name = "spg"
 
-    def begin_task(self, task_id: int) -> None:
-        self._task = task_id
-        self._sums: list[Tensor] | None = None
-        self._batched_backward = True
-        named = dict(self.model.base_model.named_parameters())
-        self._params = [named[n] for n in self.model.masked_parameter_names]
+    def start(self, task_id: int) -> SPGState:
+        named = dict(self.base_model.named_parameters())
+        return SPGState(task_id, [named[n] for n in self.masked])
 
-    def _head_losses_grads(self, batch: Any, params: list[Tensor]) -> list[Tensor]:
+    def training_loss(
+        self, batch: Any, accumulated: Mapping[str, Tensor], general: Mapping[str, Tensor] | None
+    ) -> Tensor:
+        """The task loss: the model's own loss for dict batches, cross-entropy for (x, y)."""
+        return task_loss(self.base_model, batch)
+
+    def _head_grads(self, state: SPGState, batch: Any) -> list[Tensor]:
         """Gradients of every head's loss, each stacked as (num_heads, *param.shape)."""
-        base = self.model.base_model
+        base = self.base_model
         x, y, hf = split_batch(batch)
-        if isinstance(base, MultiHeadClassifier) and self._task > 0:
-            return self._multi_head_grads(base, x, y, params)
+        if isinstance(base, MultiHeadClassifier) and state.task > 0:
+            return self._multi_head_grads(state, base, x, y)
         if hf:
             loss = model_loss(base(**hf))
         else:
-            out = base(x, task_id=self._task) if isinstance(base, MultiHeadClassifier) else base(x)
+            out = base(x, task_id=state.task) if isinstance(base, MultiHeadClassifier) else base(x)
             loss = F.cross_entropy(logits_of(out), y)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = torch.autograd.grad(loss, state.params, allow_unused=True)
         return [
-            (torch.zeros_like(p) if g is None else g).unsqueeze(0) for g, p in zip(grads, params)
+            (torch.zeros_like(p) if g is None else g).unsqueeze(0)
+            for g, p in zip(grads, state.params)
         ]
 
     def _multi_head_grads(
-        self, base: MultiHeadClassifier, x: Tensor, y: Tensor, params: list[Tensor]
+        self, state: SPGState, base: MultiHeadClassifier, x: Tensor, y: Tensor
     ) -> list[Tensor]:
+        params = state.params
         z = base.features(x)
-        heads = list(base.heads)[: self._task + 1]
-        losses = [heads[h](z).sum() for h in range(self._task)]
-        losses.append(F.cross_entropy(heads[self._task](z), y))
+        heads = list(base.heads)[: state.task + 1]
+        losses = [heads[h](z).sum() for h in range(state.task)]
+        losses.append(F.cross_entropy(heads[state.task](z), y))
         dz = torch.stack([torch.autograd.grad(L, z, retain_graph=True)[0] for L in losses])
-        if self._batched_backward:
+        if state.batched_backward:
             try:
                 grads = torch.autograd.grad(
                     z,
@@ -73,46 +95,43 @@ class SPG(ImportanceMethod):
                     retain_graph=True,
                 )
             except RuntimeError:
-                self._batched_backward = False  # an op without a batching rule: loop over heads
-        if not self._batched_backward:
+                state.batched_backward = False  # an op without a batching rule: loop over heads
+        if not state.batched_backward:
             per_head = [
                 torch.autograd.grad(z, params, grad_outputs=d, allow_unused=True, retain_graph=True)
                 for d in dz
             ]
-            grads = [
+            return [
                 torch.stack([torch.zeros_like(p) if g is None else g for g in gs])
                 for gs, p in zip(zip(*per_head), params)
             ]
-            return grads
         n = len(losses)
         return [
             torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
             for g, p in zip(grads, params)
         ]
 
-    def accumulate(self, batch: Any) -> None:
+    def add(self, state: SPGState, batch: Any) -> SPGState:
         """Add this batch's per-head gradients; sums are kept in at least float32.
 
         A float16 / bfloat16 model would otherwise sum in 8-11 mantissa bits, where a long
         task's sum stops growing (in bfloat16, 256 + 1 == 256) and distorts the importance.
         """
         grads = [
-            g.to(torch.promote_types(g.dtype, torch.float32))
-            for g in self._head_losses_grads(batch, self._params)
+            g.to(torch.promote_types(g.dtype, torch.float32)) for g in self._head_grads(state, batch)
         ]
-        if self._sums is None:  # autograd may hand back expanded views: own the accumulators
-            self._sums = [g.clone() for g in grads]
+        if state.sums is None:  # autograd may hand back expanded views: own the accumulators
+            state.sums = [g.clone() for g in grads]
         else:
-            torch._foreach_add_(self._sums, grads)
+            torch._foreach_add_(state.sums, grads)
+        return state
 
-    def finalize(self) -> dict[str, Tensor]:
-        if self._sums is None:
-            raise EmptyDataError(f"the importance pass of task {self._task} got no batches")
-        names = self.model.masked_parameter_names
-        check_finite(dict(zip(names, self._sums)), f"SPG importance of task {self._task}")
-        out = {}
-        for name, g in zip(names, self._sums):
-            per_head = torch.stack([normalize_importance(g_h) for g_h in g])
-            out[name] = per_head.amax(dim=0)
-        self._sums = None
-        return out
+    def result(self, state: SPGState, general: Mapping[str, Tensor] | None = None) -> Importance:
+        """γ^t[p] = max_h |tanh(standardize(g_h[p]))| for every masked parameter."""
+        if state.sums is None:
+            raise EmptyDataError(f"the importance pass of task {state.task} got no batches")
+        check_finite(dict(zip(self.masked, state.sums)), f"SPG importance of task {state.task}")
+        return {
+            name: torch.stack([normalize_importance(g_h) for g_h in g]).amax(dim=0)
+            for name, g in zip(self.masked, state.sums)
+        }

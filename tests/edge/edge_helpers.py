@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softmask_peft import SoftMaskConfig, SoftMaskModel, SoftMaskOptimizer, get_softmask_model
-from softmask_peft.export import export_for_device
+from softmask_peft.device import export_for_device
 from softmask_peft.heads import MultiHeadClassifier
 
 IN_FEATURES = 6

@@ -73,7 +73,7 @@ def test_general_and_domain_importance_accumulate_by_max():
         model.method.begin_task(t)
         model.method.add_gradients(grads, tokens=1)
         domain = {k: standardize_tanh_abs(grads[k].abs()).float() for k in shapes}
-        model.store.add_task(model.method.finalize())
+        model.store.close(model.method.finalize())
         domains.append(domain)
         for k in shapes:
             assert torch.allclose(model.task_importance(t)[k], torch.maximum(general[k], domain[k]))
@@ -242,7 +242,7 @@ def test_important_units_stay_bit_exact_and_the_rest_moves(arch, mask_mode):
     else:
         net, batches = (tiny_gpt2() if arch == "gpt2" else tiny_llama()), lm_batches()
     model = das_model(net, mask_mode=mask_mode)
-    model.store.add_task(_one_hot_importance(model))
+    model.store.close(_one_hot_importance(model))
     model.begin_task(1)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     base = (
@@ -276,11 +276,11 @@ def test_important_units_stay_bit_exact_and_the_rest_moves(arch, mask_mode):
 
 def test_excluded_modules_are_not_masked():
     every = das_model(tiny_bert())
-    every.store.add_task(_one_hot_importance(every))
+    every.store.close(_one_hot_importance(every))
     masked = set(every.method.parameter_importance(every.store.accumulated))
     assert any(".query." in n for n in masked)
     model = das_model(tiny_bert(), exclude_modules=["query"])
-    model.store.add_task(_one_hot_importance(model))
+    model.store.close(_one_hot_importance(model))
     kept = set(model.method.parameter_importance(model.store.accumulated))
     assert kept == {n for n in masked if ".query." not in n}
 
@@ -327,7 +327,7 @@ def test_info_nce_pairs_each_anchor_with_its_own_second_view():
 def test_integration_loss_uses_same_sequence_positive_and_importance_scaled_general():
     net = tiny_bert(dropout=0.0)
     model = das_model(net, contrastive_temperature=0.1)
-    model.store.add_task(_unit_vectors(model, lambda k, s: torch.linspace(0.2, 0.9, s[0])))
+    model.store.close(_unit_vectors(model, lambda k, s: torch.linspace(0.2, 0.9, s[0])))
     batch = text_batches()[0]
     mask = batch["attention_mask"]
     inputs = {"input_ids": batch["input_ids"], "attention_mask": mask}

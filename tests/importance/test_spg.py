@@ -270,7 +270,7 @@ def test_batched_backward_equals_per_head_loop():
         model = get_softmask_model(net, SoftMaskConfig())
         for t in range(2):
             model.begin_task(t, num_classes=3)
-            model.store.add_task({n: torch.zeros_like(p) for n, p in _masked(model)})
+            model.store.close({n: torch.zeros_like(p) for n, p in _masked(model)})
         model.begin_task(2, num_classes=3)
         method = model.method
         method.begin_task(2)

@@ -32,7 +32,7 @@ from softmask_peft import (  # noqa: E402
     TaskOrderError,
     get_softmask_model,
 )
-from softmask_peft.export import export_for_device, load_device_checkpoint  # noqa: E402
+from softmask_peft.device import export_for_device, load_device_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")

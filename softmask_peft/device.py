@@ -1,4 +1,4 @@
-"""Torch side of the on-device export (DESIGN §7) and the way back to the server.
+"""The device bridge, torch side: export for ONNX Runtime Training, and read back what a device learned.
 
 `export_for_device` traces the model with `torch.onnx.export` (training mode, no constant
 folding, TorchScript exporter) into a forward graph `inputs [+ task_id] -> logits` whose
@@ -22,6 +22,7 @@ import io
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
@@ -31,15 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batches import logits_of
-from .errors import ConfigError, ImportanceMismatchError, TaskOrderError
+from .errors import ConfigError, TaskOrderError
 from .heads import MultiHeadClassifier
 from .selection import select_parameters
-from .store import ImportanceStore
+from .store import TaskRecord
 
 if TYPE_CHECKING:
     from softmask_edge import Manifest
-
-    from .model import SoftMaskModel
 
 PAD_LOGIT = -1e4
 _PREFIX = "net."
@@ -148,7 +147,7 @@ def _versions() -> dict[str, str]:
 
 
 def export_for_device(
-    model: SoftMaskModel,
+    model: Any,
     example_inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
     directory: str | os.PathLike,
     *,
@@ -170,11 +169,9 @@ def export_for_device(
             (task-incremental models only).
         importance_dtype: storage of A in the checkpoint; default the config's.
     """
-    from softmask_edge import build_artifacts
+    from softmask_edge import build_artifacts  # the optional `onnx` extra: only when exporting
 
-    from .model import SoftMaskModel  # model.py may import this module for its methods
-
-    if not isinstance(model, SoftMaskModel):
+    if not hasattr(model, "softmask_config") or not hasattr(model, "store"):
         raise TypeError(f"model must be a SoftMaskModel, got {type(model).__name__}")
     cfg = model.softmask_config
     if cfg.method != "spg":
@@ -240,66 +237,54 @@ def export_for_device(
         importance_dtype=importance_dtype or cfg.importance_dtype,
         loss=loss,
         optimizer=optimizer,
-        task_names=list(cfg.task_names),
+        task_names=[t.name for t in model.task_log],
         versions=_versions(),
     )
 
 
-def load_device_checkpoint(model: SoftMaskModel, directory: str | os.PathLike) -> SoftMaskModel:
+@dataclass
+class DeviceState:
+    """What a device learned, as torch tensors: `SoftMaskModel.load_device_state` applies it."""
+
+    source: str
+    weights: dict[str, Tensor]
+    accumulated: dict[str, Tensor]
+    history: list[dict[str, Tensor]]
+    tasks: list[TaskRecord]
+    masked: list[str]
+
+
+def read_device_checkpoint(directory: str | os.PathLike) -> DeviceState:
+    """Read (and let `softmask_edge` validate) a device's artifacts folder; change nothing."""
+    from softmask_edge import read_device_checkpoint as read_edge  # the optional `onnx` extra
+
+    ckpt = read_edge(directory)
+    m = ckpt.manifest
+    tasks = [
+        TaskRecord(
+            m.task_names[k] if k < len(m.task_names) else f"task_{k}",
+            m.task_classes(k) if m.task_mode == "task_incremental" else None,
+        )
+        for k in range(m.num_tasks)
+    ]
+    return DeviceState(
+        source=str(directory),
+        weights={n: torch.from_numpy(a) for n, a in ckpt.weights.items()},
+        accumulated={n: torch.from_numpy(a) for n, a in ckpt.importance.items()},
+        history=[{n: torch.from_numpy(a) for n, a in t.items()} for t in ckpt.history],
+        tasks=tasks,
+        masked=list(m.masked),
+    )
+
+
+def load_device_checkpoint(model: Any, directory: str | os.PathLike) -> Any:
     """Restore what a device learned (weights, accumulated and per-task importance) into `model`.
 
     Everything is checked before anything changes: the masked parameters must be the
-    manifest's, and every weight the model has must be in the checkpoint with its shape. A
-    `MultiHeadClassifier` gains the heads of the tasks the device learned; declared heads the
-    device never trained are not added.
+    manifest's, every weight the model has must be in the checkpoint with its shape, and the
+    device's task log must extend the model's (a device behind the model, or exported from
+    another run, is refused). A `MultiHeadClassifier` gains the heads of the tasks the device
+    learned; declared heads the device never trained are not added.
     """
-    from softmask_edge import read_device_checkpoint
-
-    ckpt = read_device_checkpoint(directory)
-    m = ckpt.manifest
-    base = model.base_model
-    new_heads: list[int] = []
-    first_new = 0
-    if isinstance(base, MultiHeadClassifier):
-        first_new = len(base.heads)
-        new_heads = m.head_classes[first_new : m.num_tasks]
-    shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
-    for k, classes in enumerate(new_heads, start=first_new):
-        shapes[f"heads.{k}.weight"] = (classes, base.feature_dim)
-        shapes[f"heads.{k}.bias"] = (classes,)
-    problems = [f"the model has no parameter {n!r}" for n in m.masked if n not in shapes]
-    problems += [f"checkpoint lacks {n!r}" for n in sorted(set(shapes) - set(ckpt.weights))]
-    problems += [
-        f"{n}: device shape {tuple(ckpt.weights[n].shape)} != model {shapes[n]}"
-        for n in sorted(set(shapes) & set(ckpt.weights))
-        if tuple(ckpt.weights[n].shape) != shapes[n]
-    ]
-    if set(m.masked) != set(model.masked_parameter_names):
-        problems.append(
-            f"masked parameters differ: device {sorted(m.masked)} vs model "
-            f"{sorted(model.masked_parameter_names)}"
-        )
-    if problems:
-        raise ImportanceMismatchError(
-            f"device checkpoint {str(directory)!r} does not fit this model:\n  "
-            + "\n  ".join(problems)
-        )
-    for classes in new_heads:
-        base.add_head(classes)
-    with torch.no_grad():
-        for n, p in base.named_parameters():
-            p.copy_(torch.from_numpy(ckpt.weights[n]))
-    store = ImportanceStore()
-    for task in ckpt.history:
-        store.add_task({n: torch.from_numpy(a) for n, a in task.items()})
-    store.accumulated = {n: torch.from_numpy(a) for n, a in ckpt.importance.items()}
-    model.store = store
-    cfg = model.softmask_config
-    for k in range(len(cfg.task_names), m.num_tasks):
-        cfg.task_names.append(m.task_names[k] if k < len(m.task_names) else f"task_{k}")
-        cfg.task_num_classes.append(
-            m.task_classes(k) if m.task_mode == "task_incremental" else None
-        )
-    model.current_task = None
-    model.refresh_masks()
+    model.load_device_state(read_device_checkpoint(directory))
     return model

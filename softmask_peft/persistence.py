@@ -1,0 +1,382 @@
+"""save_pretrained / from_pretrained mechanics: the files, their validation, the commit.
+
+A save writes, as one commit (`_atomic.commit_files`): `softmask_config.json`, the importance
+file and the base model's weights. Importance file (format 2):
+
+    tensors   {name}: accumulated A     task.{k}.{name}: task k's importance
+              general.{name}: DAS's general importance (when computed)
+    metadata  format, softmask_version, format_version, num_tasks, tasks (JSON task log),
+              dtype, save_id
+
+Format 1 (0.1.0) kept the task log in the config and had no general importance; it loads.
+Everything is validated before anything is built: a file only makes us allocate what its own
+bytes justify (head sizes are checked against the weights file's header first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file, save_model
+from torch import Tensor, nn
+
+from ._atomic import atomic_write, commit_files, ensure_directory, recover_directory
+from .config import LEGACY_TASK_KEYS, SoftMaskConfig, read_config_json
+from .constants import CONFIG_NAME, FORMAT_VERSION, IMPORTANCE_DTYPES, IMPORTANCE_NAME, WEIGHTS_NAME
+from .errors import (
+    CorruptFileError,
+    ImportanceMismatchError,
+    MissingFileError,
+    SaveLocationError,
+    UnsupportedFormatError,
+    WeightsMismatchError,
+)
+from .heads import MultiHeadClassifier
+from .importance import method_spec
+from .selection import select_parameters
+from .store import ImportanceStore, TaskRecord
+
+TASK_PREFIX = "task."
+GENERAL_PREFIX = "general."
+MAX_TASKS = 100_000
+MAX_CLASSES = 1_000_000
+
+
+def _version() -> str:
+    try:
+        return version("softmask-peft")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def encode(a: Tensor, dtype: str) -> Tensor:
+    """Importance in [0, 1] -> storage dtype. uint8 is round(A * 255)."""
+    a = a.detach().to("cpu", torch.float32).contiguous()
+    if dtype == "float32":
+        return a
+    if dtype == "float16":
+        return a.to(torch.float16)
+    return torch.round(a * 255.0).to(torch.uint8)
+
+
+def decode(a: Tensor) -> Tensor:
+    """Storage dtype -> float32 importance. uint8 is A / 255."""
+    if a.dtype == torch.uint8:
+        return a.to(torch.float32) / 255.0
+    return a.to(torch.float32)
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
+
+
+# saving -----------------------------------------------------------------------------------------
+
+
+def importance_tensors(store: ImportanceStore, dtype: str) -> dict[str, Tensor]:
+    """Flat `{name: A, task.{k}.{name}: γ^k, general.{name}: G}` dict in the storage dtype."""
+    if dtype not in IMPORTANCE_DTYPES:
+        raise ValueError(f"dtype must be one of {IMPORTANCE_DTYPES}, got {dtype!r}")
+    out = {name: encode(v, dtype) for name, v in store.accumulated.items()}
+    for k, task in enumerate(store.history):
+        out.update({f"{TASK_PREFIX}{k}.{name}": encode(v, dtype) for name, v in task.items()})
+    for name, v in (store.general or {}).items():
+        out[f"{GENERAL_PREFIX}{name}"] = encode(v, dtype)
+    return out
+
+
+def save_importance(path: Path, store: ImportanceStore, dtype: str, save_id: str = "") -> None:
+    """Write the store as safetensors atomically; `save_id` ties it to the weights saved with it."""
+    tasks = [{"name": t.name, "num_classes": t.num_classes} for t in store.tasks]
+    metadata = {
+        "format": "pt",
+        "softmask_version": _version(),
+        "format_version": str(FORMAT_VERSION),
+        "num_tasks": str(store.num_tasks),
+        "tasks": json.dumps(tasks),
+        "dtype": dtype,
+        "save_id": save_id,
+    }
+    tensors = importance_tensors(store, dtype)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def save_checkpoint(
+    directory: str | os.PathLike, base_model: nn.Module, config: SoftMaskConfig, store: ImportanceStore
+) -> None:
+    """Write config, importance and the base weights into `directory`, as one commit.
+
+    The files are staged and committed as a set: a crash leaves the previous checkpoint or,
+    once committed, the new one, which the next load finishes moving into place. Weights and
+    importance carry the same random `save_id`, so a pair from two saves is refused.
+    """
+    directory = ensure_directory(directory)
+    save_id = uuid.uuid4().hex
+
+    def write(staging: Path) -> None:
+        if hasattr(base_model, "save_pretrained") and hasattr(base_model, "config"):
+            base_model.config.save_pretrained(staging)
+        metadata = {"format": "pt", "save_id": save_id, "model_class": type(base_model).__name__}
+        save_model(base_model, str(staging / WEIGHTS_NAME), metadata)
+        save_importance(staging / IMPORTANCE_NAME, store, config.importance_dtype, save_id)
+        config.save_pretrained(staging)
+
+    commit_files(directory, write)
+
+
+# loading ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """Everything `from_pretrained` needs, validated: the model applies it."""
+
+    config: SoftMaskConfig
+    weights: dict[str, Tensor]
+    store: ImportanceStore
+
+
+def _open_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        tensors = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CorruptFileError(f"cannot read {str(path)!r}: {e}") from e
+    return tensors, metadata
+
+
+def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Shapes and metadata from a safetensors header, without reading the tensors."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CorruptFileError(f"cannot read {str(path)!r}: {e}") from e
+
+
+def _parse_tasks(raw: Any, where: str) -> list[TaskRecord]:
+    """A task log from JSON: a list of {"name": str, "num_classes": int | None}."""
+    if not isinstance(raw, list) or len(raw) > MAX_TASKS:
+        raise CorruptFileError(f"{where}: the task log must be a list of at most {MAX_TASKS} tasks")
+    out = []
+    for k, item in enumerate(raw):
+        name, classes = (item.get("name"), item.get("num_classes")) if isinstance(item, dict) else (None, None)
+        ok_classes = classes is None or (
+            isinstance(classes, int) and not isinstance(classes, bool) and 1 <= classes <= MAX_CLASSES
+        )
+        if not isinstance(name, str) or not ok_classes:
+            raise CorruptFileError(
+                f"{where}: task {k} must have a str name and num_classes in 1..{MAX_CLASSES} or "
+                f"null, got {item!r}"
+            )
+        out.append(TaskRecord(name, classes))
+    return out
+
+
+def _legacy_tasks(data: Mapping[str, Any], where: str) -> list[TaskRecord]:
+    """Format 1's task log: `task_names` and `task_num_classes` in the config."""
+    names, classes = (data.get(k, []) for k in LEGACY_TASK_KEYS)
+    if not isinstance(names, list) or not isinstance(classes, list) or (
+        classes and len(classes) != len(names)
+    ):
+        raise CorruptFileError(f"{where}: task_names / task_num_classes are malformed")
+    classes = classes or [None] * len(names)
+    return _parse_tasks([{"name": n, "num_classes": c} for n, c in zip(names, classes)], where)
+
+
+def head_shapes(base_model: nn.Module, tasks: list[TaskRecord]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the heads a `MultiHeadClassifier` lacks for `tasks` (none for other models)."""
+    if not isinstance(base_model, MultiHeadClassifier):
+        return {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k in range(len(base_model.heads), len(tasks)):
+        n = tasks[k].num_classes
+        if n is None:
+            raise CorruptFileError(f"the task log lacks the class count of head {k}")
+        shapes[f"heads.{k}.weight"] = (n, base_model.feature_dim)
+        shapes[f"heads.{k}.bias"] = (n,)
+    return shapes
+
+
+def _memory_span(t: Tensor) -> tuple[int, int, int]:
+    """(storage pointer, first element, one past the last element) of a tensor's memory."""
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else -1
+    return t.untyped_storage().data_ptr(), t.storage_offset(), t.storage_offset() + last + 1
+
+
+def _summary(kind: str, keys: list[str], shown: int = 5) -> str:
+    more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
+    return f"{len(keys)} {kind}: " + ", ".join(repr(k) for k in keys[:shown]) + more
+
+
+def check_weights(
+    model: nn.Module,
+    saved: Mapping[str, tuple[int, ...]],
+    added: Mapping[str, tuple[int, ...]],
+    saved_class: str = "",
+) -> None:
+    """All saved keys exist (or will, `added`) with equal shapes; a key not saved must lie
+    inside a saved tensor's memory (tied weights, views), else it would keep stale values.
+    """
+    state = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()} | dict(added)
+    unexpected = sorted(set(saved) - set(shapes))
+    spans = [_memory_span(state[k]) for k in saved if k in state]
+    missing = [k for k in sorted(set(added) - set(saved))]
+    for k in sorted(set(state) - set(saved)):
+        ptr, start, end = _memory_span(state[k])
+        if not any(p == ptr and s <= start and end <= e for p, s, e in spans):
+            missing.append(k)
+    wrong = [
+        f"{k}: saved {saved[k]} != model {shapes[k]}"
+        for k in sorted(set(saved) & set(shapes))
+        if tuple(saved[k]) != shapes[k]
+    ]
+    if unexpected or missing or wrong:
+        parts = [p for p in (
+            unexpected and _summary("unexpected weight(s)", unexpected),
+            missing and _summary("missing weight(s)", missing),
+            wrong and _summary("shape mismatch(es)", wrong, 3),
+        ) if p]
+        origin = f"saved from a {saved_class}" if saved_class else "saved from another model"
+        raise WeightsMismatchError(
+            f"the saved weights ({origin}) do not fit this {type(model).__name__}:\n  "
+            + "\n  ".join(parts)
+            + "\nload them into the same architecture they were saved from"
+        )
+
+
+def importance_version(path: Path) -> int:
+    """The importance file's format version, from its header; unknown versions raise."""
+    _, metadata = _header(path)
+    text = metadata.get("format_version")
+    if text not in ("1", "2"):
+        raise UnsupportedFormatError(
+            f"{path.name}: importance format_version {text!r} is not supported "
+            "(this release reads '1' and '2')"
+        )
+    return int(text)
+
+
+def read_task_log(path: Path, raw_config: Mapping[str, Any]) -> list[TaskRecord]:
+    """The task log: the importance file's metadata (format 2) or the config (format 1)."""
+    if importance_version(path) == 1:
+        return _legacy_tasks(raw_config, CONFIG_NAME)
+    _, metadata = _header(path)
+    try:
+        raw = json.loads(metadata.get("tasks", "[]"))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CorruptFileError(f"{path.name}: metadata tasks is not JSON: {e}") from e
+    return _parse_tasks(raw, path.name)
+
+
+def load_importance(
+    path: Path, expected: Mapping[str, torch.Size], tasks: list[TaskRecord] | None = None
+) -> ImportanceStore:
+    """Read and validate an importance file; raise before building anything if it does not fit.
+
+    `expected` maps every accumulated-importance name to its shape. Every problem (missing or
+    unexpected key, shape, dtype other than the metadata's, value outside [0, 1]) is listed in
+    one error. `tasks` defaults to the file's own task log (format 2).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"importance file {str(path)!r} does not exist")
+    version = importance_version(path)
+    if tasks is None:
+        tasks = read_task_log(path, {})
+    tensors, metadata = _open_safetensors(path)
+    try:
+        num_tasks = int(metadata.get("num_tasks", ""))
+    except ValueError as e:
+        raise CorruptFileError(f"{path.name}: metadata num_tasks is missing or invalid") from e
+    per_task = max(1, len(expected))
+    if not 0 <= num_tasks <= len(tensors) // per_task:
+        raise CorruptFileError(
+            f"{path.name}: metadata says {num_tasks} task(s) but the file holds {len(tensors)} "
+            "tensor(s)"
+        )
+    dtype = metadata.get("dtype", "float32")
+    if dtype not in IMPORTANCE_DTYPES:
+        raise CorruptFileError(f"{path.name}: metadata dtype {dtype!r} is not one of {IMPORTANCE_DTYPES}")
+    has_general = version >= 2 and any(k.startswith(GENERAL_PREFIX) for k in tensors)
+    # a store saved before its first task ends has no accumulated importance yet
+    has_accumulated = num_tasks > 0 or any(n in tensors for n in expected)
+    prefixes = [""] * has_accumulated + [f"{TASK_PREFIX}{k}." for k in range(num_tasks)]
+    prefixes += [GENERAL_PREFIX] * has_general
+    wanted = {p + n: s for p in prefixes for n, s in expected.items()}
+    problems = [f"missing key {k!r}" for k in sorted(set(wanted) - set(tensors))]
+    problems += [f"unexpected key {k!r}" for k in sorted(set(tensors) - set(wanted))]
+    for key in sorted(set(wanted) & set(tensors)):
+        t = tensors[key]
+        if tuple(t.shape) != tuple(wanted[key]):
+            problems.append(f"{key}: shape {tuple(t.shape)} != expected {tuple(wanted[key])}")
+        elif t.dtype != _TORCH_DTYPES[dtype]:
+            problems.append(f"{key}: dtype {t.dtype} but the file's metadata says {dtype}")
+        else:
+            v = decode(t)
+            if not bool(torch.isfinite(v).all()) or (v.numel() and (v.min() < 0 or v.max() > 1)):
+                problems.append(f"{key}: values outside [0, 1]")
+    if not num_tasks <= len(tasks) <= num_tasks + 1:
+        problems.append(f"the task log names {len(tasks)} task(s) but the file holds {num_tasks}")
+    if problems:
+        shown = problems[:20] + ([f"(+{len(problems) - 20} more)"] if len(problems) > 20 else [])
+        raise ImportanceMismatchError(
+            f"cannot load importance from {str(path)!r}:\n  " + "\n  ".join(shown)
+        )
+    names = list(expected)
+    return ImportanceStore.from_parts(
+        [{n: decode(tensors[f"{TASK_PREFIX}{k}.{n}"]) for n in names} for k in range(num_tasks)],
+        tasks,
+        accumulated={n: decode(tensors[n]) for n in names} if has_accumulated else {},
+        general={n: decode(tensors[GENERAL_PREFIX + n]) for n in names} if has_general else None,
+        save_id=metadata.get("save_id", ""),
+    )
+
+
+def load_checkpoint(base_model: nn.Module, directory: str | os.PathLike) -> Checkpoint:
+    """Read and validate what `save_checkpoint` wrote, for loading onto `base_model`.
+
+    Nothing in `base_model` changes here; every check passes before the caller applies it
+    (files present, config and format version known, task log sane, weights and importance
+    keys, shapes, dtypes and range).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise MissingFileError(f"{str(directory)!r} is not a directory")
+    try:
+        recover_directory(directory)
+    except OSError as e:
+        raise SaveLocationError(
+            f"{str(directory)!r} holds a committed but unfinished save that cannot be "
+            f"completed: {e}"
+        ) from e
+    missing = [n for n in (CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME) if not (directory / n).is_file()]
+    if missing:
+        raise MissingFileError(f"{str(directory)!r} lacks {', '.join(missing)}")
+    raw_config = read_config_json(directory)
+    config = SoftMaskConfig.from_dict(raw_config)
+    tasks = read_task_log(directory / IMPORTANCE_NAME, raw_config)
+    weight_shapes, weight_meta = _header(directory / WEIGHTS_NAME)
+    check_weights(
+        base_model, weight_shapes, head_shapes(base_model, tasks), weight_meta.get("model_class", "")
+    )
+    masked, _ = select_parameters(base_model, config)
+    method = method_spec(config.method).method_class(base_model, masked, config.method_config)
+    store = load_importance(directory / IMPORTANCE_NAME, method.importance_shapes(), tasks)
+    if weight_meta.get("save_id", "") != store.save_id:
+        raise CorruptFileError(
+            f"{WEIGHTS_NAME} and {IMPORTANCE_NAME} in {str(directory)!r} come from different "
+            "saves (an interrupted save_pretrained?); refusing to pair them"
+        )
+    weights, _ = _open_safetensors(directory / WEIGHTS_NAME)
+    return Checkpoint(config, weights, store)

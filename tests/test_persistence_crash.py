@@ -1,0 +1,108 @@
+"""save_pretrained as one commit: crashes at every step leave the old or the new checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (
+    classification_batches,
+    same_state,
+    saved_mlp,
+    small_mlp,
+    snapshot,
+)
+
+from softmask_peft import (
+    SoftMaskModel,
+    _atomic,
+)
+from softmask_peft._atomic import COMMIT_MARKER, STAGING_PREFIX
+from softmask_peft.constants import CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME
+
+
+class Crash(BaseException):
+    """Stands for the process dying: nothing after it runs, no cleanup handler catches it."""
+
+
+@pytest.mark.parametrize("renames_before_crash", [0, 1, 2])  # three files
+def test_crash_between_the_renames_is_rolled_forward_by_the_next_load(
+    tmp_path, monkeypatch, renames_before_crash
+):
+    model, directory = saved_mlp(tmp_path)
+    model.begin_task(2)
+    model.end_task(classification_batches(in_features=6))
+    with torch.no_grad():
+        model.base_model.fc1.weight.add_(1.0)
+    expected = snapshot(model.base_model)
+    real_replace, moved = os.replace, []
+
+    def crash_midway(src, dst):
+        if Path(dst).parent == directory:  # a rename into place, after the commit point
+            if len(moved) == renames_before_crash:
+                raise Crash
+            moved.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_midway)
+    with pytest.raises(Crash):
+        model.save_pretrained(directory)
+    monkeypatch.undo()
+    fresh = small_mlp(seed=3, in_features=6)
+    loaded = SoftMaskModel.from_pretrained(fresh, directory)
+    assert loaded.num_tasks == 3 and same_state(snapshot(fresh), expected)
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        [CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME]
+    )
+
+
+def test_an_interrupt_right_after_the_commit_point_keeps_the_new_save(tmp_path, monkeypatch):
+    model, directory = saved_mlp(tmp_path)
+    model.begin_task(2)
+    model.end_task(classification_batches(in_features=6))
+    real_fsync = _atomic.fsync_directory
+
+    def interrupted(path):
+        if (Path(path) / COMMIT_MARKER).is_file():
+            raise Crash
+        real_fsync(path)
+
+    monkeypatch.setattr(_atomic, "fsync_directory", interrupted)
+    with pytest.raises(Crash):
+        model.save_pretrained(directory)
+    monkeypatch.undo()
+    assert SoftMaskModel.from_pretrained(small_mlp(seed=3, in_features=6), directory).num_tasks == 3
+
+
+def test_a_load_racing_the_renames_does_not_fail_the_save(tmp_path, monkeypatch):
+    model, directory = saved_mlp(tmp_path)
+    model.begin_task(2)
+    model.end_task(classification_batches(in_features=6))
+    real_replace, loads = os.replace, []
+
+    def reader_cuts_in(src, dst):
+        if Path(dst).parent == directory and not loads:
+            loads.append(None)  # the reader's own renames go straight through
+            loads[0] = SoftMaskModel.from_pretrained(small_mlp(seed=3, in_features=6), directory)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", reader_cuts_in)
+    model.save_pretrained(directory)
+    monkeypatch.undo()
+    assert loads[0].num_tasks == 3  # the reader finished the committed save itself
+    assert SoftMaskModel.from_pretrained(small_mlp(seed=3, in_features=6), directory).num_tasks == 3
+
+
+def test_a_killed_uncommitted_save_is_ignored_by_loads_and_cleared_by_the_next_save(tmp_path):
+    model, directory = saved_mlp(tmp_path)
+    leftover = directory / (STAGING_PREFIX + "killed")
+    leftover.mkdir()
+    (leftover / WEIGHTS_NAME).write_bytes(b"\x00" * 16)  # killed before its commit marker
+    loaded = SoftMaskModel.from_pretrained(small_mlp(seed=3, in_features=6), directory)
+    assert loaded.num_tasks == 2 and leftover.is_dir()
+    model.save_pretrained(directory)
+    assert not leftover.exists()
+
+
