@@ -1,7 +1,7 @@
 """Time of one DAS importance pass on the real all-MiniLM-L6-v2, as a multiple of one training
 epoch on the same N sequences.
 
-"general" = `model.method.general_importance` (proxy KL: two forwards + one backward to the
+"general" = `model.general_importance` (proxy KL: two forwards + one backward to the
 virtual masks per batch); "domain" = `end_task` (the model's own MLM loss, one forward + one
 backward per batch); "epoch" = one AdamW epoch of plain MLM training (`model(**batch).loss`,
 backward, step) on the same batches. Sequences are the `licenses` domain's passages with BERT
@@ -53,14 +53,14 @@ def measure(n: int, batch_size: int, seq_len: int, repeats: int, texts: list[str
             opt.step()
 
     def domain() -> None:
-        model.method.begin_task(0)
+        state = model.method.start(0)
         net.train()
         for b in batches:
-            model.method.accumulate(b)
-        model.method.finalize()
+            state = model.method.add(state, b)
+        model.method.result(state)
 
-    model.method.general_importance(batches[:1])  # warm-up
-    t_general = best_time(lambda: model.method.general_importance(batches), repeats)
+    model.general_importance(batches[:1])  # warm-up
+    t_general = best_time(lambda: model.general_importance(batches), repeats)
     t_domain = best_time(domain, repeats)
     t_epoch = best_time(epoch, repeats)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)

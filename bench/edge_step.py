@@ -195,7 +195,8 @@ def bench_model(
     net.train()
     model = get_softmask_model(net, SoftMaskConfig(head_modules=heads))
     params = dict(net.named_parameters())
-    model.store.add_task({n: torch.rand_like(params[n]) for n in model.masked_parameter_names})
+    model.begin_task(0)
+    model.store.close({n: torch.rand_like(params[n]) for n in model.masked_parameter_names})
     sizes = {}
     for dtype in ("float32", "float16", "uint8"):
         export_for_device(model, x, root / f"{dtype}", importance_dtype=dtype)

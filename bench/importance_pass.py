@@ -58,7 +58,7 @@ def measure(arch: str, shape: tuple[int, ...], task: int, batches: list) -> dict
     for t in range(task):
         model.begin_task(t, num_classes=2)
         params = dict(net.named_parameters())
-        model.store.add_task({n: torch.zeros_like(params[n]) for n in model.masked_parameter_names})
+        model.store.close({n: torch.zeros_like(params[n]) for n in model.masked_parameter_names})
     model.begin_task(task, num_classes=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 

@@ -37,7 +37,7 @@ def build() -> tuple[torch.nn.Module, object]:
     net = BertModel(cfg)
     model = get_softmask_model(net, SoftMaskConfig(method="spg"))
     model.begin_task(0)
-    model.store.add_task({n: torch.rand_like(p) for n, p in net.named_parameters()})
+    model.store.close({n: torch.rand_like(p) for n, p in net.named_parameters()})
     model.begin_task(1)
     for p in net.parameters():
         p.grad = torch.randn_like(p) * 1e-3

@@ -53,6 +53,8 @@ from .._atomic import atomic_write_text, ensure_directory
 from ..config import SoftMaskConfig
 from ..contrastive import mean_pool
 from ..errors import MissingFileError
+from ..importance import DASConfig
+from ..importance.das import combined_importance
 from ..model import SoftMaskModel
 from ..optim import SoftMaskOptimizer
 from .text_domains import DOMAINS, TextDomains, load_text_domains
@@ -281,10 +283,11 @@ def adapt_mlm(model: nn.Module, enc: Encoded, tokenizer: Any, s: PretrainSetting
 def _das_loss(model: SoftMaskModel, batch: Batch) -> Tensor:
     """MLM loss + contrastive_weight x integration loss (anchor = this forward's pooled state)."""
     loss, anchor = mlm_forward(model.base_model, batch)
-    weight = model.softmask_config.contrastive_weight
+    weight = model.softmask_config.method_config.contrastive_weight
     if weight == 0:
         return loss
-    return loss + weight * model.method.integration_loss(batch, anchor=anchor)
+    importance = combined_importance(model.importance, model.store.general)
+    return loss + weight * model.method.integration_loss(batch, importance, anchor=anchor)
 
 
 def _train_steps(
@@ -350,10 +353,12 @@ def run_method(
     model: SoftMaskModel | None = None
     if method == "das":
         cfg = SoftMaskConfig(
-            method="das", mask_mode=s.mask_mode, contrastive_weight=s.contrastive_weight
+            method="das",
+            mask_mode=s.mask_mode,
+            method_config=DASConfig(contrastive_weight=s.contrastive_weight),
         )
         model = SoftMaskModel(net, cfg)
-        model.method.general_importance(data.importance[DOMAINS[0]])
+        model.general_importance(data.importance[DOMAINS[0]])
     stages, times = [], []
     for t, domain in enumerate(DOMAINS):
         start = time.perf_counter()

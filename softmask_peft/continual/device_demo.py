@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from ..config import SoftMaskConfig
+from ..device import export_for_device
 from ..errors import ConfigError
-from ..export import export_for_device
 from ..model import SoftMaskModel
 from ..optim import SoftMaskOptimizer
 from .benchmarks import Split, get_benchmark

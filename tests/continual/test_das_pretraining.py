@@ -170,9 +170,9 @@ def test_das_masks_the_first_domain_with_general_importance(tokenizer):
     emb = dp.sentence_embeddings(net, data.probe)
     out = dp.run_method("das", net, tokenizer, data, s, emb)
     model = out["model"]
-    assert model.num_tasks == len(DOMAINS) and model.method.general is not None
+    assert model.num_tasks == len(DOMAINS) and model.store.general is not None
     assert model.softmask_config.task_names == list(DOMAINS)
-    for k, g in model.method.general.items():
+    for k, g in model.store.general.items():
         assert bool((model.task_importance(0)[k] >= g).all())
 
 

@@ -12,15 +12,21 @@ import torch.nn.functional as F
 from helpers import standardize_tanh_abs, text_batches, tiny_bert, tiny_gpt2, tiny_llama
 from safetensors import safe_open
 
-from softmask_peft import SoftMaskConfig, SoftMaskModel, SoftMaskOptimizer, get_softmask_model
+from softmask_peft import (
+    DASConfig,
+    SoftMaskConfig,
+    SoftMaskModel,
+    SoftMaskOptimizer,
+    get_softmask_model,
+)
 from softmask_peft.constants import IMPORTANCE_NAME
 from softmask_peft.contrastive import info_nce, mean_pool
 from softmask_peft.errors import ConfigError, EmptyDataError
 from softmask_peft.units import discover_units
 
 
-def das_model(net, **cfg) -> SoftMaskModel:
-    return get_softmask_model(net, SoftMaskConfig(method="das", **cfg))
+def das_model(net, das: DASConfig | None = None, **cfg) -> SoftMaskModel:
+    return get_softmask_model(net, SoftMaskConfig(method="das", method_config=das, **cfg))
 
 
 def lm_batches(n: int = 8, seed: int = 2):
@@ -48,32 +54,32 @@ def test_raw_importance_sums_absolute_gradients_over_batches_divided_by_tokens()
     g = torch.Generator().manual_seed(3)
     g1 = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     g2 = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
-    model.method.begin_task(0)
-    model.method.add_gradients(g1, tokens=5)
-    model.method.add_gradients(g2, tokens=3)
-    raw = model.method.raw_importance()
+    state = model.method.start(0)
+    state = model.method.add_gradients(state, g1, tokens=5)
+    state = model.method.add_gradients(state, g2, tokens=3)
+    raw = model.method.raw_importance(state)
     for k in shapes:
         assert torch.allclose(raw[k], (g1[k].abs() + g2[k].abs()) / 8)
-    out = model.method.finalize()
+    out = model.method.result(state)
     for k in shapes:  # one layer's units of one kind are standardised together
         assert torch.allclose(out[k], standardize_tanh_abs(raw[k]).float(), atol=1e-6)
     with pytest.raises(EmptyDataError):
-        model.method.finalize()
+        model.method.result(model.method.start(1))
 
 
 def test_general_and_domain_importance_accumulate_by_max():
     model = das_model(tiny_bert())
     shapes = model.method.importance_shapes()
     general = {k: torch.linspace(0, 1, s[0]) for k, s in shapes.items()}
-    model.method.general = general
+    model.store.set_general(general)
     domains = []
     for t, seed in enumerate((4, 5)):
         g = torch.Generator().manual_seed(seed)
         grads = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
-        model.method.begin_task(t)
-        model.method.add_gradients(grads, tokens=1)
+        model.begin_task(t)
+        state = model.method.add_gradients(model.method.start(t), grads, tokens=1)
         domain = {k: standardize_tanh_abs(grads[k].abs()).float() for k in shapes}
-        model.store.close(model.method.finalize())
+        model.store.close(model.method.result(state, model.store.general))
         domains.append(domain)
         for k in shapes:
             assert torch.allclose(model.task_importance(t)[k], torch.maximum(general[k], domain[k]))
@@ -114,10 +120,10 @@ def test_domain_pass_matches_weight_gradient_identity_and_zeroes_between_batches
     blocks = model.method.blocks
     per_batch = [_mask_grads_from_weights(net, blocks, b) for b in batches]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    model.method.begin_task(0)
+    state = model.method.start(0)
     for b in batches:
-        model.method.accumulate(b)
-    raw = model.method.raw_importance()
+        state = model.method.add(state, b)
+    raw = model.method.raw_importance(state)
     for k in raw:
         expected = (per_batch[0][k].abs() + per_batch[1][k].abs()) / tokens
         assert torch.allclose(raw[k], expected, rtol=1e-3, atol=1e-12), k
@@ -169,7 +175,7 @@ def test_proxy_kl_is_kl_of_softmaxed_pooled_states():
 def test_general_importance_runs_in_train_mode_and_restores_eval():
     net = tiny_bert(dropout=0.3).eval()
     model = das_model(net)
-    general = model.method.general_importance(text_batches())
+    general = model.general_importance(text_batches())
     assert not net.training
     assert set(general) == set(model.method.importance_shapes())
     assert any(float(v.max()) > 0 for v in general.values())
@@ -242,6 +248,7 @@ def test_important_units_stay_bit_exact_and_the_rest_moves(arch, mask_mode):
     else:
         net, batches = (tiny_gpt2() if arch == "gpt2" else tiny_llama()), lm_batches()
     model = das_model(net, mask_mode=mask_mode)
+    model.begin_task(0)
     model.store.close(_one_hot_importance(model))
     model.begin_task(1)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
@@ -276,12 +283,14 @@ def test_important_units_stay_bit_exact_and_the_rest_moves(arch, mask_mode):
 
 def test_excluded_modules_are_not_masked():
     every = das_model(tiny_bert())
+    every.begin_task(0)
     every.store.close(_one_hot_importance(every))
-    masked = set(every.method.parameter_importance(every.store.accumulated))
+    masked = set(every.parameter_importance())
     assert any(".query." in n for n in masked)
     model = das_model(tiny_bert(), exclude_modules=["query"])
+    model.begin_task(0)
     model.store.close(_one_hot_importance(model))
-    kept = set(model.method.parameter_importance(model.store.accumulated))
+    kept = set(model.parameter_importance())
     assert kept == {n for n in masked if ".query." not in n}
 
 
@@ -326,7 +335,8 @@ def test_info_nce_pairs_each_anchor_with_its_own_second_view():
 
 def test_integration_loss_uses_same_sequence_positive_and_importance_scaled_general():
     net = tiny_bert(dropout=0.0)
-    model = das_model(net, contrastive_temperature=0.1)
+    model = das_model(net, DASConfig(contrastive_temperature=0.1))
+    model.begin_task(0)
     model.store.close(_unit_vectors(model, lambda k, s: torch.linspace(0.2, 0.9, s[0])))
     batch = text_batches()[0]
     mask = batch["attention_mask"]
@@ -345,12 +355,12 @@ def test_integration_loss_uses_same_sequence_positive_and_importance_scaled_gene
     a = F.normalize(r, dim=-1)
     logits = torch.cat([a @ a.T, (a * F.normalize(g, dim=-1)).sum(-1, keepdim=True)], 1) / 0.1
     expected = F.cross_entropy(logits, torch.arange(len(r)))
-    got = model.method.integration_loss(batch)
+    got = model.method.integration_loss(batch, model.importance)
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
-    total = model.method.training_loss(batch)
+    total = model.training_loss(batch)
     assert torch.allclose(total, net(**batch).loss + expected, rtol=1e-4, atol=1e-5)
-    model.softmask_config.contrastive_weight = 0.0
-    assert torch.allclose(model.method.training_loss(batch), net(**batch).loss)
+    plain = das_model(net, DASConfig(contrastive_weight=0.0))
+    assert torch.allclose(plain.training_loss(batch), net(**batch).loss)
 
 
 # first-domain masking and the registry --------------------------------------------------------
@@ -358,12 +368,16 @@ def test_integration_loss_uses_same_sequence_positive_and_importance_scaled_gene
 
 def test_general_importance_masks_the_first_domain():
     model = das_model(tiny_bert(dropout=0.3))
-    model.method.general_importance(text_batches())
+    general = model.general_importance(text_batches())
+    assert model.store.general is not None and model.num_tasks == 0
     model.begin_task(0)
-    assert model.keep_masks is not None
-    expected = model.method.parameter_importance({})
+    assert model.keep_masks.groups and model.head_keep() < 1.0
     got = model.parameter_importance()
-    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    for b in model.method.blocks:  # the rows of Q that produce head h carry general[h]
+        heads = general[b.key("heads")]
+        q = got[b.paths["query"] + ".weight"]
+        assert torch.equal(q, heads.repeat_interleave(b.head_dim)[:, None].expand_as(q))
+        assert torch.equal(got[b.paths["down"] + ".bias"], general[b.key("output")])
 
 
 def test_unknown_layout_is_a_config_error():
@@ -376,7 +390,7 @@ def test_unknown_layout_is_a_config_error():
 def test_training_loss_needs_dict_batches():
     model = das_model(tiny_bert())
     with pytest.raises(ConfigError, match="dict batches"):
-        model.method.training_loss((torch.zeros(2, 3, dtype=torch.long), torch.zeros(2)))
+        model.training_loss((torch.zeros(2, 3, dtype=torch.long), torch.zeros(2)))
 
 
 # persistence ---------------------------------------------------------------------------------
@@ -403,10 +417,9 @@ def test_unit_importance_round_trips_through_save_and_load(tmp_path, dtype):
     tol = 0 if dtype == "float32" else 0.5 / 255
     for k, v in model.importance.items():
         assert torch.allclose(loaded.importance[k], v, atol=tol, rtol=0)
+    expected = model.parameter_importance()  # the original's masks, before any file
     loaded.begin_task(2)
-    pi, expected = (
-        loaded.parameter_importance(),
-        model.method.parameter_importance(loaded.importance),
-    )
+    pi = loaded.parameter_importance()
     assert pi.keys() == expected.keys()
-    assert loaded.keep_masks is not None and loaded.head_keep() < 1.0
+    assert all(torch.allclose(pi[k], expected[k], atol=tol, rtol=0) for k in pi)
+    assert loaded.keep_masks.groups and loaded.head_keep() < 1.0

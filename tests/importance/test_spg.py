@@ -273,12 +273,12 @@ def test_batched_backward_equals_per_head_loop():
             model.store.close({n: torch.zeros_like(p) for n, p in _masked(model)})
         model.begin_task(2, num_classes=3)
         method = model.method
-        method.begin_task(2)
-        method._batched_backward = batched
+        state = method.start(2)
+        state.batched_backward = batched
         for b in batches:
-            method.accumulate(b)
-        assert method._batched_backward is batched
-        results.append(method.finalize())
+            state = method.add(state, b)
+        assert state.batched_backward is batched
+        results.append(method.result(state))
         nets.append(net)
     expected = hand_loop_importance(nets[0], batches, 2)
     assert_importance_close(results[0], expected)
