@@ -46,6 +46,7 @@ for t, (train, _) in enumerate(tasks):
     model.begin_task(t, num_classes=2)
     before = "  ".join(f"task {j}: {accuracy(j):.3f}" for j in range(t + 1))
     print(f"before task {t} (new head untrained)  | {before}")
+    head_keep = model.head_keep()  # 1 - mean(A): how fast the heads may move this task
     model.train()
     for _epoch in range(20):
         for x, y in train:
@@ -54,7 +55,7 @@ for t, (train, _) in enumerate(tasks):
             opt.step()
     model.end_task(train)
     row = "  ".join(f"task {j}: {accuracy(j):.3f}" for j in range(t + 1))
-    print(f"after task {t}  (head keep {model.head_keep():.2f}) | {row}")
+    print(f"after task {t}  (head keep {head_keep:.2f}) | {row}")
 
 model.save_pretrained("run/quickstart")
 print("saved to run/quickstart:", sorted(p.name for p in Path("run/quickstart").iterdir()))
