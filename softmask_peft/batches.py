@@ -8,7 +8,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import EmptyDataError
+from .errors import BatchError
 
 
 def split_batch(batch: Any) -> tuple[Any, Tensor | None, dict[str, Any]]:
@@ -21,9 +21,9 @@ def split_batch(batch: Any) -> tuple[Any, Tensor | None, dict[str, Any]]:
         return None, batch.get("labels"), dict(batch)
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1], {}
-    raise TypeError(
-        "a batch must be (inputs, labels) or a mapping with model inputs and 'labels', "
-        f"got {type(batch).__name__}"
+    shape = f"a {len(batch)}-tuple" if isinstance(batch, (tuple, list)) else type(batch).__name__
+    raise BatchError(
+        f"a batch must be (inputs, labels) or a mapping with model inputs and 'labels', got {shape}"
     )
 
 
@@ -36,7 +36,7 @@ def model_loss(output: Any) -> Tensor:
     """The loss a transformers model computed from a dict batch's `labels`."""
     loss = getattr(output, "loss", None)
     if loss is None:
-        raise EmptyDataError("the batch has no 'labels', so the model computed no loss")
+        raise BatchError("the batch has no 'labels', so the model computed no loss; add them")
     return loss
 
 
@@ -45,4 +45,20 @@ def task_loss(model: nn.Module, batch: Any) -> Tensor:
     x, y, hf = split_batch(batch)
     if hf:
         return model_loss(model(**hf))
-    return F.cross_entropy(logits_of(model(x)), y)
+    return cross_entropy(logits_of(model(x)), y)
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy, refusing labels that are not class indices of `logits`."""
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dim() != 1:
+        raise BatchError(
+            "labels must be a 1-D integer tensor of class indices, got "
+            + (f"{labels.dtype} of shape {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__)
+        )
+    classes = logits.shape[-1]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise BatchError(
+            f"labels must lie in [0, {classes - 1}] for {classes} classes, got "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+    return F.cross_entropy(logits, labels)

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..batches import logits_of, model_loss, split_batch, task_loss
+from ..batches import cross_entropy, logits_of, model_loss, split_batch, task_loss
 from ..errors import EmptyDataError
 from ..heads import MultiHeadClassifier
 from .base import Importance, ImportanceMethod, check_finite
@@ -68,7 +67,7 @@ class SPG(ImportanceMethod):
             loss = model_loss(base(**hf))
         else:
             out = base(x, task_id=state.task) if isinstance(base, MultiHeadClassifier) else base(x)
-            loss = F.cross_entropy(logits_of(out), y)
+            loss = cross_entropy(logits_of(out), y)
         grads = torch.autograd.grad(loss, state.params, allow_unused=True)
         return [
             (torch.zeros_like(p) if g is None else g).unsqueeze(0)
@@ -82,7 +81,7 @@ class SPG(ImportanceMethod):
         z = base.features(x)
         heads = list(base.heads)[: state.task + 1]
         losses = [heads[h](z).sum() for h in range(state.task)]
-        losses.append(F.cross_entropy(heads[state.task](z), y))
+        losses.append(cross_entropy(heads[state.task](z), y))
         dz = torch.stack([torch.autograd.grad(L, z, retain_graph=True)[0] for L in losses])
         if state.batched_backward:
             try:

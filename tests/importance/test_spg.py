@@ -23,6 +23,7 @@ from helpers import (
 from torch import Tensor, nn
 
 from softmask_peft import (
+    BatchError,
     EmptyDataError,
     NonFiniteGradientError,
     SoftMaskConfig,
@@ -364,7 +365,7 @@ def test_dict_batch_without_labels_is_refused():
     model = get_softmask_model(net, SoftMaskConfig(head_modules=["classifier"]))
     model.begin_task(0)
     batch = {k: v for k, v in text_batches()[0].items() if k != "labels"}
-    with pytest.raises(EmptyDataError, match="labels"):
+    with pytest.raises(BatchError, match="labels"):
         model.end_task([batch])
     assert model.num_tasks == 0
 
@@ -373,8 +374,19 @@ def test_batch_of_the_wrong_shape_is_refused():
     model = get_softmask_model(nn.Linear(4, 3), SoftMaskConfig())
     model.begin_task(0)
     x, y = classification_batches()[0]
-    with pytest.raises(TypeError, match=r"\(inputs, labels\)"):
+    with pytest.raises(BatchError, match=r"\(inputs, labels\) or a mapping.*got a 3-tuple"):
         model.end_task([(x, y, y)])
+    assert model.num_tasks == 0
+
+
+@pytest.mark.parametrize("labels", [[0, 3], [-1, 0], [0.0, 1.0]])
+def test_labels_that_are_not_class_indices_are_refused(labels):
+    model = get_softmask_model(nn.Linear(4, 3), SoftMaskConfig())
+    model.begin_task(0)
+    with pytest.raises(BatchError, match="labels must"):
+        model.end_task([(torch.zeros(2, 4), torch.tensor(labels))])
+    with pytest.raises(BatchError, match="labels must"):
+        model.training_loss((torch.zeros(2, 4), torch.tensor(labels)))
     assert model.num_tasks == 0
 
 
