@@ -53,3 +53,7 @@ class WeightsMismatchError(SoftMaskError, ValueError):
 
 class BatchError(SoftMaskError, ValueError):
     """A batch has the wrong structure, lacks labels, or holds labels out of range."""
+
+
+class InputTypeError(SoftMaskError, TypeError):
+    """An argument has the wrong type (e.g. a plain module where a SoftMaskModel is needed)."""

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import SoftMaskConfig
-from .errors import ConfigError, ImportanceMismatchError, TaskOrderError
+from .errors import ConfigError, ImportanceMismatchError, InputTypeError, TaskOrderError
 from .heads import MultiHeadClassifier, expand_heads
 from .importance import ImportanceMethod, method_spec
 from .masking import KeepMasks, build_keep_masks
@@ -40,9 +40,11 @@ class SoftMaskModel(nn.Module):
         if isinstance(base_model, SoftMaskModel):
             raise ConfigError("base_model is already a SoftMaskModel; wrap the model only once")
         if not isinstance(base_model, nn.Module):
-            raise TypeError(f"base_model must be an nn.Module, got {type(base_model).__name__}")
+            raise InputTypeError(
+                f"base_model must be an nn.Module, got {type(base_model).__name__}"
+            )
         if not isinstance(config, SoftMaskConfig):
-            raise TypeError(f"config must be a SoftMaskConfig, got {type(config).__name__}")
+            raise InputTypeError(f"config must be a SoftMaskConfig, got {type(config).__name__}")
         config = copy.deepcopy(config)  # ours from now on: a caller's later edits change nothing
         if config.head_modules is None and isinstance(base_model, MultiHeadClassifier):
             config.head_modules = "heads"  # regex full match: only the top-level task heads
@@ -248,6 +250,13 @@ def _device_problems(model: SoftMaskModel, state: Any, shapes: dict[str, tuple])
         for n in sorted(set(shapes) & set(state.weights))
         if tuple(state.weights[n].shape) != shapes[n]
     ]
+    for k, task in enumerate([state.accumulated, *state.history]):
+        what = "accumulated importance" if k == 0 else f"importance of task {k - 1}"
+        for n, a in sorted(task.items()):
+            if n not in shapes or tuple(a.shape) != shapes[n] or a.dtype != torch.float32:
+                problems.append(f"{what} of {n!r}: {a.dtype} {tuple(a.shape)} does not fit")
+            elif a.numel() and not (bool(torch.isfinite(a).all()) and a.min() >= 0 and a.max() <= 1):
+                problems.append(f"{what} of {n!r}: values outside [0, 1] (or NaN)")
     if set(state.masked) != set(model.masked_parameter_names):
         problems.append(
             f"masked parameters differ: device {sorted(state.masked)} vs model "

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .errors import ConfigError
+from .errors import ConfigError, InputTypeError
 from .masking import MASK_MODES, MASK_TRANSFORMS, KeepMasks, base_step
 
 # a SoftMaskModel, a KeepMasks value, or a callable returning the current KeepMasks (or None)
@@ -61,7 +61,9 @@ class SoftMaskOptimizer(Optimizer):
 
     def __init__(self, base: Optimizer, masks: MaskSource, mask_mode: str | None = None) -> None:
         if not isinstance(base, Optimizer):
-            raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}")
+            raise InputTypeError(
+                f"base must be a torch.optim.Optimizer, got {type(base).__name__}"
+            )
         self._source = _mask_source(masks, base)
         default = getattr(getattr(masks, "softmask_config", None), "mask_mode", "auto")
         self.base = base
@@ -199,7 +201,7 @@ def _mask_source(masks: MaskSource, base: Optimizer) -> Callable[[], KeepMasks |
         return _FromModel(masks)
     if callable(masks) and not isinstance(masks, torch.nn.Module):
         return masks
-    raise TypeError(
+    raise InputTypeError(
         "masks must be a SoftMaskModel, a KeepMasks or a callable returning KeepMasks, got "
         f"{type(masks).__name__} (wrap the model with get_softmask_model first)"
     )

@@ -37,6 +37,7 @@ from .errors import (
     ImportanceMismatchError,
     MissingFileError,
     SaveLocationError,
+    SoftMaskError,
     UnsupportedFormatError,
     WeightsMismatchError,
 )
@@ -118,7 +119,6 @@ def save_checkpoint(
     once committed, the new one, which the next load finishes moving into place. Weights and
     importance carry the same random `save_id`, so a pair from two saves is refused.
     """
-    directory = ensure_directory(directory)
     save_id = uuid.uuid4().hex
 
     def write(staging: Path) -> None:
@@ -129,7 +129,14 @@ def save_checkpoint(
         save_importance(staging / IMPORTANCE_NAME, store, config.importance_dtype, save_id)
         config.save_pretrained(staging)
 
-    commit_files(directory, write)
+    try:
+        commit_files(ensure_directory(directory), write)
+    except SoftMaskError:
+        raise
+    except (OSError, ValueError, SafetensorError) as e:  # full disk, read-only, bad path
+        raise SaveLocationError(
+            f"cannot save into {str(directory)!r}: {e}; nothing was changed there"
+        ) from e
 
 
 # loading ----------------------------------------------------------------------------------------
