@@ -1,7 +1,14 @@
-"""File names and format version shared by saving and loading (PEFT's utils/constants.py)."""
+"""File names, format version and storage dtypes of a checkpoint (PEFT's utils/constants.py).
 
-CONFIG_NAME = "softmask_config.json"
-IMPORTANCE_NAME = "softmask_importance.safetensors"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
-IMPORTANCE_DTYPES = ("float32", "float16", "uint8")
+Defined once in the torch-free `softmask_format`, which the device side reads too.
+"""
+
+from softmask_format.names import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    IMPORTANCE_DTYPES,
+    IMPORTANCE_NAME,
+    WEIGHTS_NAME,
+)
+
+__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "IMPORTANCE_DTYPES", "IMPORTANCE_NAME", "WEIGHTS_NAME"]

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
+from softmask_format.atomic import commit_files, ensure_directory, recover_directory
 from torch import Tensor, nn
 
-from ._atomic import commit_files, ensure_directory, recover_directory
 from .config import SoftMaskConfig
 from .constants import CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME
 from .errors import (
@@ -169,12 +169,12 @@ class SoftMaskModel(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config, importance and the base weights into `directory`, as one commit.
 
-        The files are staged and committed as a set (`_atomic.commit_files`): a crash leaves the
+        The files are staged and committed as a set (`softmask_format.atomic.commit_files`): a crash leaves the
         previous checkpoint or, once committed, the new one, which the next load finishes
         moving into place. Weights and importance also carry the same random `save_id`, so a
         pair of files from two different saves is refused at load time.
         """
-        directory = ensure_directory(directory)
+        directory = ensure_directory(directory, SaveLocationError)
         cfg = self.softmask_config
         save_id = uuid.uuid4().hex
 

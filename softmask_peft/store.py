@@ -13,9 +13,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from softmask_format import codec
+from softmask_format.atomic import atomic_write
+from softmask_format.keys import TASK_PREFIX, task_key
+from softmask_format.version import package_version
 from torch import Tensor
 
-from ._atomic import atomic_write
 from .constants import FORMAT_VERSION, IMPORTANCE_DTYPES
 from .errors import (
     CorruptFileError,
@@ -24,33 +27,15 @@ from .errors import (
     UnsupportedFormatError,
 )
 
-TASK_PREFIX = "task."
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("softmask-peft")
-    except PackageNotFoundError:
-        return "0+unknown"
-
 
 def encode(a: Tensor, dtype: str) -> Tensor:
-    """Importance in [0, 1] -> storage dtype. uint8 is round(A * 255)."""
-    a = a.detach().to("cpu", torch.float32).contiguous()
-    if dtype == "float32":
-        return a
-    if dtype == "float16":
-        return a.to(torch.float16)
-    return torch.round(a * 255.0).to(torch.uint8)
+    """Importance in [0, 1] -> storage dtype, by `softmask_format.codec` (uint8: round(A * 255))."""
+    return torch.from_numpy(codec.encode(a.detach().to("cpu", torch.float32).numpy(), dtype))
 
 
 def decode(a: Tensor) -> Tensor:
-    """Storage dtype -> float32 importance. uint8 is A / 255."""
-    if a.dtype == torch.uint8:
-        return a.to(torch.float32) / 255.0
-    return a.to(torch.float32)
+    """Storage dtype -> float32 importance, by `softmask_format.codec` (uint8: A / 255)."""
+    return torch.from_numpy(codec.decode(a.numpy()))
 
 
 class ImportanceStore:
@@ -82,7 +67,7 @@ class ImportanceStore:
             raise ValueError(f"dtype must be one of {IMPORTANCE_DTYPES}, got {dtype!r}")
         out = {name: encode(v, dtype) for name, v in self.accumulated.items()}
         for k, task in enumerate(self.history):
-            out.update({f"{TASK_PREFIX}{k}.{name}": encode(v, dtype) for name, v in task.items()})
+            out.update({task_key(k, name): encode(v, dtype) for name, v in task.items()})
         return out
 
     def save(self, path: str | os.PathLike, dtype: str, save_id: str = "") -> None:
@@ -90,7 +75,7 @@ class ImportanceStore:
         tensors = self.to_tensors(dtype)
         metadata = {
             "format": "pt",
-            "softmask_version": _version(),
+            "softmask_version": package_version(),
             "format_version": str(FORMAT_VERSION),
             "num_tasks": str(self.num_tasks),
             "dtype": dtype,
@@ -149,7 +134,6 @@ class ImportanceStore:
         store.save_id = metadata.get("save_id", "")
         store.accumulated = {n: decode(tensors[n]) for n in expected} if has_accumulated else {}
         store.history = [
-            {n: decode(tensors[f"{TASK_PREFIX}{k}.{n}"]) for n in expected}
-            for k in range(num_tasks)
+            {n: decode(tensors[task_key(k, n)]) for n in expected} for k in range(num_tasks)
         ]
         return store

@@ -23,6 +23,8 @@ from helpers import (
 )
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from softmask_format import atomic as _atomic
+from softmask_format.atomic import COMMIT_MARKER, STAGING_PREFIX
 from torch import nn
 
 from softmask_peft import (
@@ -35,10 +37,8 @@ from softmask_peft import (
     SoftMaskOptimizer,
     TaskOrderError,
     UnsupportedFormatError,
-    _atomic,
     get_softmask_model,
 )
-from softmask_peft._atomic import COMMIT_MARKER, STAGING_PREFIX
 from softmask_peft.constants import CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME
 
 

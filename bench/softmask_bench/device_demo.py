@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import SoftMaskConfig
-from ..errors import ConfigError
-from ..export import export_for_device
-from ..model import SoftMaskModel
-from ..optim import SoftMaskOptimizer
+from softmask_peft.config import SoftMaskConfig
+from softmask_peft.errors import ConfigError
+from softmask_peft.export import export_for_device
+from softmask_peft.model import SoftMaskModel
+from softmask_peft.optim import SoftMaskOptimizer
+
 from .benchmarks import Split, get_benchmark
 from .metrics import compute_metrics
 from .models import build_classifier, head_module_names

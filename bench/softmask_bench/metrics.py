@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from softmask_peft.errors import ConfigError
 
 
 def _matrix(r: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:

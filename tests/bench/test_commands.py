@@ -1,4 +1,4 @@
-"""The `softmask-peft` command: help, clear errors, and a short real benchmark run."""
+"""The harness's `softmask-peft` subcommands: help, clear errors, a short real benchmark run."""
 
 from __future__ import annotations
 
@@ -19,14 +19,34 @@ def _restore_threads():
     torch.set_num_threads(previous)
 
 
-def test_module_help_lists_subcommands() -> None:
+def test_module_help_lists_the_harness_commands() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "softmask_peft", "--help"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    assert "demo" in out and "bench" in out
+    for name in ("demo", "bench", "das-pretrain"):
+        assert name in out
+
+
+MISSING_EXTRA = """
+import sys
+sys.modules["sklearn"] = None  # as if the bench extra were not installed
+from softmask_peft.cli import main
+sys.exit(main(["demo", "--out", sys.argv[1]]))
+"""
+
+
+def test_command_without_its_extra_names_the_pip_command(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", MISSING_EXTRA, str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "sklearn" in proc.stderr and 'pip install "softmask-peft[bench]"' in proc.stderr
+    assert not (tmp_path / "out").exists(), "nothing runs without the extra"
 
 
 def test_bench_help_explains_methods(capsys) -> None:

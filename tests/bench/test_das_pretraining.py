@@ -6,16 +6,23 @@ import json
 
 import pytest
 import torch
-
-from softmask_peft.continual import das_pretraining as dp
-from softmask_peft.continual.text_domains import DOMAINS, TextDomains, TextSplit
+from softmask_bench import (
+    das_pretraining,
+    das_report,
+    das_settings,
+    minilm,
+    mlm_batches,
+    mlm_eval,
+    mlm_training,
+)
+from softmask_bench.text_domains import DOMAINS, TextDomains, TextSplit
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(dp.minilm_path(), local_files_only=True)
+    return AutoTokenizer.from_pretrained(minilm.minilm_path(), local_files_only=True)
 
 
 def tiny_mlm(vocab: int, seed: int = 0):
@@ -48,10 +55,10 @@ SENTENCES = [
 
 def test_mask_tokens_follows_bert_masking(tokenizer):
     text = " ".join(SENTENCES * 3)
-    enc = dp.encode([text] * 16, tokenizer, seq_len=60, batch_size=16).batches[0]
+    enc = mlm_batches.encode([text] * 16, tokenizer, seq_len=60, batch_size=16).batches[0]
     enc["attention_mask"][:, 50:] = 0  # pretend the tail is padding
     g = torch.Generator().manual_seed(0)
-    out = dp.mask_tokens(enc, tokenizer, g)
+    out = mlm_batches.mask_tokens(enc, tokenizer, g)
     chosen = out["labels"] != -100
     special = torch.isin(enc["input_ids"], torch.tensor(tokenizer.all_special_ids))
     assert not (chosen & special).any() and not chosen[:, 50:].any()
@@ -63,13 +70,15 @@ def test_mask_tokens_follows_bert_masking(tokenizer):
     untouched = ~chosen
     assert torch.equal(out["input_ids"][untouched], enc["input_ids"][untouched])
     one = {k: v[:1, :4] for k, v in enc.items()}  # tiny rows still predict one token
-    assert (dp.mask_tokens(one, tokenizer, g)["labels"] != -100).sum() == 1
+    assert (mlm_batches.mask_tokens(one, tokenizer, g)["labels"] != -100).sum() == 1
 
 
 def test_masked_position_loss_equals_the_models_own_loss(tokenizer):
     model = tiny_mlm(len(tokenizer)).eval()
-    batch = dp.fixed_mlm_batches(dp.encode(SENTENCES, tokenizer, 32, 6), tokenizer, seed=1)[0]
-    loss, pooled = dp.mlm_forward(model, batch)
+    batch = mlm_batches.fixed_mlm_batches(
+        mlm_batches.encode(SENTENCES, tokenizer, 32, 6), tokenizer, seed=1
+    )[0]
+    loss, pooled = mlm_eval.mlm_forward(model, batch)
     assert torch.allclose(loss, model(**batch).loss, rtol=1e-5)
     hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
     m = batch["attention_mask"].unsqueeze(-1).float()
@@ -79,8 +88,10 @@ def test_masked_position_loss_equals_the_models_own_loss(tokenizer):
 def test_head_training_moves_only_the_head(tokenizer):
     model = tiny_mlm(len(tokenizer))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    s = dp.PretrainSettings(head_steps=30, head_maskings=2, head_tokens=32, head_lr=1e-2)
-    losses = dp.train_mlm_head(model, dp.encode(SENTENCES, tokenizer, 32, 3), tokenizer, s)
+    s = das_settings.PretrainSettings(head_steps=30, head_maskings=2, head_tokens=32, head_lr=1e-2)
+    losses = mlm_training.train_mlm_head(
+        model, mlm_batches.encode(SENTENCES, tokenizer, 32, 3), tokenizer, s
+    )
     assert len(losses) == 30 and losses[-1] < losses[0]
     for n, p in model.named_parameters():
         changed = not torch.equal(p, before[n])
@@ -90,8 +101,10 @@ def test_head_training_moves_only_the_head(tokenizer):
 def test_mlm_adaptation_trains_the_whole_model(tokenizer):
     model = tiny_mlm(len(tokenizer))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    s = dp.PretrainSettings(adapt_steps=4, adapt_lr=1e-2)
-    losses = dp.adapt_mlm(model, dp.encode(SENTENCES, tokenizer, 32, 3), tokenizer, s)
+    s = das_settings.PretrainSettings(adapt_steps=4, adapt_lr=1e-2)
+    losses = mlm_training.adapt_mlm(
+        model, mlm_batches.encode(SENTENCES, tokenizer, 32, 3), tokenizer, s
+    )
     assert len(losses) == 4
     for n, p in model.named_parameters():
         if n != "bert.embeddings.token_type_embeddings.weight":  # one segment: row 1 never used
@@ -100,9 +113,9 @@ def test_mlm_adaptation_trains_the_whole_model(tokenizer):
 
 def test_at_domain_loss_interpolates_and_flags_extrapolation():
     points = [(6.0, 5.0), (5.0, 5.2)]
-    assert dp.at_domain_loss(points, 5.5) == (pytest.approx(5.1), False)
-    assert dp.at_domain_loss(points, 4.5) == (pytest.approx(5.3), True)
-    assert dp.at_domain_loss([(5.0, 1.0), (5.0, 2.0)], 5.0) is None
+    assert das_report.at_domain_loss(points, 5.5) == (pytest.approx(5.1), False)
+    assert das_report.at_domain_loss(points, 4.5) == (pytest.approx(5.3), True)
+    assert das_report.at_domain_loss([(5.0, 1.0), (5.0, 2.0)], 5.0) is None
 
 
 def test_matched_comparison_reads_the_final_stages():
@@ -117,12 +130,12 @@ def test_matched_comparison_reads_the_final_stages():
             "das": [stage(5.5, 5.1, 0.8)],
         },
     }
-    m = dp.matched_comparison(result)
+    m = das_report.matched_comparison(result)
     assert m["mean_domain_loss"] == pytest.approx(5.5) and not m["extrapolated"]
     assert m["general"] == {"das": 5.1, "naive": pytest.approx(5.2)}
     assert m["probe_cosine"] == {"das": 0.8, "naive": pytest.approx(0.7)}
     del result["methods"]["naive lr 5e-05"]
-    assert dp.matched_comparison(result) is None
+    assert das_report.matched_comparison(result) is None
 
 
 def _tiny_texts() -> TextDomains:
@@ -134,7 +147,7 @@ def _tiny_texts() -> TextDomains:
 
 
 def test_shortened_run_reports_every_stage(tokenizer):
-    s = dp.PretrainSettings(
+    s = das_settings.PretrainSettings(
         steps=2,
         batch_size=2,
         seq_len=32,
@@ -143,7 +156,9 @@ def test_shortened_run_reports_every_stage(tokenizer):
         adapt_steps=2,
         importance_batches=1,
     )
-    result = dp.run_das_pretraining(s, _tiny_texts(), (tiny_mlm(len(tokenizer)), tokenizer))
+    result = das_pretraining.run_das_pretraining(
+        s, _tiny_texts(), (tiny_mlm(len(tokenizer)), tokenizer)
+    )
     assert result["base"]["probe_cosine"] == pytest.approx(1.0, abs=1e-6)
     assert result["base"]["loss"]["general"] != result["after_head"]["general"]  # adapted
     assert list(result["methods"]) == ["naive", "naive lr 5e-05", "das"]
@@ -156,19 +171,19 @@ def test_shortened_run_reports_every_stage(tokenizer):
             assert -1.0 <= st["probe_cosine"] <= 1.0
     assert result["methods"]["naive"][-1]["loss"] != result["methods"]["das"][-1]["loss"]
     assert result["matched"]["general"]["das"] == result["methods"]["das"][-1]["loss"]["general"]
-    report = dp.format_report(result)
+    report = das_report.format_report(result)
     assert "### naive" in report and "### das" in report and "probe cos" in report
     assert "| naive at DAS's domain loss" in report
     json.dumps(result)
 
 
 def test_das_masks_the_first_domain_with_general_importance(tokenizer):
-    s = dp.PretrainSettings(steps=1, batch_size=2, seq_len=32, importance_batches=1)
+    s = das_settings.PretrainSettings(steps=1, batch_size=2, seq_len=32, importance_batches=1)
     texts = _tiny_texts()
     net = tiny_mlm(len(tokenizer))
-    data = dp._prepare(texts, tokenizer, s)
-    emb = dp.sentence_embeddings(net, data.probe)
-    out = dp.run_method("das", net, tokenizer, data, s, emb)
+    data = das_pretraining._prepare(texts, tokenizer, s)
+    emb = mlm_eval.sentence_embeddings(net, data.probe)
+    out = das_pretraining.run_method("das", net, tokenizer, data, s, emb)
     model = out["model"]
     assert model.num_tasks == len(DOMAINS) and model.method.general is not None
     assert model.softmask_config.task_names == list(DOMAINS)
