@@ -18,8 +18,8 @@ Protocol (one budget for both methods):
    * naive — plain MLM loss, every parameter free;
    * DAS — general importance by proxy KL on `importance_batches` batches of the first domain
      before it, then per domain: MLM + contrastive integration loss, soft-masked by the
-     accumulated unit importance (`mask_mode`, default "update", which protects under AdamW;
-     DESIGN §4), and the domain's importance afterwards.
+     accumulated unit importance (`mask_mode`, default "update", which protects under AdamW:
+     grad-masking is undone by Adam's normalisation), and the domain's importance afterwards.
 4. After each stage: MLM loss on every domain's eval split and on the general eval split
    (fixed masking, so stages are comparable) and the drift of sentence embeddings of a fixed
    probe set (the general eval passages): mean over probes of cos(e_base, e_now), with

@@ -8,7 +8,7 @@ importance (with the on-device importance pass after every task), and unmasked (
 on-device fine-tuning). Rows 0..k-1 of both accuracy matrices are the shared PyTorch part.
 
 R[i][j] = test accuracy (%) on task j after task i; None where head j does not exist yet.
-ACC, BWT and Forgetting as in `continual.metrics` (DESIGN §9).
+ACC, BWT and Forgetting as in `softmask_bench.metrics`.
 """
 
 from __future__ import annotations

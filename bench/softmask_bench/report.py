@@ -1,6 +1,6 @@
 """Result tables (markdown), JSON and accuracy-matrix heatmaps; every file written atomically.
 
-Metrics follow DESIGN §9 (formulas in `metrics.py`); every table states its scenario.
+Metrics are those of `metrics.py` (formulas there); every table states its scenario.
 """
 
 from __future__ import annotations

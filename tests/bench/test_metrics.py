@@ -1,4 +1,4 @@
-"""Metrics against hand-computed values on hand-made accuracy matrices (DESIGN §9)."""
+"""Metrics against hand-computed values on hand-made accuracy matrices."""
 
 from __future__ import annotations
 
