@@ -19,7 +19,7 @@ Protocol (one budget for both methods):
    * DAS — general importance by proxy KL on `importance_batches` batches of the first domain
      before it, then per domain: MLM + contrastive integration loss, soft-masked by the
      accumulated unit importance (`mask_mode`, default "update", which protects under AdamW:
-     grad-masking is undone by Adam's normalisation), and the domain's importance afterwards.
+     Adam's m/√v normalises a grad mask away), and the domain's importance afterwards.
 4. After each stage: MLM loss on every domain's eval split and on the general eval split
    (fixed masking, so stages are comparable) and the drift of sentence embeddings of a fixed
    probe set (the general eval passages): mean over probes of cos(e_base, e_now), with
