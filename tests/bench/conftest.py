@@ -1,4 +1,4 @@
-"""The benchmark models are tiny: one torch thread is fastest and immune to a busy machine."""
+"""One torch thread (the benchmark models are tiny: fastest, immune to a busy machine); MiniLM's tokenizer."""
 
 from __future__ import annotations
 
@@ -12,3 +12,12 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """all-MiniLM-L6-v2's tokenizer, from the installed package, offline."""
+    from softmask_bench.minilm import minilm_path
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)

@@ -1,4 +1,4 @@
-"""DAS continual pre-training pieces: MLM masking, the masked-position loss, a shortened run."""
+"""The DAS-vs-naive continual pre-training run: a shortened run, DAS's first domain, the CLI."""
 
 from __future__ import annotations
 
@@ -6,136 +6,9 @@ import json
 
 import pytest
 import torch
-from softmask_bench import (
-    das_pretraining,
-    das_report,
-    das_settings,
-    minilm,
-    mlm_batches,
-    mlm_eval,
-    mlm_training,
-)
+from mlm_helpers import SENTENCES, tiny_mlm
+from softmask_bench import das_pretraining, das_report, das_settings, mlm_eval
 from softmask_bench.text_domains import DOMAINS, TextDomains, TextSplit
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(minilm.minilm_path(), local_files_only=True)
-
-
-def tiny_mlm(vocab: int, seed: int = 0):
-    """A 2-layer BertForMaskedLM with MiniLM's vocabulary (random weights, fast)."""
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
-    )
-    return BertForMaskedLM(cfg)
-
-
-SENTENCES = [
-    "the quick brown fox jumps over the lazy dog near the river bank today",
-    "permission is hereby granted free of charge to any person obtaining a copy",
-    "return a new list containing all items from the iterable in ascending order",
-    "this package provides fast tensor computation with strong gpu acceleration",
-    "the iris dataset contains three classes of fifty instances each flower",
-    "each sample of the wine data has thirteen chemical measurements recorded",
-]
-
-
-def test_mask_tokens_follows_bert_masking(tokenizer):
-    text = " ".join(SENTENCES * 3)
-    enc = mlm_batches.encode([text] * 16, tokenizer, seq_len=60, batch_size=16).batches[0]
-    enc["attention_mask"][:, 50:] = 0  # pretend the tail is padding
-    g = torch.Generator().manual_seed(0)
-    out = mlm_batches.mask_tokens(enc, tokenizer, g)
-    chosen = out["labels"] != -100
-    special = torch.isin(enc["input_ids"], torch.tensor(tokenizer.all_special_ids))
-    assert not (chosen & special).any() and not chosen[:, 50:].any()
-    assert torch.equal(out["labels"][chosen], enc["input_ids"][chosen])
-    rate = chosen.sum() / (~special[:, :50]).sum()
-    assert 0.1 < float(rate) < 0.2
-    masked = out["input_ids"][chosen] == tokenizer.mask_token_id
-    assert 0.65 < float(masked.float().mean()) < 0.95
-    untouched = ~chosen
-    assert torch.equal(out["input_ids"][untouched], enc["input_ids"][untouched])
-    one = {k: v[:1, :4] for k, v in enc.items()}  # tiny rows still predict one token
-    assert (mlm_batches.mask_tokens(one, tokenizer, g)["labels"] != -100).sum() == 1
-
-
-def test_masked_position_loss_equals_the_models_own_loss(tokenizer):
-    model = tiny_mlm(len(tokenizer)).eval()
-    batch = mlm_batches.fixed_mlm_batches(
-        mlm_batches.encode(SENTENCES, tokenizer, 32, 6), tokenizer, seed=1
-    )[0]
-    loss, pooled = mlm_eval.mlm_forward(model, batch)
-    assert torch.allclose(loss, model(**batch).loss, rtol=1e-5)
-    hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-    m = batch["attention_mask"].unsqueeze(-1).float()
-    assert torch.allclose(pooled, (hidden * m).sum(1) / m.sum(1), atol=1e-6)
-
-
-def test_head_training_moves_only_the_head(tokenizer):
-    model = tiny_mlm(len(tokenizer))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    s = das_settings.PretrainSettings(head_steps=30, head_maskings=2, head_tokens=32, head_lr=1e-2)
-    losses = mlm_training.train_mlm_head(
-        model, mlm_batches.encode(SENTENCES, tokenizer, 32, 3), tokenizer, s
-    )
-    assert len(losses) == 30 and losses[-1] < losses[0]
-    for n, p in model.named_parameters():
-        changed = not torch.equal(p, before[n])
-        assert changed == (n.startswith("cls.") and "decoder.weight" not in n), n
-
-
-def test_mlm_adaptation_trains_the_whole_model(tokenizer):
-    model = tiny_mlm(len(tokenizer))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    s = das_settings.PretrainSettings(adapt_steps=4, adapt_lr=1e-2)
-    losses = mlm_training.adapt_mlm(
-        model, mlm_batches.encode(SENTENCES, tokenizer, 32, 3), tokenizer, s
-    )
-    assert len(losses) == 4
-    for n, p in model.named_parameters():
-        if n != "bert.embeddings.token_type_embeddings.weight":  # one segment: row 1 never used
-            assert not torch.equal(p, before[n]), n
-
-
-def test_at_domain_loss_interpolates_and_flags_extrapolation():
-    points = [(6.0, 5.0), (5.0, 5.2)]
-    assert das_report.at_domain_loss(points, 5.5) == (pytest.approx(5.1), False)
-    assert das_report.at_domain_loss(points, 4.5) == (pytest.approx(5.3), True)
-    assert das_report.at_domain_loss([(5.0, 1.0), (5.0, 2.0)], 5.0) is None
-
-
-def test_matched_comparison_reads_the_final_stages():
-    def stage(d: float, general: float, cos: float) -> dict:
-        return {"loss": {"a": d - 0.5, "b": d + 0.5, "general": general}, "probe_cosine": cos}
-
-    result = {
-        "domains": ["a", "b"],
-        "methods": {
-            "naive": [stage(9.0, 9.0, 0.0), stage(5.0, 5.4, 0.5)],
-            "naive lr 5e-05": [stage(6.0, 5.0, 0.9)],
-            "das": [stage(5.5, 5.1, 0.8)],
-        },
-    }
-    m = das_report.matched_comparison(result)
-    assert m["mean_domain_loss"] == pytest.approx(5.5) and not m["extrapolated"]
-    assert m["general"] == {"das": 5.1, "naive": pytest.approx(5.2)}
-    assert m["probe_cosine"] == {"das": 0.8, "naive": pytest.approx(0.7)}
-    del result["methods"]["naive lr 5e-05"]
-    assert das_report.matched_comparison(result) is None
 
 
 def _tiny_texts() -> TextDomains:
