@@ -19,14 +19,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from _common import print_table, write_json  # noqa: E402
+from softmask_bench.minilm import load_minilm_mlm  # noqa: E402
+from softmask_bench.mlm_batches import encode, fixed_mlm_batches  # noqa: E402
+from softmask_bench.text_domains import load_text_domains  # noqa: E402
 
 from softmask_peft import SoftMaskConfig, SoftMaskModel  # noqa: E402
-from softmask_peft.continual.das_pretraining import (  # noqa: E402
-    encode,
-    fixed_mlm_batches,
-    load_minilm_mlm,
-)
-from softmask_peft.continual.text_domains import load_text_domains  # noqa: E402
 
 
 def best_time(fn, repeats: int) -> float:

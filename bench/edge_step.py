@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from _common import median_time, print_table, write_json
 from onnxruntime.training import artifacts as ort_artifacts
+from softmask_bench.models import CNN, MLP, SharedHeadClassifier
 from softmask_edge import EdgeLearner, _ort
 from softmask_edge.builder import _quiet_stderr
 from softmask_edge.graphs import add_classification_loss, add_gradient_outputs
 from torch import nn
 
 from softmask_peft import SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
-from softmask_peft.continual.models import CNN, MLP, SharedHeadClassifier
 from softmask_peft.device import export_for_device
 
 THREADS = 2  # default of --threads

@@ -16,9 +16,9 @@ import time
 import torch
 import torch.nn.functional as F
 from _common import print_table, write_json
+from softmask_bench.models import build_classifier
 
 from softmask_peft import SoftMaskConfig, get_softmask_model
-from softmask_peft.continual.models import build_classifier
 
 SHAPES = {"mlp": (64,), "cnn": (1, 8, 8)}
 

@@ -5,10 +5,9 @@ does), then print the metric table and write markdown, JSON and a heatmap into .
 """
 
 import torch
-
-from softmask_peft.continual.report import markdown_report, write_report
-from softmask_peft.continual.runner import run_benchmark
-from softmask_peft.continual.training import TrainConfig
+from softmask_bench.report import markdown_report, write_report
+from softmask_bench.runner import run_benchmark
+from softmask_bench.training import TrainConfig
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest
 cfg = TrainConfig(epochs=30)  # per task: SGD lr 0.25, early stopping on validation loss

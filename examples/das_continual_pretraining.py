@@ -19,17 +19,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-
-from softmask_peft.continual import das_pretraining  # noqa: E402
+from softmask_bench.commands import DAS_PRETRAIN  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    das_pretraining.add_arguments(parser)
-    args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    das_pretraining.run(args)
+    DAS_PRETRAIN.add_arguments(parser)
+    DAS_PRETRAIN.run(parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -5,7 +5,13 @@ Public API: `SoftMaskConfig` (with the methods' own `SPGConfig` / `DASConfig`), 
 exception types (all subclasses of `SoftMaskError`).
 """
 
-from .config import SoftMaskConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from softmask_format import __version__
+
 from .errors import (
     BatchError,
     ConfigError,
@@ -22,17 +28,40 @@ from .errors import (
     UnsupportedFormatError,
     WeightsMismatchError,
 )
-from .heads import MultiHeadClassifier
-from .importance import DASConfig, SPGConfig
-from .model import SoftMaskModel
-from .optim import SoftMaskOptimizer
-from .store import TaskRecord
 
-__version__ = "0.2.0"
+if TYPE_CHECKING:
+    from .config import SoftMaskConfig
+    from .heads import MultiHeadClassifier
+    from .importance import DASConfig, SPGConfig
+    from .model import SoftMaskModel
+    from .optim import SoftMaskOptimizer
+    from .store import TaskRecord
+
+# imported on first use (PEP 562), so the command line and `softmask_peft.errors` stay free of
+# torch until the API is touched
+_LAZY = {
+    "SoftMaskConfig": ".config",
+    "SoftMaskModel": ".model",
+    "SoftMaskOptimizer": ".optim",
+    "MultiHeadClassifier": ".heads",
+    "SPGConfig": ".importance",
+    "DASConfig": ".importance",
+    "TaskRecord": ".store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_softmask_model(model, config: SoftMaskConfig) -> SoftMaskModel:
     """Wrap `model` (any nn.Module, transformers model or PeftModel) for soft-masked continual learning."""
+    from .model import SoftMaskModel
+
     return SoftMaskModel(model, config)
 
 
@@ -58,5 +87,6 @@ __all__ = [
     "TaskRecord",
     "UnsupportedFormatError",
     "WeightsMismatchError",
+    "__version__",
     "get_softmask_model",
 ]

@@ -1,308 +1,98 @@
 """The `softmask-peft` command (also `python -m softmask_peft`).
 
-Each subcommand is one `_add_<name>(subparsers)` function that declares its arguments and sets
-`func`; adding a subcommand is adding one such function to `SUBCOMMANDS`.
+The library itself has no subcommand: installed packages contribute them through the entry-point
+group `softmask_peft.commands`, each entry point naming a `Command` (the benchmark harness,
+`softmask_bench`, adds demo, bench and das-pretrain with the `bench` extra). The command's
+arguments are only declared once it is chosen, so `softmask-peft --help` imports neither torch
+nor the harness's dependencies.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 
-import torch
-
-from .constants import IMPORTANCE_DTYPES
 from .errors import SoftMaskError
 
-DEMO_EPILOG = """\
-Trains a 2-layer MLP on Split-Digits (sklearn's bundled digits, 5 tasks x 2 classes,
-task-incremental) twice from the same initial weights: once with SPG soft-masking, once with
-plain fine-tuning. Prints both accuracy matrices and ACC / BWT / Forgetting, and writes
-split-digits_task_mlp.{md,json,png} into --out.
-"""
-
-BENCH_EPILOG = """\
-example:
-  softmask-peft bench --benchmark split-digits --methods spg,finetune,ewc,joint --seeds 3 --out results/
-
-methods:
-  spg         SPG (Konishi et al. 2023): grad soft-masking, plain SGD (the paper)
-  spg-update  SPG importance, update soft-masking with AdamW
-  finetune    no protection (lower bound)
-  ewc         EWC (Kirkpatrick et al. 2017), diagonal Fisher; lambda picked per seed on the
-              validation data of the first two tasks unless --ewc-lambda is given
-  joint       one run on all tasks' data at once (upper bound; final row only)
-
-Each task: a new optimizer, ReduceLROnPlateau and early stopping on validation loss, best
-weights restored. Writes <benchmark>_<scenario>_<arch>.{md,json,png} into --out.
-"""
+COMMAND_GROUP = "softmask_peft.commands"
+INSTALL_HINT = 'the benchmark commands (demo, bench, das-pretrain) come with the bench extra: pip install "softmask-peft[bench]"'
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its one-line help, how it declares its arguments, and what it runs.
+
+    `run(args)` returns the exit status; a `SoftMaskError` it raises becomes exit status 2.
+    `requires` are the import names the command needs beyond the core, which the extra
+    `extra` installs; a missing one is named, with the pip command, before anything runs.
+    """
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str = ""
+    epilog: str = ""
+    requires: tuple[str, ...] = ()
+    extra: str = "bench"
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+def installed_commands() -> dict[str, Command]:
+    """The subcommands registered under `COMMAND_GROUP`, by name."""
+    return {ep.name: ep.load() for ep in entry_points(group=COMMAND_GROUP)}
 
 
-def _add_budget_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
-    from .continual.training import TrainConfig
-
-    d = TrainConfig()
-    g = parser.add_argument_group("per-task training budget (the same for every method)")
-    g.add_argument(
-        "--epochs",
-        type=_positive_int,
-        default=epochs,
-        help="max epochs per task (default: %(default)s)",
-    )
-    g.add_argument(
-        "--batch-size", type=_positive_int, default=d.batch_size, help="default: %(default)s"
-    )
-    g.add_argument(
-        "--lr",
-        type=_positive_float,
-        default=d.lr,
-        help="plain SGD learning rate (default: %(default)s)",
-    )
-    g.add_argument(
-        "--adamw-lr",
-        type=_positive_float,
-        default=d.adamw_lr,
-        help="AdamW learning rate, spg-update (default: %(default)s)",
-    )
-    g.add_argument(
-        "--patience",
-        type=_positive_int,
-        default=d.patience,
-        help="early-stopping patience in epochs (default: %(default)s)",
-    )
-
-
-def _train_config(args: argparse.Namespace):
-    from .continual.training import TrainConfig
-
-    return TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        adamw_lr=args.adamw_lr,
-        patience=args.patience,
-    )
-
-
-def _run_and_report(args: argparse.Namespace, methods: list[str], seeds: list[int]) -> list:
-    """Run, print the markdown report, write md/json/png; return the RunResults."""
-    from .continual.report import markdown_report, write_report
-    from .continual.runner import run_benchmark
-
-    cfg = _train_config(args)
-    settings = {**cfg.to_dict(), "importance_dtype": args.importance_dtype}
-    results = run_benchmark(
-        args.benchmark,
-        methods,
-        seeds,
-        cfg,
-        scenario=args.scenario,
-        arch=args.arch,
-        importance_dtype=args.importance_dtype,
-        ewc_lambda=getattr(args, "ewc_lambda", None),
-        on_result=lambda so_far: write_report(so_far, args.out, settings),
-    )
-    print(markdown_report(results, settings))
-    paths = write_report(results, args.out, settings)
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return results
-
-
-def _demo(args: argparse.Namespace) -> int:
-    args.benchmark, args.scenario = "split-digits", "task"
-    _run_and_report(args, ["spg", "finetune"], [args.seed])
-    if args.device_tasks:
-        _device_demo(args)
-    return 0
-
-
-def _device_demo(args: argparse.Namespace) -> None:
-    """Continue on the device: the first tasks in torch, the last `--device-tasks` on ORT."""
-    try:
-        import softmask_edge  # noqa: F401
-    except ImportError as e:
-        print(f"device part skipped: it needs the onnx extra (pip install -e '.[onnx]'): {e}")
-        return
-    from .continual.device_demo import run_device_demo
-    from .continual.report import markdown_report, write_report
-    from .continual.runner import RunResult
-
-    result = run_device_demo(
-        "split-digits",
-        5 - args.device_tasks,
-        arch=args.arch,
-        seed=args.seed,
-        train_config=_train_config(args),
-        importance_dtype=args.importance_dtype,
-    )
-    runs = [
-        RunResult(
-            method=f"device-{name}",
-            seed=args.seed,
-            benchmark="split-digits-device",
-            scenario="task",
-            arch=args.arch,
-            matrix=matrix,
-            metrics=result.metrics[name],
-            epochs=[],
-            seconds=result.seconds.get(f"device_{name}", 0.0),
-            info={"torch_tasks": result.torch_tasks},
-        )
-        for name, matrix in result.matrices.items()
-    ]
-    settings = {
-        "tasks in torch": result.torch_tasks,
-        "tasks on the device (ONNX Runtime Training)": result.device_tasks,
-        "importance_dtype": args.importance_dtype,
-    }
-    print(markdown_report(runs, settings))
-    paths = write_report(runs, args.out, settings)
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from .continual.runner import check_methods
-
-    methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
-    _run_and_report(args, methods, list(range(args.seed, args.seed + args.seeds)))
-    return 0
-
-
-def _add_common(parser: argparse.ArgumentParser, out: str) -> None:
-    from .continual.models import ARCHS
-
-    parser.add_argument(
-        "--out", type=Path, default=Path(out), help="output directory (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--arch", choices=ARCHS, default="mlp", help="backbone (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=1,
-        help="torch CPU threads; these tiny models run fastest on one (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--importance-dtype",
-        choices=IMPORTANCE_DTYPES,
-        default="float32",
-        help="SPG importance storage dtype; importance is saved and re-loaded after every task (default: %(default)s)",
-    )
-
-
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="Split-Digits, SPG vs fine-tuning, one seed (well under a minute)",
-        description="Show SPG protecting old tasks where fine-tuning forgets them.",
-        epilog=DEMO_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    p.add_argument(
-        "--device-tasks",
-        type=int,
-        choices=range(0, 5),
-        default=2,
-        help="then learn the last N tasks on the device with ONNX Runtime Training, soft-masked "
-        "vs unmasked (0: skip; default: %(default)s)",
-    )
-    _add_common(p, "softmask_demo")
-    _add_budget_arguments(p, epochs=50)
-    p.set_defaults(func=_demo)
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from .continual.benchmarks import BENCHMARKS, SCENARIOS
-
-    p = sub.add_parser(
-        "bench",
-        help="compare continual-learning methods on a benchmark over several seeds",
-        description="Run methods on the same data, model, budget and seeds; write a markdown "
-        "table, JSON and heatmaps of the accuracy matrices.",
-        epilog=BENCH_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--benchmark", choices=list(BENCHMARKS), default="split-digits", help="default: %(default)s"
-    )
-    p.add_argument(
-        "--scenario",
-        choices=SCENARIOS,
-        default=None,
-        help="task: task id given at test time, one head per task; domain: one shared head "
-        "(default: split-* -> task, permuted-digits -> domain)",
-    )
-    p.add_argument(
-        "--methods", default="spg,finetune,ewc,joint", help="comma-separated (default: %(default)s)"
-    )
-    p.add_argument(
-        "--seeds", type=_positive_int, default=3, help="number of seeds (default: %(default)s)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
-    p.add_argument(
-        "--ewc-lambda", type=float, default=None, help="fix EWC's lambda instead of selecting it"
-    )
-    _add_common(p, "results")
-    _add_budget_arguments(p, epochs=50)
-    p.set_defaults(func=_bench)
-
-
-def _add_das_pretrain(sub: argparse._SubParsersAction) -> None:
-    from .continual import das_pretraining
-
-    p = sub.add_parser(
-        "das-pretrain",
-        help="continual MLM pre-training of all-MiniLM-L6-v2 over 3 text domains: DAS vs naive "
-        "(about 3 min)",
-    )
-    das_pretraining.add_arguments(p)
-    p.add_argument(
-        "--threads", type=_positive_int, default=2, help="torch CPU threads (default: %(default)s)"
-    )
-    p.set_defaults(func=das_pretraining.run)
-
-
-SUBCOMMANDS = (_add_demo, _add_bench, _add_das_pretrain)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def _top_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="softmask-peft",
         description="Continual learning without forgetting by soft-masking gradients with "
         "accumulated importance (SPG, DAS).",
+        epilog=None if commands else f"No command is installed: {INSTALL_HINT}",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in SUBCOMMANDS:
-        add(sub)
+    for name in sorted(commands):
+        # arguments are declared by the command's own parser, once chosen
+        sub.add_parser(name, help=commands[name].help, add_help=False)
+    return parser
+
+
+def _command_parser(name: str, command: Command) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"softmask-peft {name}",
+        description=command.description or command.help,
+        epilog=command.epilog or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    command.add_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad input, like argparse)."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = installed_commands()
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    if wanted is not None and not commands:
+        print(f"softmask-peft: no command {wanted!r}: {INSTALL_HINT}", file=sys.stderr)
+        return 2
+    top, rest = _top_parser(commands).parse_known_args(argv)
+    command = commands[top.command]
+    missing = [name for name in command.requires if importlib.util.find_spec(name) is None]
+    if missing:
+        print(
+            f"softmask-peft {top.command}: needs {', '.join(missing)}, not installed: "
+            f'pip install "softmask-peft[{command.extra}]"',
+            file=sys.stderr,
+        )
+        return 2
+    args = _command_parser(top.command, command).parse_args(rest)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
     try:
-        return args.func(args)
+        return command.run(args)
     except SoftMaskError as e:
-        print(f"softmask-peft {args.command}: error: {e}", file=sys.stderr)
+        print(f"softmask-peft {top.command}: error: {e}", file=sys.stderr)
         return 2

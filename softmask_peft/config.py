@@ -17,9 +17,21 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ._atomic import atomic_write_text, ensure_directory
-from .constants import CONFIG_NAME, FORMAT_VERSION, IMPORTANCE_DTYPES, READABLE_FORMAT_VERSIONS
-from .errors import ConfigError, CorruptFileError, MissingFileError, UnsupportedFormatError
+from softmask_format.atomic import atomic_write_text, ensure_directory
+from softmask_format.names import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    IMPORTANCE_DTYPES,
+    READABLE_FORMAT_VERSIONS,
+)
+
+from .errors import (
+    ConfigError,
+    CorruptFileError,
+    MissingFileError,
+    SaveLocationError,
+    UnsupportedFormatError,
+)
 from .importance import METHODS, method_spec
 from .masking import MASK_MODES
 
@@ -161,7 +173,7 @@ class SoftMaskConfig:
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write `softmask_config.json` (indented, key-sorted) atomically."""
-        path = ensure_directory(directory) / CONFIG_NAME
+        path = ensure_directory(directory, SaveLocationError) / CONFIG_NAME
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod

@@ -23,12 +23,12 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from softmask_format.version import package_version
 from torch import Tensor, nn
 
 from .batches import logits_of
@@ -138,12 +138,7 @@ def _trace(
 
 
 def _versions() -> dict[str, str]:
-    out = {"torch": torch.__version__}
-    try:
-        out["softmask-peft"] = version("softmask-peft")
-    except PackageNotFoundError:
-        out["softmask-peft"] = "0+unknown"
-    return out
+    return {"torch": torch.__version__, "softmask-peft": package_version()}
 
 
 def export_for_device(

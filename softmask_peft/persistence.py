@@ -1,6 +1,6 @@
 """save_pretrained / from_pretrained mechanics: the files, their validation, the commit.
 
-A save writes, as one commit (`_atomic.commit_files`): `softmask_config.json`, the importance
+A save writes, as one commit (`softmask_format.atomic.commit_files`): `softmask_config.json`, the importance
 file and the base model's weights. Importance file (format 2):
 
     tensors   {name}: accumulated A     task.{k}.{name}: task k's importance
@@ -20,18 +20,27 @@ import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file, save_model
+from softmask_format import codec
+from softmask_format.atomic import atomic_write, commit_files, ensure_directory, recover_directory
+from softmask_format.keys import GENERAL_PREFIX, TASK_PREFIX, task_key
+from softmask_format.names import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    IMPORTANCE_DTYPES,
+    IMPORTANCE_NAME,
+    READABLE_FORMAT_VERSIONS,
+    WEIGHTS_NAME,
+)
+from softmask_format.version import package_version
 from torch import Tensor, nn
 
-from ._atomic import atomic_write, commit_files, ensure_directory, recover_directory
 from .config import LEGACY_TASK_KEYS, SoftMaskConfig, read_config_json
-from .constants import CONFIG_NAME, FORMAT_VERSION, IMPORTANCE_DTYPES, IMPORTANCE_NAME, WEIGHTS_NAME
 from .errors import (
     CorruptFileError,
     ImportanceMismatchError,
@@ -46,34 +55,18 @@ from .importance import method_spec
 from .selection import select_parameters
 from .store import ImportanceStore, TaskRecord
 
-TASK_PREFIX = "task."
-GENERAL_PREFIX = "general."
 MAX_TASKS = 100_000
 MAX_CLASSES = 1_000_000
 
 
-def _version() -> str:
-    try:
-        return version("softmask-peft")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 def encode(a: Tensor, dtype: str) -> Tensor:
-    """Importance in [0, 1] -> storage dtype. uint8 is round(A * 255)."""
-    a = a.detach().to("cpu", torch.float32).contiguous()
-    if dtype == "float32":
-        return a
-    if dtype == "float16":
-        return a.to(torch.float16)
-    return torch.round(a * 255.0).to(torch.uint8)
+    """Importance in [0, 1] -> storage dtype, by `softmask_format.codec` (uint8: round(A * 255))."""
+    return torch.from_numpy(codec.encode(a.detach().to("cpu", torch.float32).numpy(), dtype))
 
 
 def decode(a: Tensor) -> Tensor:
-    """Storage dtype -> float32 importance. uint8 is A / 255."""
-    if a.dtype == torch.uint8:
-        return a.to(torch.float32) / 255.0
-    return a.to(torch.float32)
+    """Storage dtype -> float32 importance, by `softmask_format.codec` (uint8: A / 255)."""
+    return torch.from_numpy(codec.decode(a.numpy()))
 
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
@@ -88,7 +81,7 @@ def importance_tensors(store: ImportanceStore, dtype: str) -> dict[str, Tensor]:
         raise ValueError(f"dtype must be one of {IMPORTANCE_DTYPES}, got {dtype!r}")
     out = {name: encode(v, dtype) for name, v in store.accumulated.items()}
     for k, task in enumerate(store.history):
-        out.update({f"{TASK_PREFIX}{k}.{name}": encode(v, dtype) for name, v in task.items()})
+        out.update({task_key(k, name): encode(v, dtype) for name, v in task.items()})
     for name, v in (store.general or {}).items():
         out[f"{GENERAL_PREFIX}{name}"] = encode(v, dtype)
     return out
@@ -99,7 +92,7 @@ def save_importance(path: Path, store: ImportanceStore, dtype: str, save_id: str
     tasks = [{"name": t.name, "num_classes": t.num_classes} for t in store.tasks]
     metadata = {
         "format": "pt",
-        "softmask_version": _version(),
+        "softmask_version": package_version(),
         "format_version": str(FORMAT_VERSION),
         "num_tasks": str(store.num_tasks),
         "tasks": json.dumps(tasks),
@@ -130,7 +123,7 @@ def save_checkpoint(
         config.save_pretrained(staging)
 
     try:
-        commit_files(ensure_directory(directory), write)
+        commit_files(ensure_directory(directory, SaveLocationError), write)
     except SoftMaskError:
         raise
     except (OSError, ValueError, SafetensorError) as e:  # full disk, read-only, bad path
@@ -266,10 +259,10 @@ def importance_version(path: Path) -> int:
     """The importance file's format version, from its header; unknown versions raise."""
     _, metadata = _header(path)
     text = metadata.get("format_version")
-    if text not in ("1", "2"):
+    if text not in [str(v) for v in READABLE_FORMAT_VERSIONS]:
         raise UnsupportedFormatError(
             f"{path.name}: importance format_version {text!r} is not supported "
-            "(this release reads '1' and '2')"
+            f"(this release reads {READABLE_FORMAT_VERSIONS})"
         )
     return int(text)
 
@@ -342,7 +335,7 @@ def load_importance(
         )
     names = list(expected)
     return ImportanceStore.from_parts(
-        [{n: decode(tensors[f"{TASK_PREFIX}{k}.{n}"]) for n in names} for k in range(num_tasks)],
+        [{n: decode(tensors[task_key(k, n)]) for n in names} for k in range(num_tasks)],
         tasks,
         accumulated={n: decode(tensors[n]) for n in names} if has_accumulated else {},
         general={n: decode(tensors[GENERAL_PREFIX + n]) for n in names} if has_general else None,

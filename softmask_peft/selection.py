@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from .config import SoftMaskConfig
@@ -13,6 +12,8 @@ from .errors import TargetModulesError
 
 def matching_modules(model: nn.Module, patterns: list[str] | str) -> set[str]:
     """Names of the modules PEFT would target with `target_modules=patterns`."""
+    from peft.tuners.tuners_utils import check_target_module_exists  # peft is slow to import
+
     spec = SimpleNamespace(target_modules=patterns, exclude_modules=None, target_parameters=None)
     return {
         name for name, _ in model.named_modules() if name and check_target_module_exists(spec, name)

@@ -31,6 +31,7 @@ Projections may be `nn.Linear` (weight: out x in) or transformers' `Conv1D` (wei
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -38,7 +39,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
 from .errors import TargetModulesError
 
@@ -123,11 +123,20 @@ LAYOUTS: Mapping[str, UnitLayout] = {
 }
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is transformers' Conv1D, without importing transformers (slow to import).
+
+    An instance of the class implies its module is loaded; if it is not, no module is a Conv1D.
+    """
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
 def _features(module: nn.Module, name: str) -> tuple[int, int]:
     """(in_features, out_features) of a projection."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if isinstance(module, Conv1D):
+    if _is_conv1d(module):
         return int(module.weight.shape[0]), int(module.weight.shape[1])
     kind = f"{type(module).__module__}.{type(module).__qualname__}"
     if hasattr(module, "base_layer"):  # a PEFT adapter layer (LoRA & co.) wraps the projection
@@ -350,7 +359,7 @@ def _along(module: nn.Module, values: Tensor, axis: str) -> dict[str, Tensor]:
     axis="in": one value per input feature (nn.Linear columns, Conv1D rows); bias not included.
     """
     w = module.weight
-    transposed = isinstance(module, Conv1D)
+    transposed = _is_conv1d(module)
     per_row = (axis == "out") != transposed
     v = values.to(device=w.device, dtype=torch.float32)
     out = {"weight": (v[:, None] if per_row else v[None, :]).expand(w.shape).contiguous()}

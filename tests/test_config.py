@@ -6,6 +6,7 @@ import json
 
 import pytest
 from helpers import multi_head
+from softmask_format.names import CONFIG_NAME, FORMAT_VERSION
 
 from softmask_peft import (
     ConfigError,
@@ -17,7 +18,6 @@ from softmask_peft import (
     UnsupportedFormatError,
     get_softmask_model,
 )
-from softmask_peft.constants import CONFIG_NAME, FORMAT_VERSION
 
 
 def test_defaults():

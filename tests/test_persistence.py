@@ -26,6 +26,7 @@ from helpers import (
 )
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from softmask_format.names import CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME
 from torch import nn
 
 import softmask_peft
@@ -41,7 +42,6 @@ from softmask_peft import (
     WeightsMismatchError,
     get_softmask_model,
 )
-from softmask_peft.constants import CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME
 from softmask_peft.persistence import decode, encode, load_importance, save_importance
 from softmask_peft.store import ImportanceStore, TaskRecord
 

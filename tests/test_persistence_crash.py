@@ -14,13 +14,13 @@ from helpers import (
     small_mlp,
     snapshot,
 )
+from softmask_format import atomic as _atomic
+from softmask_format.atomic import COMMIT_MARKER, STAGING_PREFIX
+from softmask_format.names import CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME
 
 from softmask_peft import (
     SoftMaskModel,
-    _atomic,
 )
-from softmask_peft._atomic import COMMIT_MARKER, STAGING_PREFIX
-from softmask_peft.constants import CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME
 
 
 class Crash(BaseException):

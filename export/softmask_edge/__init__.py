@@ -6,6 +6,8 @@ importance with an ONNX graph, and saves atomically. Depends on numpy, onnx and
 onnxruntime-training only; importing this package never imports torch.
 """
 
+import softmask_format
+
 from .builder import build_artifacts
 from .checkpoint import DeviceCheckpoint, read_device_checkpoint
 from .errors import (
@@ -23,7 +25,8 @@ from .errors import (
 from .learner import EdgeLearner
 from .manifest import Manifest
 
-__version__ = "0.1.0"
+__version__ = softmask_format.__version__
+
 
 __all__ = [
     "ArtifactMismatchError",

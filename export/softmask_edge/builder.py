@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from softmask_format.atomic import atomic_write
+from softmask_format.keys import task_key
 
-from ._atomic import atomic_write
 from .errors import ExportError
 from .graphs import (
     add_classification_loss,
@@ -210,7 +211,7 @@ def build_artifacts(
         )
         _write_checkpoint(staging / checkpoint_name(0), trainable_tensors, stored)
         history_keys = {
-            f"task.{k}.{n}": encode(np.asarray(task[n], np.float32), importance_dtype)
+            task_key(k, n): encode(np.asarray(task[n], np.float32), importance_dtype)
             for k, task in enumerate(history)
             for n in masked
         }

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from softmask_format.keys import task_key
 
 from . import _ort
 from .errors import ArtifactMismatchError, CorruptArtifactError
@@ -46,7 +47,7 @@ def load_history(directory: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     """Per-task importance `task.{k}.{P}` for every finished task k, in the storage dtype."""
     history = read_history(directory / manifest.history)
     wanted = {
-        f"task.{k}.{n}": tuple(manifest.params[n])
+        task_key(k, n): tuple(manifest.params[n])
         for k in range(manifest.num_tasks)
         for n in manifest.masked
     }
@@ -88,7 +89,7 @@ def read_device_checkpoint(directory: str | os.PathLike) -> DeviceCheckpoint:
             n: decode(_ort.get_parameter(state, n + IMPORTANCE_SUFFIX)) for n in manifest.masked
         },
         history=[
-            {n: decode(history[f"task.{k}.{n}"]) for n in manifest.masked}
+            {n: decode(history[task_key(k, n)]) for n in manifest.masked}
             for k in range(manifest.num_tasks)
         ],
     )

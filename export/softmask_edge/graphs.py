@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from softmask_format import codec
 
 from .manifest import (
     CROSS_HEAD_INPUT,
@@ -36,16 +37,16 @@ STORAGE_TYPES = {
     "uint8": TensorProto.UINT8,
 }
 _PREFIX = "softmask/"
-_CODEC_CONSTANTS = {
-    "c255": 255.0,
-    "c1024": 1024.0,
-    "c15": 15.0,
+_CODEC_CONSTANTS = {  # from softmask_format.codec, so graph and numpy decode alike
+    "c255": codec.UINT8_SCALE,
+    "c1024": 2.0**codec.FLOAT16_MANTISSA_BITS,
+    "c15": float(codec.FLOAT16_EXPONENT_BIAS),
     "two": 2.0,
     "codec_one": 1.0,
     "codec_zero": 0.0,
-    "min_normal": 2.0**-14,
-    "subnormal_unit": 2.0**-24,
-    "subnormal_scale": 2.0**24,
+    "min_normal": codec.FLOAT16_MIN_NORMAL,
+    "subnormal_unit": codec.FLOAT16_SUBNORMAL_UNIT,
+    "subnormal_scale": 1.0 / codec.FLOAT16_SUBNORMAL_UNIT,
     "inv_ln2": 1.0 / np.log(2.0),
 }
 
@@ -64,7 +65,7 @@ def add_codec_constants(graph: onnx.GraphProto) -> None:
 
 
 def decode_nodes(stored: str, out: str, dtype: str) -> list[onnx.NodeProto]:
-    """Stored importance -> float32 (as softmask_peft.store.decode).
+    """Stored importance -> float32 (as softmask_format.codec.decode).
 
     uint8: A / 255. float16 bits b (A in [0, 1], sign 0): e = ⌊b / 1024⌋, m = b − 1024 e,
     A = m · 2^-24 if e = 0 else (1 + m / 1024) · 2^(e − 15), all exact in float32.

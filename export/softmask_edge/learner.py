@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from softmask_format.atomic import atomic_write
+from softmask_format.keys import task_key
 
 from . import _ort
-from ._atomic import atomic_write
 from .checkpoint import load_history, load_state
 from .errors import (
     ArtifactMismatchError,
@@ -214,7 +215,7 @@ class EdgeLearner:
         """Importance of task `task_id` alone (float32)."""
         if not 0 <= task_id < self.num_tasks:
             raise TaskOrderError(f"no importance for task {task_id}: {self.num_tasks} recorded")
-        return {n: decode(self._history[f"task.{task_id}.{n}"]) for n in self.manifest.masked}
+        return {n: decode(self._history[task_key(task_id, n)]) for n in self.manifest.masked}
 
     # training -----------------------------------------------------------------------------
 
@@ -290,7 +291,7 @@ class EdgeLearner:
             _ort.set_parameter(
                 state, n + IMPORTANCE_SUFFIX, out[n + IMPORTANCE_SUFFIX + ".updated"]
             )
-            self._history[f"task.{t}.{n}"] = out[n + ".task_importance"]
+            self._history[task_key(t, n)] = out[n + ".task_importance"]
         _ort.set_parameter(state, MEAN_IMPORTANCE, out[MEAN_IMPORTANCE + ".updated"])
         task_names = [*self.manifest.task_names[:t], name or f"task_{t}"]
         self.manifest = replace(self.manifest, num_tasks=t + 1, task_names=task_names)

@@ -14,17 +14,20 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ._atomic import atomic_write_text
+from softmask_format.atomic import atomic_write_text
+from softmask_format.names import DEVICE_FORMAT_VERSION as FORMAT_VERSION
+from softmask_format.names import (
+    EVAL_MODEL_NAME,
+    IMPORTANCE_DTYPES,
+    IMPORTANCE_MODEL_NAME,
+    MANIFEST_NAME,
+    OPTIMIZER_MODEL_NAME,
+    TRAINING_MODEL_NAME,
+)
+
 from .errors import CorruptArtifactError, MissingArtifactError, UnsupportedFormatError
 
-MANIFEST_NAME = "manifest.json"
-TRAINING_MODEL_NAME = "training_model.onnx"
-EVAL_MODEL_NAME = "eval_model.onnx"
-OPTIMIZER_MODEL_NAME = "optimizer_model.onnx"
-IMPORTANCE_MODEL_NAME = "importance_update.onnx"
 STATIC_FILES = (TRAINING_MODEL_NAME, EVAL_MODEL_NAME, OPTIMIZER_MODEL_NAME, IMPORTANCE_MODEL_NAME)
-FORMAT_VERSION = 1
-
 IMPORTANCE_SUFFIX = ".softmask_importance"
 MEAN_IMPORTANCE = "softmask.mean_importance"  # ā, the heads' scale is 1 - ā
 SCALE_INPUT = "softmask_scale"
@@ -36,7 +39,6 @@ LOSS_OUTPUT = "loss"
 TASK_MODES = ("task_incremental", "shared_head")
 LOSSES = ("cross_entropy",)
 OPTIMIZERS = ("sgd", "adamw")
-IMPORTANCE_DTYPES = ("float32", "float16", "uint8")
 
 
 def checkpoint_name(generation: int) -> str:

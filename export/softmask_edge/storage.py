@@ -1,8 +1,8 @@
 """Importance storage dtypes and the per-task history file (numpy only, never pickled).
 
-Encoding matches softmask_peft.store: float16 cast (kept as its uint16 bit pattern on the
-device), uint8 = round(A · 255); decoding uint8 is A / 255. The on-device update itself runs in the importance-update graph; these helpers only
-convert at export and when the server reads a device checkpoint back.
+The codec is `softmask_format.codec`, shared with softmask_peft; on the device float16 travels
+as its uint16 bit pattern. The on-device update itself runs in the importance-update graph;
+these helpers only convert at export and when the server reads a device checkpoint back.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from softmask_format import codec
+from softmask_format.atomic import atomic_write
+from softmask_format.codec import decode
 
-from ._atomic import atomic_write
 from .errors import CorruptArtifactError
 
 # checkpoint dtype of each storage dtype: float16 travels as its bit pattern (uint16), since
@@ -22,23 +24,12 @@ from .errors import CorruptArtifactError
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.uint16, "uint8": np.uint8}
 
 
+__all__ = ["NUMPY_DTYPES", "decode", "encode", "read_history", "write_history"]
+
+
 def encode(a: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 importance in [0, 1] -> storage dtype."""
-    a = np.asarray(a, np.float32)
-    if dtype == "uint8":
-        return np.round(a * np.float32(255.0)).astype(np.uint8)
-    if dtype == "float16":
-        return a.astype(np.float16).view(np.uint16)
-    return a
-
-
-def decode(a: np.ndarray) -> np.ndarray:
-    """Storage dtype -> float32 importance."""
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) / np.float32(255.0)
-    if a.dtype == np.uint16:
-        return a.view(np.float16).astype(np.float32)
-    return a.astype(np.float32)
+    """float32 importance in [0, 1] -> device storage dtype (float16 as its uint16 bits)."""
+    return codec.encode(a, dtype, float16_bits=True)
 
 
 def write_history(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from helpers import standardize_tanh_abs, text_batches, tiny_bert, tiny_gpt2, tiny_llama
 from safetensors import safe_open
+from softmask_format.names import IMPORTANCE_NAME
 
 from softmask_peft import (
     DASConfig,
@@ -19,7 +20,6 @@ from softmask_peft import (
     SoftMaskOptimizer,
     get_softmask_model,
 )
-from softmask_peft.constants import IMPORTANCE_NAME
 from softmask_peft.contrastive import info_nce, mean_pool
 from softmask_peft.errors import ConfigError, EmptyDataError
 from softmask_peft.units import discover_units

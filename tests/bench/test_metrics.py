@@ -1,18 +1,18 @@
-"""Metrics against hand-computed values on hand-made accuracy matrices (DESIGN §9)."""
+"""Metrics against hand-computed values on hand-made accuracy matrices."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
-
-from softmask_peft.continual.metrics import (
+from softmask_bench.metrics import (
     average_accuracy,
     backward_transfer,
     compute_metrics,
     forgetting,
     mean_std,
 )
+
 from softmask_peft.errors import ConfigError
 
 NAN = float("nan")

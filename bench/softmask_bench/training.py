@@ -14,8 +14,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
-from ..heads import MultiHeadClassifier
+from softmask_peft.errors import ConfigError
+from softmask_peft.heads import MultiHeadClassifier
+
 from .benchmarks import Split
 
 

@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.optim import Optimizer
 
-from .. import SoftMaskConfig, SoftMaskModel, SoftMaskOptimizer, get_softmask_model
-from ..heads import MultiHeadClassifier
+from softmask_peft import SoftMaskConfig, SoftMaskModel, SoftMaskOptimizer, get_softmask_model
+from softmask_peft.heads import MultiHeadClassifier
+
 from .benchmarks import Task
 from .models import head_module_names
 from .training import TrainConfig, xy_batches

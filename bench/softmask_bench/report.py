@@ -1,6 +1,6 @@
 """Result tables (markdown), JSON and accuracy-matrix heatmaps; every file written atomically.
 
-Metrics follow DESIGN §9 (formulas in `metrics.py`); every table states its scenario.
+Metrics are those of `metrics.py` (formulas there); every table states its scenario.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from softmask_format.atomic import atomic_write, atomic_write_text, ensure_directory
 
-from .._atomic import atomic_write, atomic_write_text, ensure_directory
+from softmask_peft.errors import SaveLocationError
+
 from .benchmarks import SCENARIO_TITLES
 from .metrics import mean_std
 from .runner import RunResult
@@ -132,7 +134,7 @@ def write_report(
 
     stem = `<benchmark>_<scenario>_<arch>`.
     """
-    out = ensure_directory(out_dir)
+    out = ensure_directory(out_dir, SaveLocationError)
     first = results[0]
     stem = f"{first.benchmark}_{first.scenario}_{first.arch}"
     paths = {ext: out / f"{stem}.{ext}" for ext in ("md", "json", "png")}

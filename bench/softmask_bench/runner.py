@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
+from softmask_peft.errors import ConfigError
+
 from .benchmarks import SCENARIOS, Benchmark, get_benchmark
 from .metrics import compute_metrics
 from .models import build_classifier

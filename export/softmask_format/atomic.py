@@ -1,4 +1,5 @@
-"""Atomic writes: one file (temporary file, fsync, rename) or a set of files (a journal).
+"""Atomic writes, for softmask_peft and the device alike: one file (temporary file, fsync,
+rename) or a set of files (a journal).
 
 A set of files — a checkpoint's config, weights and importance — cannot be renamed into place
 in one atomic step, so `commit_files` uses a staging folder as a journal:
@@ -21,17 +22,15 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import SaveLocationError
-
 STAGING_PREFIX = ".softmask_save."
 COMMIT_MARKER = "COMMITTED"
 
 
-def ensure_directory(path: str | os.PathLike) -> Path:
-    """Create `path` as a directory; refuse if it exists as anything else."""
+def ensure_directory(path: str | os.PathLike, error: type[Exception] = NotADirectoryError) -> Path:
+    """Create `path` as a directory; if it exists as anything else, raise `error` (the caller's type)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise SaveLocationError(f"cannot save into {str(path)!r}: it exists and is not a directory")
+        raise error(f"cannot save into {str(path)!r}: it exists and is not a directory")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
-
-from softmask_peft.continual.benchmarks import (
+from softmask_bench.benchmarks import (
     get_benchmark,
     permuted_digits,
     split_digits,
     split_mnist1d,
 )
+
 from softmask_peft.errors import ConfigError
 
 

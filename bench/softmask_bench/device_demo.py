@@ -8,7 +8,7 @@ importance (with the on-device importance pass after every task), and unmasked (
 on-device fine-tuning). Rows 0..k-1 of both accuracy matrices are the shared PyTorch part.
 
 R[i][j] = test accuracy (%) on task j after task i; None where head j does not exist yet.
-ACC, BWT and Forgetting as in `continual.metrics` (DESIGN §9).
+ACC, BWT and Forgetting as in `softmask_bench.metrics`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import SoftMaskConfig
-from ..device import export_for_device
-from ..errors import ConfigError
-from ..model import SoftMaskModel
-from ..optim import SoftMaskOptimizer
+from softmask_peft.config import SoftMaskConfig
+from softmask_peft.device import export_for_device
+from softmask_peft.errors import ConfigError
+from softmask_peft.model import SoftMaskModel
+from softmask_peft.optim import SoftMaskOptimizer
+
 from .benchmarks import Split, get_benchmark
 from .metrics import compute_metrics
 from .models import build_classifier, head_module_names

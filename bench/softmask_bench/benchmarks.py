@@ -1,4 +1,4 @@
-"""Continual-learning benchmarks built from data that ships with installed packages (DESIGN §8).
+"""Continual-learning benchmarks built from data that ships with installed packages.
 
 Every builder is deterministic given `seed` and returns train / validation / test splits per
 task; the test images of a benchmark never appear in any task's train or validation split.
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from softmask_peft.errors import ConfigError
 
 SCENARIOS = ("task", "domain")
 SCENARIO_TITLES = {

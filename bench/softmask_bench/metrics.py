@@ -1,4 +1,4 @@
-"""Continual-learning metrics over an accuracy matrix (DESIGN §9).
+"""Continual-learning metrics over an accuracy matrix.
 
 R[i][j] = accuracy on task j's test set after training task i (T tasks, 0-based). A method
 that trains once on all tasks (joint) has only the final row; its BWT and Forgetting are None.
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from softmask_peft.errors import ConfigError
 
 
 def _matrix(r: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from importlib.resources import files
 
-from ..errors import EmptyDataError
+from softmask_peft.errors import EmptyDataError
 
 DOMAINS = ("stdlib_docs", "licenses", "package_readmes")
 PROJECT = "softmask-peft"

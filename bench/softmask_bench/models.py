@@ -10,8 +10,8 @@ import math
 
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..heads import MultiHeadClassifier
+from softmask_peft.errors import ConfigError
+from softmask_peft.heads import MultiHeadClassifier
 
 ARCHS = ("mlp", "cnn")
 

@@ -7,18 +7,18 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-
-from softmask_peft.continual.benchmarks import Split, split_digits
-from softmask_peft.continual.models import MLP, build_classifier
-from softmask_peft.continual.runner import check_methods, run_method
-from softmask_peft.continual.strategies import EWCStrategy, SoftMaskStrategy
-from softmask_peft.continual.training import (
+from softmask_bench.benchmarks import Split, split_digits
+from softmask_bench.models import MLP, build_classifier
+from softmask_bench.runner import check_methods, run_method
+from softmask_bench.strategies import EWCStrategy, SoftMaskStrategy
+from softmask_bench.training import (
     TrainConfig,
     batches,
     classification_loss,
     evaluate,
     fit,
 )
+
 from softmask_peft.errors import ConfigError
 from softmask_peft.heads import MultiHeadClassifier
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from softmask_peft.continual.text_domains import (
+from softmask_bench.text_domains import (
     DOMAINS,
     dependency_distributions,
     load_text_domains,

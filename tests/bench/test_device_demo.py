@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from softmask_bench.device_demo import run_device_demo
+from softmask_bench.metrics import compute_metrics
+from softmask_bench.training import TrainConfig
 
-from softmask_peft.continual.device_demo import run_device_demo
-from softmask_peft.continual.metrics import compute_metrics
-from softmask_peft.continual.training import TrainConfig
 from softmask_peft.errors import ConfigError
 
 

@@ -1,0 +1,19 @@
+"""File names, format versions and importance storage dtypes (no import: the CLI reads them)."""
+
+IMPORTANCE_DTYPES = ("float32", "float16", "uint8")  # encoded by `codec`
+
+# torch checkpoint (softmask_peft: save_pretrained / from_pretrained)
+CONFIG_NAME = "softmask_config.json"
+IMPORTANCE_NAME = "softmask_importance.safetensors"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 2  # 2: the task log and DAS's general importance live in the importance file
+READABLE_FORMAT_VERSIONS = (1, 2)
+
+# device artifacts (softmask_edge)
+MANIFEST_NAME = "manifest.json"
+TRAINING_MODEL_NAME = "training_model.onnx"
+EVAL_MODEL_NAME = "eval_model.onnx"
+OPTIMIZER_MODEL_NAME = "optimizer_model.onnx"
+IMPORTANCE_MODEL_NAME = "importance_update.onnx"
+DEVICE_FORMAT_VERSION = 2  # 2: the task log and DAS's general importance live in the importance file
+READABLE_FORMAT_VERSIONS = (1, 2)

@@ -1,0 +1,33 @@
+"""A tiny BertForMaskedLM and sentences for the MLM and DAS pre-training tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_mlm(vocab: int, seed: int = 0):
+    """A 2-layer BertForMaskedLM with MiniLM's vocabulary (random weights, fast)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )
+    return BertForMaskedLM(cfg)
+
+
+SENTENCES = [
+    "the quick brown fox jumps over the lazy dog near the river bank today",
+    "permission is hereby granted free of charge to any person obtaining a copy",
+    "return a new list containing all items from the iterable in ascending order",
+    "this package provides fast tensor computation with strong gpu acceleration",
+    "the iris dataset contains three classes of fifty instances each flower",
+    "each sample of the wine data has thirteen chemical measurements recorded",
+]
