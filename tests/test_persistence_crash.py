@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import (
+    assert_same_importance,
     classification_batches,
+    dir_digest,
     same_state,
     saved_mlp,
     small_mlp,
@@ -106,3 +109,29 @@ def test_a_killed_uncommitted_save_is_ignored_by_loads_and_cleared_by_the_next_s
     assert not leftover.exists()
 
 
+
+
+def test_a_planted_staging_link_is_never_followed(tmp_path):
+    model, directory = saved_mlp(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / COMMIT_MARKER).write_text("")
+    (outside / WEIGHTS_NAME).write_bytes(b"not weights")
+    (directory / f"{STAGING_PREFIX}planted").symlink_to(outside, target_is_directory=True)
+    before, outside_before = dir_digest(directory), dir_digest(outside)
+    loaded = SoftMaskModel.from_pretrained(small_mlp(seed=3, in_features=6), directory)
+    assert_same_importance(model, loaded)
+    assert dir_digest(directory) == before and dir_digest(outside) == outside_before
+    model.save_pretrained(directory)  # a save does not consume (or delete through) it either
+    assert dir_digest(outside) == outside_before
+
+
+def test_a_link_inside_a_committed_staging_folder_is_not_moved(tmp_path):
+    _, directory = saved_mlp(tmp_path)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+    secret = tmp_path / "secret.json"
+    secret.write_text("{}")
+    (staging / CONFIG_NAME).symlink_to(secret)
+    (staging / COMMIT_MARKER).write_text("")
+    SoftMaskModel.from_pretrained(small_mlp(seed=3, in_features=6), directory)
+    assert not (directory / CONFIG_NAME).is_symlink() and secret.read_text() == "{}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -111,10 +112,22 @@ def recover_directory(directory: Path, drop_uncommitted: bool = False) -> None:
     progress); saving also removes uncommitted leftovers of crashed saves.
     """
     for staging in sorted(directory.glob(STAGING_PREFIX + "*")):
+        if not _ours(staging):
+            continue  # a link or a folder someone else planted: never follow or consume it
         if (staging / COMMIT_MARKER).is_file():
             _roll_forward(staging, directory)
         elif drop_uncommitted:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _ours(staging: Path) -> bool:
+    """A real directory as `tempfile.mkdtemp` creates it: not a link, ours, mode 0700."""
+    try:
+        st = staging.lstat()
+    except FileNotFoundError:
+        return False
+    owner = getattr(os, "getuid", lambda: st.st_uid)()
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == owner and stat.S_IMODE(st.st_mode) == 0o700
 
 
 def _roll_forward(staging: Path, directory: Path) -> None:
@@ -125,7 +138,7 @@ def _roll_forward(staging: Path, directory: Path) -> None:
     except FileNotFoundError:  # another process finished this save
         return
     for item in items:
-        if item.name != COMMIT_MARKER:
+        if item.name != COMMIT_MARKER and not item.is_symlink():
             with contextlib.suppress(FileNotFoundError):  # another process moved it first
                 os.replace(item, directory / item.name)
     fsync_directory(directory)
