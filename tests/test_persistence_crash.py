@@ -101,7 +101,7 @@ def test_a_load_racing_the_renames_does_not_fail_the_save(tmp_path, monkeypatch)
 def test_a_killed_uncommitted_save_is_ignored_by_loads_and_cleared_by_the_next_save(tmp_path):
     model, directory = saved_mlp(tmp_path)
     leftover = directory / (STAGING_PREFIX + "killed")
-    leftover.mkdir()
+    leftover.mkdir(mode=0o700)  # as tempfile.mkdtemp creates it
     (leftover / WEIGHTS_NAME).write_bytes(b"\x00" * 16)  # killed before its commit marker
     loaded = SoftMaskModel.from_pretrained(small_mlp(seed=3, in_features=6), directory)
     assert loaded.num_tasks == 2 and leftover.is_dir()
