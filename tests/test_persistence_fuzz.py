@@ -1,0 +1,69 @@
+"""Byte-level fuzzing of every file `from_pretrained` reads: the library's own error or a load.
+
+Random byte flips, insertions and truncations of the config, the importance file and the
+weights must end in a `SoftMaskError` (or a load that passes every check), never another
+exception type or a hang, and never a large allocation (a file may only make us allocate what
+its own bytes justify).
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+
+import pytest
+from helpers import multi_head, run_tasks
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from softmask_format.names import CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME
+
+from softmask_peft import SoftMaskConfig, SoftMaskError, SoftMaskModel, get_softmask_model
+
+FILES = (CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("fuzz") / "ckpt"
+    net = multi_head(in_features=6, backbone="mlp")
+    model = get_softmask_model(net, SoftMaskConfig(importance_dtype="uint8"))
+    run_tasks(model, 2, classes=[3, 2]).save_pretrained(directory)
+    return directory
+
+
+edits = st.lists(
+    st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255), st.sampled_from("fi")),
+    min_size=1,
+    max_size=6,
+)
+
+
+def mutate(data: bytes, changes, cut: float | None) -> bytes:
+    out = bytearray(data)
+    for where, value, kind in changes:
+        i = int(where * len(out))
+        if kind == "f":
+            out[i] = value
+        else:
+            out[i:i] = bytes([value])
+    if cut is not None:
+        del out[int(cut * len(out)) :]
+    return bytes(out)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(FILES), changes=edits, cut=st.none() | st.floats(0, 1))
+def test_a_mutated_checkpoint_loads_or_raises_our_error(checkpoint, tmp_path, name, changes, cut):
+    target = tmp_path / "mutated"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(checkpoint, target)
+    (target / name).write_bytes(mutate((checkpoint / name).read_bytes(), changes, cut))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        loaded = SoftMaskModel.from_pretrained(multi_head(in_features=6, backbone="mlp"), target)
+    except SoftMaskError:
+        pass
+    else:
+        assert loaded.num_tasks <= 2
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss
+    assert grown_kib < 16 * 1024, f"loading a {name} mutation raised peak memory by {grown_kib} KiB"
