@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import softmask_bench
+import softmask_edge
+import softmask_format
+
+import softmask_peft
 
 IMPORT_ALL = """
 import importlib, json, pkgutil, sys
@@ -42,3 +50,59 @@ new = {m.split(".")[0] for m in set(sys.modules) - before} - set(sys.stdlib_modu
 print(json.dumps({"top": sorted(new)}))
 """
     assert set(_run(script)["top"]) == {"numpy", "softmask_format"}
+
+
+def _import_graph(packages: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> modules it imports (function-local imports included), within `packages`."""
+    files = {}
+    for top, root in packages.items():
+        for f in root.rglob("*.py"):
+            parts = [top, *f.relative_to(root).with_suffix("").parts]
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for module, f in files.items():
+        package = module if f.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                targets = [
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names
+                ]
+            else:
+                continue
+            for t in targets:
+                while t and t not in files:
+                    t = t.rpartition(".")[0]
+                if t and t != module:
+                    graph[module].add(t)
+    return graph
+
+
+def test_no_import_cycles_anywhere_function_local_imports_included() -> None:
+    graph = _import_graph(
+        {
+            m.__name__: Path(m.__file__).parent
+            for m in (softmask_peft, softmask_edge, softmask_format, softmask_bench)
+        }
+    )
+    assert len(graph) > 40
+    cycles, done = [], set()
+
+    def visit(node: str, path: list[str]) -> None:
+        if node in path:
+            cycles.append(path[path.index(node) :] + [node])
+            return
+        if node in done:
+            return
+        for nxt in sorted(graph[node]):
+            visit(nxt, [*path, node])
+        done.add(node)
+
+    for start in sorted(graph):
+        visit(start, [])
+    assert cycles == []
