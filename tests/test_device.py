@@ -150,3 +150,30 @@ def test_first_task_on_device_starts_from_zero_importance(tmp_path):
         SoftMaskModel(copy.deepcopy(net), SoftMaskConfig(head_modules=["2"])), artifacts
     )
     assert restored.num_tasks == 1 and restored.task_log[0].num_classes is None
+
+
+def test_a_device_checkpoint_behind_the_model_is_refused(device_run, tmp_path):
+    model, _, _, _ = device_run
+    model = copy.deepcopy(model)
+    early = tmp_path / "early"
+    export_for_device(copy.deepcopy(model), torch.randn(4, IN_FEATURES), early, future_heads=[2])
+    data = batches(2)
+    model.begin_task(2, num_classes=2, name="server_2")  # the server moves on meanwhile
+    model.end_task(data)
+    model.begin_task(3, num_classes=2, name="server_3")
+    model.end_task(data)
+    before = copy.deepcopy(model.state_dict()), dict(model.importance)
+    with pytest.raises(ImportanceMismatchError, match="behind this model"):
+        load_device_checkpoint(model, early)
+    assert model.num_tasks == 4 and len(model.base_model.heads) == 4
+    assert all(torch.equal(v, before[0][k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, before[1][k]) for k, v in model.importance.items())
+
+
+def test_a_device_checkpoint_from_another_run_is_refused(device_run):
+    _, _, _, artifacts = device_run
+    other = mlp_model_after_two_tasks(extra_heads=())
+    other.store.tasks[0] = other.store.tasks[0].__class__("renamed", 2)
+    with pytest.raises(ImportanceMismatchError, match="diverges"):
+        load_device_checkpoint(other, artifacts)
+    assert other.num_tasks == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -543,3 +544,67 @@ def test_a_das_checkpoint_keeps_general_importance_saved_before_the_first_domain
     assert sorted(loaded.store.general) == sorted(general)
     assert all(torch.equal(loaded.store.general[k], v) for k, v in general.items())
     assert any(float(v.max()) > 0 for v in loaded.parameter_importance().values())
+
+
+# a file may only make us allocate what its own bytes justify ---------------------------------
+
+
+def _rewrite_metadata(path: Path, **changes: str) -> None:
+    tensors = load_file(path)
+    with safe_open(path, framework="pt") as f:
+        metadata = {**(f.metadata() or {}), **changes}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_a_huge_head_in_the_task_log_is_refused_before_any_allocation(tmp_path):
+    net = multi_head(in_features=6, backbone="mlp")
+    model = run_tasks(get_softmask_model(net, SoftMaskConfig()), 2, classes=[3, 2])
+    model.save_pretrained(tmp_path)
+    tasks = json.dumps([{"name": "a", "num_classes": 3}, {"name": "b", "num_classes": 10**6}])
+    _rewrite_metadata(tmp_path / IMPORTANCE_NAME, tasks=tasks)
+    fresh = multi_head(in_features=6, backbone="mlp")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(WeightsMismatchError, match=r"heads.1.weight: saved \(2, 5\) != model \(1000000, 5\)"):
+        SoftMaskModel.from_pretrained(fresh, tmp_path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 8 * 1024  # the head: 20 MB
+    assert len(fresh.heads) == 0
+
+
+@pytest.mark.parametrize("num_tasks", ["1000000000", "-1", "x"])
+def test_an_impossible_task_count_is_refused(tmp_path, num_tasks):
+    _, directory = saved_mlp(tmp_path)
+    _rewrite_metadata(directory / IMPORTANCE_NAME, num_tasks=num_tasks)
+    with pytest.raises(CorruptFileError, match="num_tasks|task"):
+        SoftMaskModel.from_pretrained(small_mlp(seed=2, in_features=6), directory)
+
+
+@pytest.mark.parametrize(
+    "tasks", ['[{"name": 1}]', '{"a": 1}', '[{"name": "a", "num_classes": true}]', "[" * 5000]
+)
+def test_a_malformed_task_log_is_refused(tmp_path, tasks):
+    _, directory = saved_mlp(tmp_path)
+    _rewrite_metadata(directory / IMPORTANCE_NAME, tasks=tasks)
+    with pytest.raises(CorruptFileError, match="task"):
+        SoftMaskModel.from_pretrained(small_mlp(seed=2, in_features=6), directory)
+
+
+def test_importance_stored_in_another_dtype_than_its_metadata_is_refused(tmp_path):
+    _, directory = saved_mlp(tmp_path)
+    _rewrite_metadata(directory / IMPORTANCE_NAME, dtype="uint8")  # tensors are float32
+    with pytest.raises(ImportanceMismatchError, match="metadata says uint8"):
+        SoftMaskModel.from_pretrained(small_mlp(seed=2, in_features=6), directory)
+
+
+@pytest.mark.parametrize("where", ["nul", "file"])
+def test_an_unusable_save_location_is_our_error_and_leaves_nothing(tmp_path, where):
+    model, _ = saved_mlp(tmp_path)
+    before = dir_digest(tmp_path)
+    if where == "nul":
+        target = str(tmp_path / "a\x00b")
+    else:
+        target = tmp_path / "plain"
+        target.write_text("x")
+        before = dir_digest(tmp_path)
+    with pytest.raises(SaveLocationError, match="cannot save into"):
+        model.save_pretrained(target)
+    assert dir_digest(tmp_path) == before
