@@ -110,6 +110,7 @@ class EdgeLearner:
                 self.directory / OPTIMIZER_MODEL_NAME,
                 state,
                 self._options,
+                lr_in_graph=self.manifest.format_version >= 2,
             )
             self._importance_session = ort.InferenceSession(
                 self.directory / IMPORTANCE_MODEL_NAME,
