@@ -1,0 +1,69 @@
+"""The JS learner (export/js) in headless Chromium equals the Python EdgeLearner.
+
+Same artifacts, same batches: masked SGD steps (weights <= 1e-5), the importance pass and
+update graph (<= 1e-5), eval logits; the checkpoint the browser saves loads in Python
+(EdgeLearner, read_device_checkpoint, load_device_checkpoint into SoftMaskModel).
+Needs chromium and `npm ci` in export/js (.ci/run installs both); fails without them.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+from browser_helpers import browser_requirements, run_page, serve, site, write_case
+from edge_helpers import batches, max_diff, numpy_batches, torch_weights
+from softmask_edge import EdgeLearner, read_device_checkpoint
+
+from softmask_peft.export import load_device_checkpoint
+
+EPOCHS, LR = 3, 0.1
+
+
+def _arrays(flat: dict[str, list[float]], shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, np.float32).reshape(shapes[k]) for k, v in flat.items()}
+
+
+def test_browser_learner_matches_python_learner(mlp_case, tmp_path):
+    browser_requirements()
+    model, artifacts = mlp_case
+    data = numpy_batches(batches(2))
+    root = site(tmp_path / "site")
+    write_case(root / "case", artifacts, data, epochs=EPOCHS, lr=LR)
+    saved = tmp_path / "saved"
+    with serve(root) as base:
+        result = run_page(f"{base}/js/test/learn.html?case=/case/", saved)
+
+    python = EdgeLearner(artifacts)
+    shapes = python.manifest.params
+    losses = python.learn_task(data, epochs=EPOCHS, lr=LR)
+    np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
+    assert max_diff(python.parameters(), _arrays(result["weights"], shapes)) <= 1e-5
+    python_task = python.end_task(data)
+    assert max_diff(python_task, _arrays(result["taskImportance"], shapes)) <= 1e-5
+    assert max_diff(python.importance(), _arrays(result["importance"], shapes)) <= 1e-5
+    logits = python.predict(data[0][0], task_id=2)
+    np.testing.assert_allclose(
+        np.asarray(result["logits"]).reshape(logits.shape), logits, atol=1e-5
+    )
+
+    # the browser's save is a checkpoint generation Python reads back
+    for name in (
+        "training_model.onnx",
+        "eval_model.onnx",
+        "optimizer_model.onnx",
+        "importance_update.onnx",
+    ):
+        shutil.copy(artifacts / name, saved / name)
+    (saved / "result.json").unlink()
+    reloaded = EdgeLearner(saved)
+    assert reloaded.num_tasks == 3 and reloaded.manifest.generation == 1
+    assert reloaded.manifest.task_names[-1] == "browser_task"
+    assert max_diff(reloaded.parameters(), python.parameters()) <= 1e-5
+    assert max_diff(reloaded.task_importance(2), python_task) <= 1e-5
+    back = read_device_checkpoint(saved)
+    assert max_diff(back.importance, python.importance()) <= 1e-5
+    load_device_checkpoint(model, saved)
+    assert max_diff(torch_weights(model), reloaded.parameters()) == 0.0
+    assert max_diff({k: v.numpy() for k, v in model.importance.items()}, back.importance) == 0.0
+    assert model.num_tasks == 3
