@@ -65,5 +65,6 @@ export class WorkerLearner {
   parameters() { return this.call('parameters'); }
   importance() { return this.call('importance'); }
   save() { return this.call('save'); }
+  validationLosses() { return this.call('validationLosses'); }
   terminate() { this.worker.terminate(); }
 }

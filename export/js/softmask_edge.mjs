@@ -31,6 +31,36 @@ const ORT_TYPES = { float32: 'float32', float16: 'uint16', uint8: 'uint8' };
 
 export class EdgeError extends Error {}
 
+/** The Python learner's schedule.Plateau: lr decay on plateaus, early stop, best epoch. */
+export class Plateau {
+  constructor({ patience = 10, lrPatience = 3, lrFactor = 1 / 3, lrMin = 1e-4 } = {}, lr) {
+    if (!(patience >= 1 && lrPatience >= 1 && lrFactor > 0 && lrFactor < 1)) {
+      throw new EdgeError('earlyStopping needs patience, lrPatience >= 1 and lrFactor in (0, 1)');
+    }
+    Object.assign(this, { patience, lrPatience, lrFactor, lrMin, lr });
+    this.best = Infinity;
+    this.sinceBest = 0;
+    this.sinceChange = 0;
+  }
+
+  update(valLoss) {
+    const improved = Number.isFinite(valLoss) && valLoss < this.best;
+    if (improved) {
+      this.best = valLoss;
+      this.sinceBest = 0;
+      this.sinceChange = 0;
+    } else {
+      this.sinceBest += 1;
+      this.sinceChange += 1;
+      if (this.sinceChange >= this.lrPatience) {
+        this.lr *= this.lrFactor;
+        this.sinceChange = 0;
+      }
+    }
+    return { improved, stop: this.sinceBest >= this.patience || this.lr < this.lrMin };
+  }
+}
+
 const pad = (n) => String(n).padStart(6, '0');
 const size = (shape) => shape.reduce((a, b) => a * b, 1);
 
@@ -210,27 +240,46 @@ export class EdgeLearner {
 
   /**
    * Train the next task soft-masked; returns the mean loss per epoch.
-   * `masked: false` feeds scale 0: plain fine-tuning, the baseline.
+   * `masked: false` feeds scale 0: plain fine-tuning, the baseline. With `validation`
+   * batches, `epochs` is a maximum: the lr decays on validation-loss plateaus, training stops
+   * early and the best weights are kept (`earlyStopping`: {patience, lrPatience, lrFactor,
+   * lrMin}, the Python learner's EarlyStopping); `validationLosses` lists the losses.
    */
-  async learnTask(batches, { epochs = 1, lr = 0.05, masked = true } = {}) {
+  async learnTask(batches, { epochs = 1, lr = 0.05, masked = true, validation = null, earlyStopping = {} } = {}) {
     const t = this._nextTask();
     if (!batches.length) throw new EdgeError(`learnTask(${t}) got no batches`);
     if (!(epochs >= 1 && lr > 0)) throw new EdgeError(`epochs must be >= 1 and lr > 0, got epochs=${epochs}, lr=${lr}`);
+    if (validation && !validation.length) throw new EdgeError(`learnTask(${t}) got an empty validation set`);
     const prepared = batches.map((b) => this._feeds(b, t, { scale: masked ? 1 : 0, crossHead: false, training: true }));
-    const session = await this._openSession(t, lr);
-    const feeds = prepared.map((f) => EdgeLearner._ordered(f, session.trainingInputNames));
+    const val = validation && validation.map((b) => this._feeds(b, t, { crossHead: false, training: false }));
+    const plateau = new Plateau(earlyStopping, lr);
+    let best = null;
     const losses = [];
+    this.validationLosses = [];
     for (let e = 0; e < epochs; e++) {
+      const session = await this._openSession(t, plateau.lr);
       let total = 0;
-      for (const f of feeds) {
+      for (const f of prepared) {
         await session.lazyResetGrad();
-        const out = await session.runTrainStep(f);
+        const out = await session.runTrainStep(EdgeLearner._ordered(f, session.trainingInputNames));
         total += out.loss.data[0];
         await session.runOptimizerStep();
       }
-      losses.push(total / feeds.length);
+      losses.push(total / prepared.length);
+      await this._syncWeights();
+      if (!val) continue;
+      let valTotal = 0;
+      for (const f of val) valTotal += (await session.runEvalStep(EdgeLearner._ordered(f, session.evalInputNames))).loss.data[0];
+      const valLoss = valTotal / val.length;
+      this.validationLosses.push(valLoss);
+      const { improved, stop } = plateau.update(valLoss);
+      if (improved) best = this.parameters();
+      if (stop) break;
     }
-    await this._syncWeights();
+    if (val && best) {
+      Object.assign(this.state, best);
+      await this._closeSession(); // the wasm copy holds the last weights, not the best
+    }
     return losses;
   }
 

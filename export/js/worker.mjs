@@ -28,6 +28,7 @@ const methods = {
   importance: () => learner.importance(),
   save: () => learner.save(),
   numTasks: () => learner.numTasks,
+  validationLosses: () => learner.validationLosses,
 };
 
 self.onmessage = async ({ data: { id, method, args } }) => {

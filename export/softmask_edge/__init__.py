@@ -22,6 +22,7 @@ from .errors import (
 )
 from .learner import EdgeLearner
 from .manifest import Manifest
+from .schedule import EarlyStopping
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "BatchError",
     "CorruptArtifactError",
     "DeviceCheckpoint",
+    "EarlyStopping",
     "EdgeError",
     "EdgeLearner",
     "EmptyDataError",

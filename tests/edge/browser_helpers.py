@@ -69,24 +69,19 @@ def site(root: Path) -> Path:
     return root
 
 
+def page_batches(batches) -> list[dict]:
+    """numpy (x, y) batches as the test pages read them."""
+    return [
+        {"x": np.asarray(x, np.float32).ravel().tolist(), "dims": list(x.shape), "y": y.tolist()}
+        for x, y in batches
+    ]
+
+
 def write_case(folder: Path, artifacts: Path, batches, *, epochs: int, lr: float, **extra) -> None:
     """artifacts/ + data.json (numpy (x, y) batches) for test/learn.html-style pages."""
     shutil.copytree(artifacts, folder / "artifacts")
-    data = {
-        "input": "input",
-        "batches": [
-            {
-                "x": np.asarray(x, np.float32).ravel().tolist(),
-                "dims": list(x.shape),
-                "y": y.tolist(),
-            }
-            for x, y in batches
-        ],
-        "epochs": epochs,
-        "lr": lr,
-        **extra,
-    }
-    (folder / "data.json").write_text(json.dumps(data))
+    data = {"input": "input", "batches": page_batches(batches), "epochs": epochs, "lr": lr}
+    (folder / "data.json").write_text(json.dumps({**data, **extra}))
 
 
 def run_page(url: str, out: Path, timeout_s: float = 60) -> dict:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-from browser_helpers import browser_requirements, run_page, serve, site, write_case
+from browser_helpers import browser_requirements, page_batches, run_page, serve, site, write_case
 from edge_helpers import batches, max_diff, numpy_batches, torch_weights
-from softmask_edge import EdgeLearner, read_device_checkpoint
+from softmask_edge import EarlyStopping, EdgeLearner, read_device_checkpoint
 
 from softmask_peft.export import load_device_checkpoint
 
 EPOCHS, LR = 3, 0.1
+ES = {"epochs": 12, "lr": 3.0, "options": {"patience": 3, "lrPatience": 1, "lrFactor": 0.5}}
 
 
 def _arrays(flat: dict[str, list[float]], shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
@@ -29,7 +30,10 @@ def test_browser_learner_matches_python_learner(mlp_case, tmp_path):
     model, artifacts = mlp_case
     data = numpy_batches(batches(2))
     root = site(tmp_path / "site")
-    write_case(root / "case", artifacts, data, epochs=EPOCHS, lr=LR)
+    val = numpy_batches(batches(12, n=2))
+    write_case(
+        root / "case", artifacts, data, epochs=EPOCHS, lr=LR, validation=page_batches(val), es=ES
+    )
     saved = tmp_path / "saved"
     with serve(root) as base:
         result = run_page(f"{base}/js/test/learn.html?case=/case/", saved)
@@ -46,6 +50,14 @@ def test_browser_learner_matches_python_learner(mlp_case, tmp_path):
     np.testing.assert_allclose(
         np.asarray(result["logits"]).reshape(logits.shape), logits, atol=1e-5
     )
+
+    # early stopping: same validation curve (lr decays, stop) and the same kept weights
+    es = EdgeLearner(artifacts)
+    options = EarlyStopping(patience=3, lr_patience=1, lr_factor=0.5)
+    es.learn_task(data, epochs=ES["epochs"], lr=ES["lr"], validation=val, early_stopping=options)
+    assert len(es.validation_losses) < ES["epochs"]
+    np.testing.assert_allclose(result["esValidationLosses"], es.validation_losses, rtol=1e-5)
+    assert max_diff(es.parameters(), _arrays(result["esWeights"], shapes)) <= 1e-5
 
     # the browser's save is a checkpoint generation Python reads back
     for name in (
