@@ -78,10 +78,13 @@ class TrainingSession:
         self._bind(state)
 
     def _bind(self, state: C.CheckpointState) -> None:
+        # the C++ module and optimizer keep raw pointers into the state they were built on:
+        # release them before that state can be freed
+        self._optimizer: C.Optimizer | None = None
+        self._module = None
         self.state = state
         training, evaluation = self._models
         self._module = C.Module(training, state, evaluation, self._device, self._options)
-        self._optimizer: C.Optimizer | None = None
         self._optimizer_used = False
 
     def input_names(self, training: bool) -> list[str]:
