@@ -129,6 +129,32 @@ def _check_roles(
         raise ExportError("cannot build artifacts:\n  " + "\n  ".join(problems))
 
 
+def _check_logits(model: onnx.ModelProto) -> None:
+    """The device loss is cross-entropy over (batch, classes) logits with (batch,) labels.
+
+    Token-level language modelling (logits (batch, sequence, vocab), labels (batch, sequence),
+    shifted for causal LMs, with an ignore index) is refused here, at export time, instead of
+    failing on the device with a batch or onnxruntime shape error.
+    """
+    outputs = list(model.graph.output)
+    if len(outputs) != 1 or not outputs[0].type.tensor_type.HasField("shape"):
+        return  # add_classification_loss names the output problem
+    rank = len(outputs[0].type.tensor_type.shape.dim)
+    if rank == 2:
+        return
+    kind = (
+        "(batch, sequence, vocab): a language model with token-level labels"
+        if rank == 3
+        else f"rank {rank}"
+    )
+    raise ExportError(
+        f"cannot train this model on a device: its logits have shape {kind}, and the device "
+        "loss is sequence-level cross-entropy over (batch, classes) logits with (batch,) "
+        "labels. Export a classification model (e.g. AutoModelForSequenceClassification, or "
+        "a head on pooled features), or keep training this model on the server."
+    )
+
+
 def build_artifacts(
     forward: onnx.ModelProto,
     directory: str | os.PathLike,
@@ -175,6 +201,7 @@ def build_artifacts(
         raise ExportError(
             f"a {task_mode} graph {'needs' if not has_task_input else 'cannot have'} a {TASK_INPUT!r} input"
         )
+    _check_logits(model)
     inputs = _input_specs(model)
     shapes = {n: list(params[n].dims) for n in trainable}
     masked_shapes = {n: shapes[n] for n in masked}
