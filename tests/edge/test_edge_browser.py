@@ -8,15 +8,35 @@ Needs chromium and `npm ci` in export/js (.ci/run installs both); fails without 
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
-from browser_helpers import browser_requirements, page_batches, run_page, serve, site, write_case
-from edge_helpers import batches, max_diff, numpy_batches, torch_weights
+import pytest
+from browser_helpers import (
+    JS_DIR,
+    browser_requirements,
+    page_batches,
+    run_page,
+    serve,
+    site,
+    write_case,
+)
+from edge_helpers import (
+    batches,
+    export_copy,
+    max_diff,
+    mlp_model_after_two_tasks,
+    numpy_batches,
+    torch_weights,
+)
 from softmask_edge import EarlyStopping, EdgeLearner, read_device_checkpoint
 
 from softmask_peft.export import load_device_checkpoint
 
+FIXTURE_V010 = Path(__file__).parents[1] / "fixtures" / "v0_1_0" / "edge_mlp"
 EPOCHS, LR = 3, 0.1
 ES = {"epochs": 12, "lr": 3.0, "options": {"patience": 3, "lrPatience": 1, "lrFactor": 0.5}}
 
@@ -25,9 +45,19 @@ def _arrays(flat: dict[str, list[float]], shapes: dict[str, list[int]]) -> dict[
     return {k: np.asarray(v, np.float32).reshape(shapes[k]) for k, v in flat.items()}
 
 
-def test_browser_learner_matches_python_learner(mlp_case, tmp_path):
+@pytest.fixture(params=["float32", "uint8"])
+def case(request, mlp_case, tmp_path):
+    """(model, artifacts, importance tolerance): float32 and uint8-stored importance."""
+    if request.param == "float32":
+        return (*mlp_case, 1e-5)
+    model = mlp_model_after_two_tasks(importance_dtype="uint8")
+    # a rounding flip of the stored uint8 (wasm vs native float) moves A by one step
+    return model, export_copy(model, tmp_path / "uint8"), 1 / 255 + 1e-6
+
+
+def test_browser_learner_matches_python_learner(case, tmp_path):
     browser_requirements()
-    model, artifacts = mlp_case
+    model, artifacts, tolerance = case
     data = numpy_batches(batches(2))
     root = site(tmp_path / "site")
     val = numpy_batches(batches(12, n=2))
@@ -44,8 +74,8 @@ def test_browser_learner_matches_python_learner(mlp_case, tmp_path):
     np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
     assert max_diff(python.parameters(), _arrays(result["weights"], shapes)) <= 1e-5
     python_task = python.end_task(data)
-    assert max_diff(python_task, _arrays(result["taskImportance"], shapes)) <= 1e-5
-    assert max_diff(python.importance(), _arrays(result["importance"], shapes)) <= 1e-5
+    assert max_diff(python_task, _arrays(result["taskImportance"], shapes)) <= tolerance
+    assert max_diff(python.importance(), _arrays(result["importance"], shapes)) <= tolerance
     logits = python.predict(data[0][0], task_id=2)
     np.testing.assert_allclose(
         np.asarray(result["logits"]).reshape(logits.shape), logits, atol=1e-5
@@ -72,10 +102,51 @@ def test_browser_learner_matches_python_learner(mlp_case, tmp_path):
     assert reloaded.num_tasks == 3 and reloaded.manifest.generation == 1
     assert reloaded.manifest.task_names[-1] == "browser_task"
     assert max_diff(reloaded.parameters(), python.parameters()) <= 1e-5
-    assert max_diff(reloaded.task_importance(2), python_task) <= 1e-5
+    assert max_diff(reloaded.task_importance(2), python_task) <= tolerance
     back = read_device_checkpoint(saved)
-    assert max_diff(back.importance, python.importance()) <= 1e-5
+    assert max_diff(back.importance, python.importance()) <= tolerance
     load_device_checkpoint(model, saved)
     assert max_diff(torch_weights(model), reloaded.parameters()) == 0.0
     assert max_diff({k: v.numpy() for k, v in model.importance.items()}, back.importance) == 0.0
     assert model.num_tasks == 3
+
+
+NODE_LOAD = """
+import { readFile } from 'node:fs/promises';
+import { EdgeLearner } from './softmask_edge.mjs';
+const dir = process.argv[1];
+try {
+  await EdgeLearner.load({ read: async (n) => new Uint8Array(await readFile(`${dir}/${n}`)) }, null);
+  console.log('loaded');
+} catch (e) {
+  console.log(`${e.constructor.name}: ${e.message}`);
+}
+"""
+
+
+def _js_load(directory) -> str:
+    _, node = browser_requirements()
+    proc = subprocess.run(
+        [node, "--input-type=module", "-e", NODE_LOAD, str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=JS_DIR,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+def test_js_learner_checks_the_manifest_and_hashes(mlp_case, tmp_path):
+    """Format 1 artifacts (0.1.0) and a damaged checkpoint are refused before ORT sees them."""
+    _, artifacts = mlp_case
+    assert "format_version 1 is not supported" in _js_load(FIXTURE_V010)
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    checkpoint = artifacts / manifest["checkpoint"]
+    data = bytearray(checkpoint.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    checkpoint.write_bytes(bytes(data))
+    assert (
+        _js_load(artifacts)
+        == f"EdgeError: {manifest['checkpoint']} is damaged: its SHA-256 differs from the manifest"
+    )
