@@ -150,3 +150,19 @@ def test_js_learner_checks_the_manifest_and_hashes(mlp_case, tmp_path):
         _js_load(artifacts)
         == f"EdgeError: {manifest['checkpoint']} is damaged: its SHA-256 differs from the manifest"
     )
+
+
+@pytest.mark.slow
+def test_browser_demo_page_learns_the_last_task():
+    """The demo page's 'before' row, computed in the browser, is PyTorch's last row."""
+    from softmask_peft.continual.browser_demo import run_browser_demo
+    from softmask_peft.continual.training import TrainConfig
+
+    browser_requirements()
+    result = run_browser_demo(4, train_config=TrainConfig(epochs=2, batch_size=64))
+    rows = result["rows"]
+    assert len(rows) == 5 and all(len(row) == 5 for row in rows)
+    np.testing.assert_allclose(result["before"][:4], rows[3][:4], atol=1e-9)
+    assert result["before"][4] is None and rows[4][4] is not None
+    assert all(0.0 <= v <= 100.0 for v in rows[4])
+    assert rows[4][4] > 60.0  # two-class task learned in the page (chance is 50)
