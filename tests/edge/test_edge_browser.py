@@ -166,3 +166,24 @@ def test_browser_demo_page_learns_the_last_task():
     assert result["before"][4] is None and rows[4][4] is not None
     assert all(0.0 <= v <= 100.0 for v in rows[4])
     assert rows[4][4] > 60.0  # two-class task learned in the page (chance is 50)
+
+
+def test_bare_number_rejection_restarts_the_worker(mlp_case, tmp_path):
+    """onnxruntime-web throws a bare number for an SGD flag output of rank 1 (format 1's
+    declaration): the client reports it as fatal, starts a new worker and reloads."""
+    import onnx
+
+    browser_requirements()
+    _, artifacts = mlp_case
+    optimizer = onnx.load(artifacts / "optimizer_model.onnx")
+    flag = optimizer.graph.output[0]
+    flag.type.tensor_type.shape.dim.add().dim_value = 1
+    onnx.save(optimizer, artifacts / "optimizer_model.onnx")
+    root = site(tmp_path / "site")
+    write_case(root / "case", artifacts, numpy_batches(batches(2, n=1)), epochs=1, lr=LR)
+    with serve(root) as base:
+        result = run_page(f"{base}/js/test/fatal.html?case=/case/", tmp_path / "out")
+    assert result["rejected"] == "fatal", result
+    assert "bare code" in result["message"] and result["restarts"] == 1
+    shapes = EdgeLearner(artifacts).manifest.params
+    assert max_diff(EdgeLearner(artifacts).parameters(), _arrays(result["weights"], shapes)) == 0.0
