@@ -289,8 +289,10 @@ export function writeNpz(arrays) {
   return out;
 }
 
-/** Hex SHA-256 (WebCrypto: browsers, workers on a secure origin such as 127.0.0.1, Node). */
+/** Hex SHA-256 (WebCrypto: browsers and workers on a secure origin such as 127.0.0.1; Node). */
 export async function sha256Hex(bytes) {
-  const digest = new Uint8Array(await globalThis.crypto.subtle.digest('SHA-256', bytes));
+  // Node 18 has WebCrypto only as node:crypto's webcrypto (global from Node 19)
+  const subtle = globalThis.crypto?.subtle ?? (await import('node:crypto')).webcrypto.subtle;
+  const digest = new Uint8Array(await subtle.digest('SHA-256', bytes));
   return Array.from(digest, (b) => b.toString(16).padStart(2, '0')).join('');
 }
