@@ -266,8 +266,8 @@ export class EdgeLearner {
         await session.runOptimizerStep();
       }
       losses.push(total / prepared.length);
-      await this._syncWeights();
       if (!val) continue;
+      await this._syncWeights(); // a new lr reopens the session from the synced state
       let valTotal = 0;
       for (const f of val) valTotal += (await session.runEvalStep(EdgeLearner._ordered(f, session.evalInputNames))).loss.data[0];
       const valLoss = valTotal / val.length;
@@ -276,6 +276,7 @@ export class EdgeLearner {
       if (improved) best = this.parameters();
       if (stop) break;
     }
+    if (!val) await this._syncWeights();
     if (val && best) {
       Object.assign(this.state, best);
       await this._closeSession(); // the wasm copy holds the last weights, not the best
