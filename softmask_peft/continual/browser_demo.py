@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -85,7 +85,7 @@ def site(root: Path) -> Path:
     return root
 
 
-def page_batches(batches) -> list[dict]:
+def page_batches(batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
     """numpy (x, y) batches as the pages read them: flat x, dims, labels."""
     return [
         {"x": np.asarray(x, np.float32).ravel().tolist(), "dims": list(x.shape), "y": y.tolist()}
