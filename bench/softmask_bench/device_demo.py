@@ -97,18 +97,31 @@ def _device_part(
     lr: float,
     batch_size: int,
     seed: int,
+    early_stopping: TrainConfig | None,
 ) -> list[list[float | None]]:
-    from softmask_edge import EdgeLearner
+    from softmask_edge import EarlyStopping, EdgeLearner
 
     learner = EdgeLearner(artifacts, seed=seed)
     rng = np.random.default_rng(seed)
     rows = []
     for t in range(first, bench.num_tasks):
         task = bench.tasks[t]
-        for _ in range(epochs):
+        if early_stopping is not None:
+            cfg = early_stopping
+            options = EarlyStopping(cfg.patience, cfg.lr_patience, cfg.lr_factor, cfg.lr_min)
             learner.learn_task(
-                _numpy_batches(task.train, batch_size, rng), epochs=1, lr=lr, masked=masked
+                _numpy_batches(task.train, batch_size, rng),
+                epochs=epochs,
+                lr=lr,
+                masked=masked,
+                validation=_numpy_batches(task.val, 256, None),
+                early_stopping=options,
             )
+        else:
+            for _ in range(epochs):
+                learner.learn_task(
+                    _numpy_batches(task.train, batch_size, rng), epochs=1, lr=lr, masked=masked
+                )
         learner.end_task(_numpy_batches(task.train, batch_size, None), name=task.name)
         rows.append(
             [
@@ -128,15 +141,19 @@ def run_device_demo(
     arch: str = "mlp",
     seed: int = 0,
     train_config: TrainConfig | None = None,
-    device_epochs: int = 10,
+    device_epochs: int | None = None,
     device_lr: float | None = None,
+    device_early_stopping: bool = True,
     importance_dtype: str = "uint8",
     workdir: str | Path | None = None,
 ) -> DeviceDemoResult:
     """Learn `torch_tasks` tasks in PyTorch, the rest on the device; return both matrices.
 
-    Device tasks get `device_epochs` epochs of plain SGD at `device_lr` (default: the torch
-    lr) on reshuffled batches; no early stopping on the device (it has no validation split).
+    Device tasks get plain SGD at `device_lr` (default: the torch lr). With
+    `device_early_stopping` (default) the device gets the task's validation split and the
+    torch protocol's budget (at most `device_epochs`, default the torch epochs; lr decay on
+    plateaus, early stop, best weights kept; one shuffle of the batches); without it,
+    `device_epochs` (default 10) epochs at a constant lr on batches reshuffled per epoch.
     Artifacts go to `workdir` (kept) or a temporary directory (removed).
     """
     cfg = train_config or TrainConfig()
@@ -146,6 +163,8 @@ def run_device_demo(
             f"torch_tasks must be in [1, {bench.num_tasks - 1}] for {benchmark}, got {torch_tasks}"
         )
     lr = cfg.lr if device_lr is None else device_lr
+    if device_epochs is None:
+        device_epochs = cfg.epochs if device_early_stopping else 10
     start = time.perf_counter()
     model, torch_rows = _torch_part(bench, torch_tasks, arch, cfg, seed, importance_dtype)
     seconds = {"torch": time.perf_counter() - start}
@@ -163,7 +182,15 @@ def run_device_demo(
             run_dir = root / f"device_{name}"
             shutil.copytree(source, run_dir, dirs_exist_ok=True)
             device_rows = _device_part(
-                run_dir, bench, torch_tasks, masked, device_epochs, lr, cfg.batch_size, seed
+                run_dir,
+                bench,
+                torch_tasks,
+                masked,
+                device_epochs,
+                lr,
+                cfg.batch_size,
+                seed,
+                cfg if device_early_stopping else None,
             )
             matrices[name] = torch_rows + device_rows
             seconds[f"device_{name}"] = time.perf_counter() - start

@@ -24,6 +24,7 @@ from .errors import (
 )
 from .learner import EdgeLearner
 from .manifest import Manifest
+from .schedule import EarlyStopping
 
 __version__ = softmask_format.__version__
 
@@ -33,6 +34,7 @@ __all__ = [
     "BatchError",
     "CorruptArtifactError",
     "DeviceCheckpoint",
+    "EarlyStopping",
     "EdgeError",
     "EdgeLearner",
     "EmptyDataError",

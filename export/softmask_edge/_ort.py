@@ -13,9 +13,12 @@ import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+import onnx
 from onnxruntime import SessionOptions
 from onnxruntime.capi import _pybind_state as C
 from onnxruntime.capi.onnxruntime_inference_collection import OrtValue, get_ort_device_type
+
+from .graphs import set_learning_rate
 
 
 def load_checkpoint(path: str | os.PathLike) -> C.CheckpointState:
@@ -64,18 +67,24 @@ class TrainingSession:
         optimizer_model: str | os.PathLike,
         state: C.CheckpointState,
         options: SessionOptions,
+        lr_in_graph: bool,
     ) -> None:
         self._options = options
+        self._lr_in_graph = lr_in_graph
+        self.learning_rate: float | None = None
         self._device = C.OrtDevice(get_ort_device_type("cpu", 0), C.OrtDevice.default_memory(), 0)
         self._models = os.fspath(training_model), os.fspath(eval_model)
         self._optimizer_model = os.fspath(optimizer_model)
         self._bind(state)
 
     def _bind(self, state: C.CheckpointState) -> None:
+        # the C++ module and optimizer keep raw pointers into the state they were built on:
+        # release them before that state can be freed
+        self._optimizer: C.Optimizer | None = None
+        self._module = None
         self.state = state
         training, evaluation = self._models
         self._module = C.Module(training, state, evaluation, self._device, self._options)
-        self._optimizer: C.Optimizer | None = None
         self._optimizer_used = False
 
     def input_names(self, training: bool) -> list[str]:
@@ -99,20 +108,35 @@ class TrainingSession:
 
         ORT keeps optimizer state inside the checkpoint state and a new `Optimizer` reuses it,
         so once a step was taken the state is round-tripped through a checkpoint written
-        without optimizer state and the module is rebuilt on it.
+        without optimizer state and the module is rebuilt on it. Format-2 artifacts carry the
+        lr in the optimizer graph: a copy with `lr` written in is loaded instead.
         """
-        if self._optimizer_used:
-            with tempfile.TemporaryDirectory(prefix="softmask_edge.") as tmp:
+        with tempfile.TemporaryDirectory(prefix="softmask_edge.") as tmp:
+            if self._optimizer_used:
                 path = os.path.join(tmp, "state")
                 save_checkpoint(self.state, path)
                 self._bind(load_checkpoint(path))
-        self._optimizer = C.Optimizer(
-            self._optimizer_model, self.state, self._device, self._options
-        )
-        self._optimizer.set_learning_rate(lr)
+            optimizer_model = self._optimizer_model
+            if self._lr_in_graph:
+                graph = onnx.load(optimizer_model)
+                set_learning_rate(graph, lr)
+                optimizer_model = os.path.join(tmp, "optimizer.onnx")
+                onnx.save(graph, optimizer_model)
+            self._optimizer = C.Optimizer(optimizer_model, self.state, self._device, self._options)
+        if not self._lr_in_graph:
+            self._optimizer.set_learning_rate(lr)
+        self.learning_rate = lr
 
     def set_learning_rate(self, lr: float) -> None:
-        self._optimizer.set_learning_rate(lr)
+        """Change the lr within a task; with the lr in the graph the optimizer is recreated
+        (SGD has no state; AdamW's moments and step count restart)."""
+        if lr == self.learning_rate:
+            return
+        if self._lr_in_graph:
+            self.new_optimizer(lr)
+        else:
+            self._optimizer.set_learning_rate(lr)
+            self.learning_rate = lr
 
     def optimizer_step(self) -> None:
         self._optimizer.optimizer_step()

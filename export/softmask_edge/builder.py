@@ -33,8 +33,10 @@ from .graphs import (
     add_classification_loss,
     add_gradient_outputs,
     add_importance_inputs,
+    expose_gradients,
     importance_update_model,
     insert_masking,
+    record_learning_rate,
 )
 from .manifest import (
     EVAL_MODEL_NAME,
@@ -128,6 +130,32 @@ def _check_roles(
         raise ExportError("cannot build artifacts:\n  " + "\n  ".join(problems))
 
 
+def _check_logits(model: onnx.ModelProto) -> None:
+    """The device loss is cross-entropy over (batch, classes) logits with (batch,) labels.
+
+    Token-level language modelling (logits (batch, sequence, vocab), labels (batch, sequence),
+    shifted for causal LMs, with an ignore index) is refused here, at export time, instead of
+    failing on the device with a batch or onnxruntime shape error.
+    """
+    outputs = list(model.graph.output)
+    if len(outputs) != 1 or not outputs[0].type.tensor_type.HasField("shape"):
+        return  # add_classification_loss names the output problem
+    rank = len(outputs[0].type.tensor_type.shape.dim)
+    if rank == 2:
+        return
+    kind = (
+        "(batch, sequence, vocab): a language model with token-level labels"
+        if rank == 3
+        else f"rank {rank}"
+    )
+    raise ExportError(
+        f"cannot train this model on a device: its logits have shape {kind}, and the device "
+        "loss is sequence-level cross-entropy over (batch, classes) logits with (batch,) "
+        "labels. Export a classification model (e.g. AutoModelForSequenceClassification, or "
+        "a head on pooled features), or keep training this model on the server."
+    )
+
+
 def build_artifacts(
     forward: onnx.ModelProto,
     directory: str | os.PathLike,
@@ -144,11 +172,13 @@ def build_artifacts(
     optimizer: str = "sgd",
     task_names: Sequence[str] = (),
     versions: Mapping[str, str] | None = None,
+    learning_rate: float = 0.05,
 ) -> Manifest:
     """Turn `forward` into training artifacts in `directory` (files replaced atomically, manifest last).
 
     `importance` is the accumulated A (float32 in [0, 1]) of every masked parameter; `history`
     the per-task importance of the tasks already learned (len = the number of finished tasks).
+    `learning_rate` is recorded in the optimizer graph (a learner rewrites it per task).
     """
     for name, value, allowed in (
         ("task_mode", task_mode, TASK_MODES),
@@ -160,6 +190,8 @@ def build_artifacts(
             raise ExportError(f"{name} must be one of {allowed}, got {value!r}")
     if not masked:
         raise ExportError("nothing to mask: the model has no masked parameter")
+    if not learning_rate > 0:
+        raise ExportError(f"learning_rate must be > 0, got {learning_rate}")
     model = onnx.ModelProto()
     model.CopyFrom(forward)
     params = {i.name: i for i in model.graph.initializer}
@@ -170,6 +202,7 @@ def build_artifacts(
         raise ExportError(
             f"a {task_mode} graph {'needs' if not has_task_input else 'cannot have'} a {TASK_INPUT!r} input"
         )
+    _check_logits(model)
     inputs = _input_specs(model)
     shapes = {n: list(params[n].dims) for n in trainable}
     masked_shapes = {n: shapes[n] for n in masked}
@@ -189,12 +222,16 @@ def build_artifacts(
         _generate(model, trainable, optimizer, staging)
         training = onnx.load(staging / TRAINING_MODEL_NAME)
         insert_masking(training, masked_shapes, heads, importance_dtype)
+        expose_gradients(training)
         onnx.save(training, staging / TRAINING_MODEL_NAME)
         evaluation = onnx.load(staging / EVAL_MODEL_NAME)
         add_importance_inputs(evaluation, masked_shapes, importance_dtype)
         onnx.save(evaluation, staging / EVAL_MODEL_NAME)
+        optimizer_graph = onnx.load(staging / OPTIMIZER_MODEL_NAME)
         if optimizer == "adamw":
-            _use_torch_adamw(staging / OPTIMIZER_MODEL_NAME)
+            _use_torch_adamw(optimizer_graph)
+        record_learning_rate(optimizer_graph, learning_rate)
+        onnx.save(optimizer_graph, staging / OPTIMIZER_MODEL_NAME)
         onnx.save(
             importance_update_model(masked_shapes, importance_dtype),
             staging / IMPORTANCE_MODEL_NAME,
@@ -210,6 +247,7 @@ def build_artifacts(
             numpy_helper.from_array(np.array([mean / max(total, 1)], np.float32), MEAN_IMPORTANCE)
         )
         _write_checkpoint(staging / checkpoint_name(0), trainable_tensors, stored)
+        checkpointed = {t.name for t in (*trainable_tensors, *stored)}
         history_keys = {
             task_key(k, n): encode(np.asarray(task[n], np.float32), importance_dtype)
             for k, task in enumerate(history)
@@ -234,6 +272,8 @@ def build_artifacts(
             history=history_name(0),
             history_sha256=sha256(staging / history_name(0)),
             task_names=list(task_names),
+            parameter_order=[i.name for i in training.graph.input if i.name in checkpointed],
+            learning_rate=float(learning_rate),
         )
         for item in sorted(staging.iterdir()):
             os.replace(item, directory / item.name)
@@ -259,20 +299,18 @@ def _generate(model: onnx.ModelProto, trainable: Sequence[str], optimizer: str, 
         raise ExportError(f"onnxruntime could not build the training graph: {e}") from e
 
 
-def _use_torch_adamw(path: Path) -> None:
+def _use_torch_adamw(model: onnx.ModelProto) -> None:
     """Switch ORT's AdamW kernel to PyTorch's formula (adam_mode 0).
 
     onnxblock builds the Hugging Face variant (adam_mode 1: eps added to sqrt(v) before the
     bias correction), which differs from torch.optim.AdamW by up to ~1e-3 per step on small
     gradients; device and server then disagree.
     """
-    model = onnx.load(path)
     for node in model.graph.node:
         if node.op_type == "AdamWOptimizer":
             for attr in node.attribute:
                 if attr.name == "adam_mode":
                     attr.i = 0
-    onnx.save(model, path)
 
 
 def _write_checkpoint(

@@ -6,6 +6,8 @@
   scalar input c = `softmask_cross_head` (0 training, 1 SPG's cross-head term for an earlier head).
 * `insert_masking`: `Mul(P_grad, keep_P)` before each `InPlaceAccumulatorV2`, with
   keep_P = 1 − s · A_P for masked parameters and 1 − s · ā for heads, s = `softmask_scale`.
+* `expose_gradients`, `record_learning_rate`: what runtimes without the Python API need
+  (onnxruntime-web cannot fetch gradients by name nor set the learning rate).
 * `importance_update_model`: γ = max_h |tanh(standardize(g_h))|, A' = max(A, γ).
 """
 
@@ -20,8 +22,10 @@ from softmask_format import codec
 
 from .manifest import (
     CROSS_HEAD_INPUT,
+    GRADIENT_SUFFIX,
     IMPORTANCE_SUFFIX,
     LABELS_INPUT,
+    LEARNING_RATE_INITIALIZER,
     LOGITS_OUTPUT,
     LOSS_OUTPUT,
     MEAN_IMPORTANCE,
@@ -268,6 +272,58 @@ def insert_masking(
         nodes.append(node)
     del g.node[:]
     g.node.extend(nodes)
+
+
+def expose_gradients(model: onnx.ModelProto) -> list[str]:
+    """Make each parameter's accumulated gradient a graph output `P + GRADIENT_SUFFIX`.
+
+    The gradient buffers live in the checkpoint state, which onnxruntime-web cannot read by
+    name; the second (optional, aliased) output of `InPlaceAccumulatorV2` is the buffer after
+    accumulation. Python's Module returns the extra outputs after (loss, logits).
+    """
+    g = model.graph
+    names = []
+    for node in g.node:
+        if node.op_type == "InPlaceAccumulatorV2" and len(node.output) == 1:
+            param = node.input[1].removesuffix(".masked").removesuffix("_grad")
+            node.output.append(param + GRADIENT_SUFFIX)
+            names.append(param)
+    shapes = {i.name: i.type.tensor_type for i in g.input}
+    for param in names:
+        out = g.output.add()
+        out.name = param + GRADIENT_SUFFIX
+        out.type.tensor_type.CopyFrom(shapes[param])
+    return names
+
+
+def record_learning_rate(model: onnx.ModelProto, lr: float) -> None:
+    """Feed the optimizer node's lr from the initializer `LEARNING_RATE_INITIALIZER`.
+
+    onnxruntime-web has no call to set the learning rate (its optimizer always feeds ORT's
+    default 0.001 to the `learning_rate` input), so the input stays declared but unused and
+    a learner writes the task's lr into the initializer before creating the optimizer. Also
+    declares SGDOptimizerV2's flag output with rank 0: onnxruntime-web refuses the graph
+    (a bare numeric exception) with the rank-1 declaration onnxblock writes.
+    """
+    g = model.graph
+    g.initializer.append(
+        numpy_helper.from_array(np.array([lr], np.float32), LEARNING_RATE_INITIALIZER)
+    )
+    for node in g.node:
+        if node.op_type in ("SGDOptimizerV2", "AdamWOptimizer"):
+            node.input[0] = LEARNING_RATE_INITIALIZER
+            for out in g.output:
+                if node.op_type == "SGDOptimizerV2" and out.name == node.output[0]:
+                    del out.type.tensor_type.shape.dim[:]
+
+
+def set_learning_rate(model: onnx.ModelProto, lr: float) -> None:
+    """Rewrite the recorded learning rate of an optimizer graph from `record_learning_rate`."""
+    for init in model.graph.initializer:
+        if init.name == LEARNING_RATE_INITIALIZER:
+            init.CopyFrom(numpy_helper.from_array(np.array([lr], np.float32), init.name))
+            return
+    raise ValueError(f"the optimizer graph has no {LEARNING_RATE_INITIALIZER!r} initializer")
 
 
 def add_importance_inputs(

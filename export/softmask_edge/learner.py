@@ -52,6 +52,7 @@ from .manifest import (
     history_name,
     sha256,
 )
+from .schedule import EarlyStopping, Plateau
 from .storage import decode, write_history
 
 _GENERATION_FILE = re.compile(r"^(checkpoint-\d{6}|importance_history-\d{6}\.npz)$")
@@ -111,6 +112,7 @@ class EdgeLearner:
                 self.directory / OPTIMIZER_MODEL_NAME,
                 state,
                 self._options,
+                lr_in_graph=self.manifest.format_version >= 2,
             )
             self._importance_session = ort.InferenceSession(
                 self.directory / IMPORTANCE_MODEL_NAME,
@@ -226,10 +228,15 @@ class EdgeLearner:
         lr: float = 0.05,
         task_id: int | None = None,
         masked: bool = True,
+        validation: Iterable[Any] | None = None,
+        early_stopping: EarlyStopping | None = None,
     ) -> list[float]:
         """Train the next task soft-masked (keep = 1 − A, heads 1 − ā); return mean loss per epoch.
 
         `masked=False` feeds scale 0: plain fine-tuning, the baseline soft-masking is judged by.
+        With `validation` batches of the task, `epochs` is a maximum: the lr decays on plateaus
+        of the validation loss, training stops early and the best weights are kept
+        (`early_stopping`, default `EarlyStopping()`); `validation_losses` lists the losses.
         """
         t = self._next_task(task_id)
         batches = _reiterable(batches)
@@ -242,11 +249,22 @@ class EdgeLearner:
         prepared = [
             self._feeds(b, t, scale=scale, cross_head=False, training=True) for b in batches
         ]
+        val = None
+        if validation is not None:
+            val = [
+                self._feeds(b, t, scale=0.0, cross_head=False, training=False)
+                for b in _reiterable(validation)
+            ]
+            if not val:
+                raise EmptyDataError(f"learn_task({t}) got an empty validation set")
         if self._optimizer_task != t:
             self._session.new_optimizer(lr)
             self._optimizer_task = t
         self._session.set_learning_rate(lr)
-        losses = []
+        plateau = Plateau(early_stopping or EarlyStopping(), lr)
+        best = self.parameters()
+        losses: list[float] = []
+        self.validation_losses: list[float] = []
         for _ in range(epochs):
             total = 0.0
             for feeds in prepared:
@@ -254,6 +272,19 @@ class EdgeLearner:
                 total += float(self._session.run(feeds, training=True)[0])
                 self._session.optimizer_step()
             losses.append(total / len(batches))
+            if val is None:
+                continue
+            val_loss = sum(float(self._session.run(f, training=False)[0]) for f in val) / len(val)
+            self.validation_losses.append(val_loss)
+            improved, stop = plateau.update(val_loss)
+            if improved:
+                best = self.parameters()
+            if stop:
+                break
+            self._session.set_learning_rate(plateau.lr)
+        if val is not None:
+            for n, w in best.items():
+                _ort.set_parameter(self._session.state, n, w)
         return losses
 
     def end_task(self, batches: Iterable[Any], name: str | None = None) -> dict[str, np.ndarray]:

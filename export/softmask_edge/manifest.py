@@ -24,6 +24,7 @@ from softmask_format.names import (
     OPTIMIZER_MODEL_NAME,
     TRAINING_MODEL_NAME,
 )
+from softmask_format.names import READABLE_DEVICE_FORMAT_VERSIONS as READABLE_FORMATS
 
 from .errors import CorruptArtifactError, MissingArtifactError, UnsupportedFormatError
 
@@ -36,6 +37,8 @@ TASK_INPUT = "task_id"
 LABELS_INPUT = "labels"
 LOGITS_OUTPUT = "logits"
 LOSS_OUTPUT = "loss"
+GRADIENT_SUFFIX = ".softmask_gradient"  # training-graph output: P's accumulated gradient
+LEARNING_RATE_INITIALIZER = "softmask.learning_rate"  # optimizer graph's lr (format 2)
 TASK_MODES = ("task_incremental", "shared_head")
 LOSSES = ("cross_entropy",)
 OPTIMIZERS = ("sgd", "adamw")
@@ -88,6 +91,10 @@ class Manifest:
     history: str = ""
     history_sha256: str = ""
     task_names: list[str] = field(default_factory=list)
+    # checkpoint parameters in the training graph's input order = the order of ORT's flat
+    # parameter buffer (getContiguousParameters); empty in format 1
+    parameter_order: list[str] = field(default_factory=list)
+    learning_rate: float = 0.0  # the lr recorded in the optimizer graph (format 2)
     format_version: int = FORMAT_VERSION
 
     def declared_tasks(self) -> int:
@@ -122,10 +129,10 @@ class Manifest:
         if not isinstance(raw, dict):
             raise CorruptArtifactError(f"{path}: expected a JSON object")
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMATS:
             raise UnsupportedFormatError(
                 f"{path}: format_version {version!r} is not supported (this release reads "
-                f"{FORMAT_VERSION})"
+                f"{', '.join(map(str, READABLE_FORMATS))})"
             )
         try:
             raw["inputs"] = [InputSpec(**spec) for spec in raw["inputs"]]
@@ -155,6 +162,8 @@ class Manifest:
         unknown = sorted(set(self.masked + self.heads) - set(self.params))
         if unknown:
             problems.append(f"masked/head names without a parameter: {unknown}")
+        if self.format_version >= 2 and not (self.parameter_order and self.learning_rate > 0):
+            problems.append("format 2 needs parameter_order and a positive learning_rate")
         if not self.checkpoint or not self.history:
             problems.append("no checkpoint recorded")
         if problems:

@@ -178,3 +178,19 @@ def test_process_killed_mid_save_leaves_a_loadable_checkpoint(mlp_case):
     learner.save()
     names = os.listdir(artifacts)
     assert "checkpoint-000000" not in names and EdgeLearner(artifacts).num_tasks == 3
+
+
+def test_causal_lm_is_refused_at_export_time(tmp_path):
+    """Token-level LM training is not a device loss: a clear ExportError, no artifacts."""
+    import torch
+    from helpers import tiny_gpt2
+    from softmask_edge import ExportError
+
+    from softmask_peft import SoftMaskConfig, get_softmask_model
+    from softmask_peft.device import export_for_device
+
+    model = get_softmask_model(tiny_gpt2(), SoftMaskConfig(head_modules=["lm_head"]))
+    example = {"input_ids": torch.randint(0, 40, (2, 8))}
+    with pytest.raises(ExportError, match=r"\(batch, sequence, vocab\).*AutoModelForSequence"):
+        export_for_device(model, example, tmp_path / "art")
+    assert not (tmp_path / "art" / "manifest.json").exists()

@@ -1,0 +1,103 @@
+"""Device training step in the browser (onnxruntime-web, 1 wasm thread) vs the Python learner.
+
+Same artifacts (shared-head MLPs, soft-masked SGD, importance random in [0, 1]), same batch:
+the JS learner in a Web Worker of headless Chromium (export/js/test/step.html) and
+`EdgeLearner` with 1 intra-op thread both run `learnTask` / `learn_task` over one batch for
+`repeats` epochs per round; the median over rounds of (round time / repeats) is the time of
+one train + optimizer step (a round also reads the weights back once; same on both sides).
+Needs chromium and `npm ci` in export/js.
+Run: python bench/browser_step.py --out results/bench_browser_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import print_table, write_json
+from softmask_edge import EdgeLearner
+from softmask_peft.export import export_for_device
+from torch import nn
+
+from softmask_peft import SoftMaskConfig, get_softmask_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "edge"))
+from browser_helpers import run_page, serve, site, write_case  # noqa: E402
+
+IN_FEATURES, CLASSES, BATCH = 64, 10, 32
+
+
+def _mlp(hidden: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(IN_FEATURES, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, CLASSES),
+    )
+
+
+def _python_ms(artifacts: Path, batch, lr: float, warmup: int, rounds: int, repeats: int) -> float:
+    learner = EdgeLearner(artifacts, threads=1)
+    learner.learn_task([batch], epochs=warmup, lr=lr)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        learner.learn_task([batch], epochs=repeats, lr=lr)
+        times.append((time.perf_counter() - start) / repeats)
+    return 1e3 * statistics.median(times)
+
+
+def bench(hidden: int, root: Path, args: argparse.Namespace) -> dict[str, object]:
+    net = _mlp(hidden)
+    model = get_softmask_model(net, SoftMaskConfig(head_modules=["4"]))
+    params = dict(net.named_parameters())
+    model.store.add_task({n: torch.rand_like(params[n]) for n in model.masked_parameter_names})
+    artifacts = root / "artifacts"
+    export_for_device(model, torch.randn(2, IN_FEATURES), artifacts)
+    rng = np.random.default_rng(0)
+    batch = (
+        rng.normal(size=(BATCH, IN_FEATURES)).astype(np.float32),
+        rng.integers(0, CLASSES, BATCH).astype(np.int64),
+    )
+    timing = dict(warmup=args.warmup, rounds=args.rounds, repeats=args.repeats)
+    served = site(root / "site")
+    write_case(served / "case", artifacts, [batch], epochs=1, lr=0.01, **timing)
+    with serve(served) as base:
+        result = run_page(f"{base}/js/test/step.html?case=/case/", root / "out", timeout_s=600)
+    python_ms = _python_ms(artifacts, batch, 0.01, **timing)
+    return {
+        "model": f"mlp {IN_FEATURES}-{hidden}-{hidden}-{CLASSES} b{BATCH}",
+        "params": sum(p.numel() for p in net.parameters()),
+        "browser_ms": result["msPerStep"],
+        "python_ms": python_ms,
+        "browser/python": result["msPerStep"] / python_ms,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 512])
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", default="results/bench_browser_step.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for hidden in args.hidden:
+            rows.append(bench(hidden, Path(tmp) / str(hidden), args))
+    print_table(rows, list(rows[0]))
+    write_json(args.out, "browser_step", rows)
+
+
+if __name__ == "__main__":
+    main()

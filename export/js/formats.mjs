@@ -1,0 +1,298 @@
+// The file formats the browser learner reads and writes, without a protobuf, flatbuffer or
+// zip library: ORT checkpoints (flatbuffer, patched in place), the optimizer graph's recorded
+// learning rate (protobuf, patched in place), .npz importance histories, SHA-256.
+
+const TEXT = new TextDecoder();
+
+// --- ORT checkpoint (onnxruntime/core/flatbuffers/schema/ort_training_checkpoint.fbs) ------
+// Checkpoint { version, module_state, optimizer_groups, property_bag }
+// ModuleState { requires_grad_params: [Tensor], frozen_params: [Tensor], ... }
+// Tensor { name, doc_string, dims: [int64], data_type, raw_data: [uint8], ... }
+const CHECKPOINT = { moduleState: 1 };
+const MODULE_STATE = { trainable: 0, frozen: 1 };
+const TENSOR = { name: 0, dims: 2, dataType: 3, rawData: 4 };
+
+function fbField(view, table, slot) {
+  const vtable = table - view.getInt32(table, true);
+  const vtableSize = view.getUint16(vtable, true);
+  const at = 4 + 2 * slot;
+  if (at >= vtableSize) return 0;
+  const offset = view.getUint16(vtable + at, true);
+  return offset ? table + offset : 0;
+}
+
+function fbDeref(view, position) {
+  return position + view.getUint32(position, true);
+}
+
+function fbVector(view, table, slot) {
+  const field = fbField(view, table, slot);
+  if (!field) return { start: 0, length: 0 };
+  const vector = fbDeref(view, field);
+  return { start: vector + 4, length: view.getUint32(vector, true) };
+}
+
+/** name -> {dims, dataType, offset, byteLength, trainable} of every tensor in a checkpoint. */
+export function checkpointTensors(bytes) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  if (TEXT.decode(bytes.subarray(4, 8)) !== 'ODTC') {
+    throw new Error('not an ONNX Runtime training checkpoint (file identifier ODTC missing)');
+  }
+  const root = fbDeref(view, 0);
+  const moduleField = fbField(view, root, CHECKPOINT.moduleState);
+  if (!moduleField) throw new Error('the checkpoint has no module state');
+  const moduleState = fbDeref(view, moduleField);
+  const out = new Map();
+  for (const [kind, slot] of Object.entries(MODULE_STATE)) {
+    const { start, length } = fbVector(view, moduleState, slot);
+    for (let i = 0; i < length; i++) {
+      const tensor = fbDeref(view, start + 4 * i);
+      const nameField = fbDeref(view, fbField(view, tensor, TENSOR.name));
+      const nameLength = view.getUint32(nameField, true);
+      const name = TEXT.decode(bytes.subarray(nameField + 4, nameField + 4 + nameLength));
+      const dimsVector = fbVector(view, tensor, TENSOR.dims);
+      const dims = [];
+      for (let d = 0; d < dimsVector.length; d++) {
+        dims.push(Number(view.getBigInt64(dimsVector.start + 8 * d, true)));
+      }
+      const typeField = fbField(view, tensor, TENSOR.dataType);
+      const raw = fbVector(view, tensor, TENSOR.rawData);
+      out.set(name, {
+        dims,
+        dataType: typeField ? view.getInt32(typeField, true) : 0,
+        offset: bytes.byteOffset + raw.start,
+        byteLength: raw.length,
+        trainable: kind === 'trainable',
+      });
+    }
+  }
+  return out;
+}
+
+/** A copy of `bytes` whose tensors named in `values` (typed arrays) are overwritten. */
+export function patchCheckpoint(bytes, values) {
+  const copy = new Uint8Array(bytes);
+  const tensors = checkpointTensors(copy);
+  for (const [name, value] of Object.entries(values)) {
+    const tensor = tensors.get(name);
+    if (!tensor) throw new Error(`the checkpoint has no tensor ${JSON.stringify(name)}`);
+    const raw = new Uint8Array(value.buffer, value.byteOffset, value.byteLength);
+    if (raw.byteLength !== tensor.byteLength) {
+      throw new Error(`${name}: ${raw.byteLength} bytes given, the checkpoint holds ${tensor.byteLength}`);
+    }
+    copy.set(raw, tensor.offset - copy.byteOffset);
+  }
+  return copy;
+}
+
+const CHECKPOINT_TYPES = { 1: Float32Array, 2: Uint8Array, 4: Uint16Array, 7: BigInt64Array };
+
+/** The tensor `name` of a checkpoint as a typed array (a copy). */
+export function checkpointValue(bytes, tensors, name) {
+  const t = tensors.get(name);
+  const Type = CHECKPOINT_TYPES[t.dataType];
+  if (!Type) throw new Error(`${name}: unsupported checkpoint data type ${t.dataType}`);
+  const copy = bytes.slice(t.offset - bytes.byteOffset, t.offset - bytes.byteOffset + t.byteLength);
+  return new Type(copy.buffer);
+}
+
+// --- protobuf: the optimizer graph's learning-rate initializer --------------------------
+function readVarint(bytes, pos) {
+  let value = 0;
+  let shift = 0;
+  for (;;) {
+    const b = bytes[pos++];
+    value += (b & 0x7f) * 2 ** shift;
+    if (b < 0x80) return [value, pos];
+    shift += 7;
+  }
+}
+
+/** [fieldNumber, start, end] of each length-delimited field of one message. */
+function* lengthDelimited(bytes, start, end) {
+  let pos = start;
+  while (pos < end) {
+    let key;
+    [key, pos] = readVarint(bytes, pos);
+    const wire = key % 8;
+    const field = Math.floor(key / 8);
+    if (wire === 0) [, pos] = readVarint(bytes, pos);
+    else if (wire === 1) pos += 8;
+    else if (wire === 5) pos += 4;
+    else if (wire === 2) {
+      let length;
+      [length, pos] = readVarint(bytes, pos);
+      yield [field, pos, pos + length];
+      pos += length;
+    } else throw new Error(`unsupported protobuf wire type ${wire}`);
+  }
+}
+
+// ModelProto.graph = 7, GraphProto.initializer = 5, TensorProto.name = 8, .raw_data = 9
+/** A copy of an ONNX model whose float32 initializer `name` (one element) holds `value`. */
+export function setScalarInitializer(model, name, value) {
+  const copy = new Uint8Array(model);
+  for (const [f, gs, ge] of lengthDelimited(copy, 0, copy.length)) {
+    if (f !== 7) continue;
+    for (const [g, is, ie] of lengthDelimited(copy, gs, ge)) {
+      if (g !== 5) continue;
+      let found = false;
+      let raw = null;
+      for (const [t, ts, te] of lengthDelimited(copy, is, ie)) {
+        if (t === 8) found = TEXT.decode(copy.subarray(ts, te)) === name;
+        if (t === 9) raw = [ts, te];
+      }
+      if (found) {
+        if (!raw || raw[1] - raw[0] !== 4) throw new Error(`${name} is not one raw float32`);
+        new DataView(copy.buffer, raw[0], 4).setFloat32(0, value, true);
+        return copy;
+      }
+    }
+  }
+  throw new Error(`the model has no initializer ${JSON.stringify(name)}`);
+}
+
+// --- .npz (uncompressed zip of .npy files; numpy writes zip64 extras) -------------------
+const NPY_TYPES = { '<f4': Float32Array, '|u1': Uint8Array, '<u2': Uint16Array };
+
+function parseNpy(bytes) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const major = bytes[6];
+  const headerLength = major === 1 ? view.getUint16(8, true) : view.getUint32(8, true);
+  const start = major === 1 ? 10 : 12;
+  const header = TEXT.decode(bytes.subarray(start, start + headerLength));
+  const descr = /'descr':\s*'([^']+)'/.exec(header)[1];
+  if (/'fortran_order':\s*True/.test(header)) throw new Error('fortran-ordered .npy');
+  const shape = /'shape':\s*\(([^)]*)\)/.exec(header)[1].split(',').filter((s) => s.trim()).map(Number);
+  const Type = NPY_TYPES[descr];
+  if (!Type) throw new Error(`unsupported .npy dtype ${descr}`);
+  const data = bytes.slice(start + headerLength);
+  return { data: new Type(data.buffer, 0, data.byteLength / Type.BYTES_PER_ELEMENT), shape };
+}
+
+/** {key: {data, shape}} of an uncompressed .npz file. */
+export function readNpz(bytes) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  let eocd = bytes.length - 22;
+  while (eocd >= 0 && view.getUint32(eocd, true) !== 0x06054b50) eocd--;
+  if (eocd < 0) throw new Error('not a zip file');
+  let count = view.getUint16(eocd + 10, true);
+  let pos = view.getUint32(eocd + 16, true);
+  const out = {};
+  for (; count > 0; count--) {
+    if (view.getUint32(pos, true) !== 0x02014b50) throw new Error('bad zip central directory');
+    const method = view.getUint16(pos + 10, true);
+    let size = view.getUint32(pos + 20, true);
+    const nameLength = view.getUint16(pos + 28, true);
+    const extraLength = view.getUint16(pos + 30, true);
+    const commentLength = view.getUint16(pos + 32, true);
+    let local = view.getUint32(pos + 42, true);
+    const name = TEXT.decode(bytes.subarray(pos + 46, pos + 46 + nameLength));
+    // zip64 extra: the 0xFFFFFFFF fields follow in order (uncompressed, compressed, offset)
+    let extra = pos + 46 + nameLength;
+    const extraEnd = extra + extraLength;
+    while (extra < extraEnd) {
+      const id = view.getUint16(extra, true);
+      const length = view.getUint16(extra + 2, true);
+      if (id === 1) {
+        let at = extra + 4;
+        const uncompressed = view.getUint32(pos + 24, true);
+        if (uncompressed === 0xffffffff) at += 8;
+        if (size === 0xffffffff) { size = Number(view.getBigUint64(at, true)); at += 8; }
+        if (local === 0xffffffff) local = Number(view.getBigUint64(at, true));
+      }
+      extra += 4 + length;
+    }
+    if (method !== 0) throw new Error(`${name}: compressed .npz entries are not supported`);
+    const dataStart = local + 30 + view.getUint16(local + 26, true) + view.getUint16(local + 28, true);
+    out[name.replace(/\.npy$/, '')] = parseNpy(bytes.subarray(dataStart, dataStart + size));
+    pos += 46 + nameLength + extraLength + commentLength;
+  }
+  return out;
+}
+
+const CRC_TABLE = (() => {
+  const table = new Uint32Array(256);
+  for (let n = 0; n < 256; n++) {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    table[n] = c >>> 0;
+  }
+  return table;
+})();
+
+function crc32(bytes) {
+  let c = 0xffffffff;
+  for (let i = 0; i < bytes.length; i++) c = CRC_TABLE[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+function npy({ data, shape }) {
+  const descr = Object.keys(NPY_TYPES).find((k) => data instanceof NPY_TYPES[k]);
+  const dims = shape.length === 1 ? `${shape[0]},` : shape.join(', ');
+  let header = `{'descr': '${descr}', 'fortran_order': False, 'shape': (${dims}), }`;
+  header += ' '.repeat(63 - ((10 + header.length) % 64)) + '\n';
+  const bytes = new Uint8Array(10 + header.length + data.byteLength);
+  bytes.set([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 1, 0]);
+  new DataView(bytes.buffer).setUint16(8, header.length, true);
+  bytes.set(new TextEncoder().encode(header), 10);
+  bytes.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength), 10 + header.length);
+  return bytes;
+}
+
+/** An uncompressed .npz of {key: {data, shape}} (as numpy.savez writes, without zip64). */
+export function writeNpz(arrays) {
+  const encoder = new TextEncoder();
+  const locals = [];
+  const centrals = [];
+  let offset = 0;
+  for (const [key, array] of Object.entries(arrays)) {
+    const name = encoder.encode(`${key}.npy`);
+    const body = npy(array);
+    const crc = crc32(body);
+    const local = new Uint8Array(30 + name.length);
+    const lv = new DataView(local.buffer);
+    lv.setUint32(0, 0x04034b50, true);
+    lv.setUint16(4, 20, true);
+    lv.setUint32(14, crc, true);
+    lv.setUint32(18, body.length, true);
+    lv.setUint32(22, body.length, true);
+    lv.setUint16(26, name.length, true);
+    local.set(name, 30);
+    const central = new Uint8Array(46 + name.length);
+    const cv = new DataView(central.buffer);
+    cv.setUint32(0, 0x02014b50, true);
+    cv.setUint16(4, 20, true);
+    cv.setUint16(6, 20, true);
+    cv.setUint32(16, crc, true);
+    cv.setUint32(20, body.length, true);
+    cv.setUint32(24, body.length, true);
+    cv.setUint16(28, name.length, true);
+    cv.setUint32(42, offset, true);
+    central.set(name, 46);
+    locals.push(local, body);
+    centrals.push(central);
+    offset += local.length + body.length;
+  }
+  const centralSize = centrals.reduce((s, c) => s + c.length, 0);
+  const end = new Uint8Array(22);
+  const ev = new DataView(end.buffer);
+  ev.setUint32(0, 0x06054b50, true);
+  ev.setUint16(8, centrals.length, true);
+  ev.setUint16(10, centrals.length, true);
+  ev.setUint32(12, centralSize, true);
+  ev.setUint32(16, offset, true);
+  const parts = [...locals, ...centrals, end];
+  const out = new Uint8Array(parts.reduce((s, p) => s + p.length, 0));
+  let at = 0;
+  for (const p of parts) { out.set(p, at); at += p.length; }
+  return out;
+}
+
+/** Hex SHA-256 (WebCrypto: browsers and workers on a secure origin such as 127.0.0.1; Node). */
+export async function sha256Hex(bytes) {
+  // Node 18 has WebCrypto only as node:crypto's webcrypto (global from Node 19)
+  const subtle = globalThis.crypto?.subtle ?? (await import('node:crypto')).webcrypto.subtle;
+  const digest = new Uint8Array(await subtle.digest('SHA-256', bytes));
+  return Array.from(digest, (b) => b.toString(16).padStart(2, '0')).join('');
+}

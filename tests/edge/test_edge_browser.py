@@ -1,0 +1,189 @@
+"""The JS learner (export/js) in headless Chromium equals the Python EdgeLearner.
+
+Same artifacts, same batches: masked SGD steps (weights <= 1e-5), the importance pass and
+update graph (<= 1e-5), eval logits; the checkpoint the browser saves loads in Python
+(EdgeLearner, read_device_checkpoint, load_device_checkpoint into SoftMaskModel).
+Needs chromium and `npm ci` in export/js (.ci/run installs both); fails without them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from browser_helpers import (
+    JS_DIR,
+    browser_requirements,
+    page_batches,
+    run_page,
+    serve,
+    site,
+    write_case,
+)
+from edge_helpers import (
+    batches,
+    export_copy,
+    max_diff,
+    mlp_model_after_two_tasks,
+    numpy_batches,
+    torch_weights,
+)
+from softmask_edge import EarlyStopping, EdgeLearner, read_device_checkpoint
+
+from softmask_peft.device import load_device_checkpoint
+
+FIXTURE_V010 = Path(__file__).parents[1] / "fixtures" / "v0_1_0" / "edge_mlp"
+EPOCHS, LR = 3, 0.1
+ES = {"epochs": 12, "lr": 3.0, "options": {"patience": 3, "lrPatience": 1, "lrFactor": 0.5}}
+
+
+def _arrays(flat: dict[str, list[float]], shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, np.float32).reshape(shapes[k]) for k, v in flat.items()}
+
+
+@pytest.fixture(params=["float32", "uint8"])
+def case(request, mlp_case, tmp_path):
+    """(model, artifacts, importance tolerance): float32 and uint8-stored importance."""
+    if request.param == "float32":
+        return (*mlp_case, 1e-5)
+    model = mlp_model_after_two_tasks(importance_dtype="uint8")
+    # a rounding flip of the stored uint8 (wasm vs native float) moves A by one step
+    return model, export_copy(model, tmp_path / "uint8"), 1 / 255 + 1e-6
+
+
+def test_browser_learner_matches_python_learner(case, tmp_path):
+    browser_requirements()
+    model, artifacts, tolerance = case
+    data = numpy_batches(batches(2))
+    root = site(tmp_path / "site")
+    val = numpy_batches(batches(12, n=2))
+    write_case(
+        root / "case", artifacts, data, epochs=EPOCHS, lr=LR, validation=page_batches(val), es=ES
+    )
+    saved = tmp_path / "saved"
+    with serve(root) as base:
+        result = run_page(f"{base}/js/test/learn.html?case=/case/", saved)
+
+    python = EdgeLearner(artifacts)
+    shapes = python.manifest.params
+    losses = python.learn_task(data, epochs=EPOCHS, lr=LR)
+    np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
+    assert max_diff(python.parameters(), _arrays(result["weights"], shapes)) <= 1e-5
+    python_task = python.end_task(data)
+    assert max_diff(python_task, _arrays(result["taskImportance"], shapes)) <= tolerance
+    assert max_diff(python.importance(), _arrays(result["importance"], shapes)) <= tolerance
+    logits = python.predict(data[0][0], task_id=2)
+    np.testing.assert_allclose(
+        np.asarray(result["logits"]).reshape(logits.shape), logits, atol=1e-5
+    )
+
+    # early stopping: same validation curve (lr decays, stop) and the same kept weights
+    es = EdgeLearner(artifacts)
+    options = EarlyStopping(patience=3, lr_patience=1, lr_factor=0.5)
+    es.learn_task(data, epochs=ES["epochs"], lr=ES["lr"], validation=val, early_stopping=options)
+    assert len(es.validation_losses) < ES["epochs"]
+    np.testing.assert_allclose(result["esValidationLosses"], es.validation_losses, rtol=1e-5)
+    assert max_diff(es.parameters(), _arrays(result["esWeights"], shapes)) <= 1e-5
+
+    # the browser's save is a checkpoint generation Python reads back
+    for name in (
+        "training_model.onnx",
+        "eval_model.onnx",
+        "optimizer_model.onnx",
+        "importance_update.onnx",
+    ):
+        shutil.copy(artifacts / name, saved / name)
+    (saved / "result.json").unlink()
+    reloaded = EdgeLearner(saved)
+    assert reloaded.num_tasks == 3 and reloaded.manifest.generation == 1
+    assert reloaded.manifest.task_names[-1] == "browser_task"
+    assert max_diff(reloaded.parameters(), python.parameters()) <= 1e-5
+    assert max_diff(reloaded.task_importance(2), python_task) <= tolerance
+    back = read_device_checkpoint(saved)
+    assert max_diff(back.importance, python.importance()) <= tolerance
+    load_device_checkpoint(model, saved)
+    assert max_diff(torch_weights(model), reloaded.parameters()) == 0.0
+    assert max_diff({k: v.numpy() for k, v in model.importance.items()}, back.importance) == 0.0
+    assert model.num_tasks == 3
+
+
+NODE_LOAD = """
+import { readFile } from 'node:fs/promises';
+import { EdgeLearner } from './softmask_edge.mjs';
+const dir = process.argv[1];
+try {
+  await EdgeLearner.load({ read: async (n) => new Uint8Array(await readFile(`${dir}/${n}`)) }, null);
+  console.log('loaded');
+} catch (e) {
+  console.log(`${e.constructor.name}: ${e.message}`);
+}
+"""
+
+
+def _js_load(directory) -> str:
+    _, node = browser_requirements()
+    proc = subprocess.run(
+        [node, "--input-type=module", "-e", NODE_LOAD, str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=JS_DIR,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+def test_js_learner_checks_the_manifest_and_hashes(mlp_case, tmp_path):
+    """Format 1 artifacts (0.1.0) and a damaged checkpoint are refused before ORT sees them."""
+    _, artifacts = mlp_case
+    assert "format_version 1 is not supported" in _js_load(FIXTURE_V010)
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    checkpoint = artifacts / manifest["checkpoint"]
+    data = bytearray(checkpoint.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    checkpoint.write_bytes(bytes(data))
+    assert (
+        _js_load(artifacts)
+        == f"EdgeError: {manifest['checkpoint']} is damaged: its SHA-256 differs from the manifest"
+    )
+
+
+@pytest.mark.slow
+def test_browser_demo_page_learns_the_last_task():
+    """The demo page's 'before' row, computed in the browser, is PyTorch's last row."""
+    from softmask_bench.browser_demo import run_browser_demo
+    from softmask_peft.continual.training import TrainConfig
+
+    browser_requirements()
+    result = run_browser_demo(4, train_config=TrainConfig(epochs=2, batch_size=64))
+    rows = result["rows"]
+    assert len(rows) == 5 and all(len(row) == 5 for row in rows)
+    np.testing.assert_allclose(result["before"][:4], rows[3][:4], atol=1e-9)
+    assert result["before"][4] is None and rows[4][4] is not None
+    assert all(0.0 <= v <= 100.0 for v in rows[4])
+    assert rows[4][4] > 60.0  # two-class task learned in the page (chance is 50)
+
+
+def test_bare_number_rejection_restarts_the_worker(mlp_case, tmp_path):
+    """onnxruntime-web throws a bare number for an SGD flag output of rank 1 (format 1's
+    declaration): the client reports it as fatal, starts a new worker and reloads."""
+    import onnx
+
+    browser_requirements()
+    _, artifacts = mlp_case
+    optimizer = onnx.load(artifacts / "optimizer_model.onnx")
+    flag = optimizer.graph.output[0]
+    flag.type.tensor_type.shape.dim.add().dim_value = 1
+    onnx.save(optimizer, artifacts / "optimizer_model.onnx")
+    root = site(tmp_path / "site")
+    write_case(root / "case", artifacts, numpy_batches(batches(2, n=1)), epochs=1, lr=LR)
+    with serve(root) as base:
+        result = run_page(f"{base}/js/test/fatal.html?case=/case/", tmp_path / "out")
+    assert result["rejected"] == "fatal", result
+    assert "bare code" in result["message"] and result["restarts"] == 1
+    shapes = EdgeLearner(artifacts).manifest.params
+    assert max_diff(EdgeLearner(artifacts).parameters(), _arrays(result["weights"], shapes)) == 0.0

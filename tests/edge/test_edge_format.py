@@ -1,0 +1,99 @@
+"""Format 2 (what onnxruntime-web needs) and the 0.1.0 artifacts (format 1) still loading."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+from edge_helpers import batches, max_diff, numpy_batches
+from onnx import numpy_helper
+from softmask_edge import EdgeLearner, read_device_checkpoint
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "v0_1_0" / "edge_mlp"
+
+
+def _one_step_deltas(artifacts: Path, tmp: Path, data) -> dict[float, dict]:
+    """Weight change of one masked SGD step at two learning rates, each from a fresh copy."""
+    out = {}
+    for lr in (0.1, 0.5):
+        copy = tmp / f"lr{lr}"
+        shutil.copytree(artifacts, copy)
+        learner = EdgeLearner(copy)
+        before = learner.parameters()
+        learner.learn_task(data[:1], epochs=1, lr=lr)
+        out[lr] = {n: v - before[n] for n, v in learner.parameters().items()}
+    return out
+
+
+def _steps_scale_with_lr(deltas: dict[float, dict]) -> None:
+    moved = {n: d for n, d in deltas[0.1].items() if np.abs(d).max() > 1e-6}
+    assert moved
+    for n, d in moved.items():
+        np.testing.assert_allclose(deltas[0.5][n], 5.0 * d, rtol=1e-4, atol=1e-7)
+
+
+def test_format_1_artifacts_of_release_0_1_0_learn_and_save(tmp_path):
+    data = [
+        (np.random.default_rng(s).normal(size=(8, 4)).astype(np.float32), np.arange(8) % 2)
+        for s in range(2)
+    ]
+    _steps_scale_with_lr(_one_step_deltas(FIXTURE, tmp_path, data))
+    artifacts = tmp_path / "learned"
+    shutil.copytree(FIXTURE, artifacts)
+    learner = EdgeLearner(artifacts)
+    assert learner.manifest.format_version == 1 and learner.num_tasks == 1
+    learner.learn_task(data, epochs=2, lr=0.1)
+    learner.end_task(data)
+    learner.save()
+    back = read_device_checkpoint(artifacts)
+    assert back.manifest.format_version == 1 and back.manifest.num_tasks == 2
+    assert max_diff(back.weights, learner.parameters()) == 0.0
+
+
+def test_format_2_records_what_other_runtimes_need(mlp_case, tmp_path):
+    _, artifacts = mlp_case
+    learner = EdgeLearner(artifacts)
+    m = learner.manifest
+    assert m.format_version == 2 and m.learning_rate == 0.05
+    training = onnx.load(artifacts / "training_model.onnx")
+    stored = [*m.params, *(n + ".softmask_importance" for n in m.masked)]
+    stored.append("softmask.mean_importance")
+    graph_order = [i.name for i in training.graph.input if i.name in stored]
+    assert m.parameter_order == graph_order and sorted(graph_order) == sorted(stored)
+    assert m.parameter_order != sorted(m.parameter_order)  # the sorted manifest keys differ
+    outputs = [o.name for o in training.graph.output]
+    assert [f"{n}.softmask_gradient" for n in m.parameter_order if n in m.params] == [
+        o for o in outputs if o.endswith(".softmask_gradient")
+    ]
+    optimizer = onnx.load(artifacts / "optimizer_model.onnx")
+    (node,) = optimizer.graph.node
+    assert node.op_type == "SGDOptimizerV2" and node.input[0] == "softmask.learning_rate"
+    lr = {i.name: numpy_helper.to_array(i) for i in optimizer.graph.initializer}
+    np.testing.assert_array_equal(lr["softmask.learning_rate"], np.array([0.05], np.float32))
+    flag = next(o for o in optimizer.graph.output if o.name == node.output[0])
+    assert len(flag.type.tensor_type.shape.dim) == 0 and flag.type.tensor_type.HasField("shape")
+    _steps_scale_with_lr(_one_step_deltas(artifacts, tmp_path, numpy_batches(batches(2))))
+
+
+def test_gradient_outputs_are_the_accumulated_gradients(mlp_case):
+    """The exposed outputs equal the gradient buffers the Python learner reads from the state."""
+    from softmask_edge import _ort
+
+    _, artifacts = mlp_case
+    learner = EdgeLearner(artifacts)
+    session = learner._session
+    data = numpy_batches(batches(2, n=2))
+    session.reset_gradients()
+    for batch in data:
+        feeds = learner._feeds(batch, 2, scale=1.0, cross_head=False, training=True)
+        outputs = session.run(feeds, training=True)
+    names = [o.name for o in onnx.load(artifacts / "training_model.onnx").graph.output]
+    # ORT's Module returns the graph outputs except the accumulators' flags
+    fetched = dict(zip([n for n in names if not n.endswith("_grad.accumulation.out")], outputs))
+    assert len(fetched) == len(outputs) == 2 + len(learner.manifest.params)
+    for n in learner.manifest.params:
+        state = _ort.get_gradient(session.state, n)
+        np.testing.assert_array_equal(fetched[n + ".softmask_gradient"], state)
+    assert np.abs(fetched["backbone.0.weight.softmask_gradient"]).max() > 0
