@@ -15,5 +15,7 @@ TRAINING_MODEL_NAME = "training_model.onnx"
 EVAL_MODEL_NAME = "eval_model.onnx"
 OPTIMIZER_MODEL_NAME = "optimizer_model.onnx"
 IMPORTANCE_MODEL_NAME = "importance_update.onnx"
-DEVICE_FORMAT_VERSION = 2  # 2: the task log and DAS's general importance live in the importance file
-READABLE_FORMAT_VERSIONS = (1, 2)
+# 2: SGD flag output of rank 0, the learning rate as an optimizer-graph initializer, gradient
+#    outputs of the training graph, `parameter_order` (what onnxruntime-web needs). 1 still loads.
+DEVICE_FORMAT_VERSION = 2
+READABLE_DEVICE_FORMAT_VERSIONS = (1, 2)
