@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .config import SoftMaskConfig
     from .heads import MultiHeadClassifier
     from .importance import DASConfig, SPGConfig
-    from .model import SoftMaskModel
+    from .model import SoftMaskModel, get_softmask_model
     from .optim import SoftMaskOptimizer
     from .store import TaskRecord
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "SoftMaskConfig": ".config",
     "SoftMaskModel": ".model",
+    "get_softmask_model": ".model",
     "SoftMaskOptimizer": ".optim",
     "MultiHeadClassifier": ".heads",
     "SPGConfig": ".importance",
@@ -56,13 +57,6 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def get_softmask_model(model, config: SoftMaskConfig) -> SoftMaskModel:
-    """Wrap `model` (any nn.Module, transformers model or PeftModel) for soft-masked continual learning."""
-    from .model import SoftMaskModel
-
-    return SoftMaskModel(model, config)
 
 
 __all__ = [

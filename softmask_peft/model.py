@@ -241,6 +241,11 @@ class SoftMaskModel(nn.Module):
         self.keep_masks = None
 
 
+def get_softmask_model(model: nn.Module, config: SoftMaskConfig) -> SoftMaskModel:
+    """Wrap `model` (any nn.Module, transformers model or PeftModel) for soft-masked continual learning."""
+    return SoftMaskModel(model, config)
+
+
 def _device_problems(model: SoftMaskModel, state: Any, shapes: dict[str, tuple]) -> list[str]:
     """Everything that keeps a device state from replacing `model`'s weights and store."""
     problems = [f"the model has no parameter {n!r}" for n in state.masked if n not in shapes]
