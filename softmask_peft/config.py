@@ -14,6 +14,7 @@ from .errors import ConfigError, CorruptFileError, MissingFileError, Unsupported
 
 METHODS = ("spg", "das")
 MASK_MODES = ("grad", "update")
+HEAD_SCALINGS = ("all", "except_new")
 
 
 def _modules_field(help_text: str) -> Any:
@@ -46,6 +47,14 @@ class SoftMaskConfig:
     head_modules: list[str] | str | None = _modules_field(
         "classifier heads: their gradients are scaled by one scalar 1 - mean(A)"
     )
+    head_scaling: str = field(
+        default="all",
+        metadata={
+            "help": "'all' (the official SPG code): every head's gradient is scaled by 1 - mean(A); "
+            "'except_new': the current task's new head of a MultiHeadClassifier trains unscaled "
+            "(a shared head is still scaled)"
+        },
+    )
     importance_dtype: str = field(
         default="float32", metadata={"help": f"dtype on disk, one of {IMPORTANCE_DTYPES}"}
     )
@@ -70,6 +79,10 @@ class SoftMaskConfig:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.mask_mode not in MASK_MODES:
             raise ConfigError(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+        if self.head_scaling not in HEAD_SCALINGS:
+            raise ConfigError(
+                f"head_scaling must be one of {HEAD_SCALINGS}, got {self.head_scaling!r}"
+            )
         if self.importance_dtype not in IMPORTANCE_DTYPES:
             raise ConfigError(
                 f"importance_dtype must be one of {IMPORTANCE_DTYPES}, got {self.importance_dtype!r}"

@@ -57,7 +57,11 @@ class KeepMasks:
 def build_keep_masks(
     params: Mapping[str, Tensor], importance: Mapping[str, Tensor], heads: list[Tensor]
 ) -> KeepMasks:
-    """keep[p] = 1 - A[p] for the masked parameters, head_keep = 1 - Σ A / Σ numel (DESIGN §3)."""
+    """keep[p] = 1 - A[p] for the masked parameters, head_keep = 1 - Σ A / Σ numel (DESIGN §3).
+
+    `heads` are the head parameters scaled by head_keep (with `head_scaling="except_new"` the
+    caller leaves the current task's new head out).
+    """
     grouped: dict[tuple, MaskGroup] = {}
     total, count = 0.0, 0
     for name, a in importance.items():

@@ -116,3 +116,11 @@ def test_missing_corrupt_and_non_object_files(tmp_path):
     (tmp_path / CONFIG_NAME).write_text("[1, 2]")
     with pytest.raises(CorruptFileError, match="JSON object"):
         SoftMaskConfig.from_pretrained(tmp_path)
+
+
+def test_head_scaling_is_validated_and_round_trips(tmp_path):
+    with pytest.raises(ConfigError, match="head_scaling must be one of \\('all', 'except_new'\\)"):
+        SoftMaskConfig(head_scaling="new")
+    cfg = SoftMaskConfig(head_scaling="except_new")
+    cfg.save_pretrained(tmp_path)
+    assert SoftMaskConfig.from_pretrained(tmp_path) == cfg
