@@ -245,7 +245,9 @@ def _one_sgd_step(model, net: nn.Module, lr: float, seed: int) -> dict[str, tupl
     opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=lr), model)
     params = dict(net.named_parameters())
     grads = random_grads(list(params.values()), torch.Generator().manual_seed(seed))
-    before = {n: (p.detach().double().clone(), g.double()) for (n, p), g in zip(params.items(), grads)}
+    before = {
+        n: (p.detach().double().clone(), g.double()) for (n, p), g in zip(params.items(), grads)
+    }
     set_grads(list(params.values()), grads)
     opt.step()
     return before
