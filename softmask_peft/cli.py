@@ -30,14 +30,18 @@ example:
 
 methods:
   spg         SPG (Konishi et al. 2023): grad soft-masking, plain SGD (the paper)
+  spg-except-new  SPG with the new task's head unscaled (head_scaling="except_new")
   spg-update  SPG importance, update soft-masking with AdamW
   finetune    no protection (lower bound)
   ewc         EWC (Kirkpatrick et al. 2017), diagonal Fisher; lambda picked per seed on the
               validation data of the first two tasks unless --ewc-lambda is given
+  mas         MAS (Aljundi et al. 2018), lambda 1
+  lwf         LwF (Li & Hoiem 2016), distillation on the old heads, T=2, alpha 1
   joint       one run on all tasks' data at once (upper bound; final row only)
 
-Each task: a new optimizer, ReduceLROnPlateau and early stopping on validation loss, best
-weights restored. Writes <benchmark>_<scenario>_<arch>.{md,json,png} into --out.
+Each task: a new optimizer; --protocol early_stopping: ReduceLROnPlateau and early stopping on
+validation loss, best weights restored; --protocol fixed: exactly --epochs epochs at a
+constant lr. Writes <benchmark>_<scenario>_<arch>.{md,json,png} into --out.
 """
 
 
@@ -56,10 +60,23 @@ def _positive_float(text: str) -> float:
 
 
 def _add_budget_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
-    from .continual.training import TrainConfig
+    from .continual.training import PROTOCOLS, TrainConfig
 
     d = TrainConfig()
     g = parser.add_argument_group("per-task training budget (the same for every method)")
+    g.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=d.protocol,
+        help="early_stopping (the SPG paper's) or fixed: exactly --epochs epochs per task at a "
+        "constant lr (default: %(default)s)",
+    )
+    g.add_argument(
+        "--hidden",
+        type=lambda text: tuple(_positive_int(w) for w in text.split(",")),
+        default=d.mlp_hidden,
+        help="MLP hidden widths, comma-separated (default: 256,256)",
+    )
     g.add_argument(
         "--epochs",
         type=_positive_int,
@@ -93,6 +110,8 @@ def _train_config(args: argparse.Namespace):
     from .continual.training import TrainConfig
 
     return TrainConfig(
+        protocol=args.protocol,
+        mlp_hidden=args.hidden,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

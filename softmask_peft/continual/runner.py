@@ -21,11 +21,18 @@ from ..errors import ConfigError
 from .benchmarks import SCENARIOS, Benchmark, get_benchmark
 from .metrics import compute_metrics
 from .models import build_classifier
-from .strategies import EWCStrategy, FinetuneStrategy, SoftMaskStrategy, Strategy
+from .strategies import (
+    EWCStrategy,
+    FinetuneStrategy,
+    LwFStrategy,
+    MASStrategy,
+    SoftMaskStrategy,
+    Strategy,
+)
 from .training import TrainConfig, batches, evaluate, fit
 
 EWC_LAMBDAS = (1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0)
-METHOD_NAMES = ("spg", "spg-update", "finetune", "ewc", "joint")
+METHOD_NAMES = ("spg", "spg-except-new", "spg-update", "finetune", "ewc", "mas", "lwf", "joint")
 
 
 @dataclass
@@ -69,7 +76,8 @@ def run_sequence(
     """Train the tasks in order with `strategy` (its trained model stays in `strategy.model`);
     return (accuracy matrix on `eval_part`, epochs per task)."""
     torch.manual_seed(seed)
-    strategy.setup(build_classifier(arch, bench.input_shape, scenario, bench.num_classes), scenario)
+    net = build_classifier(arch, bench.input_shape, scenario, bench.num_classes, cfg.mlp_hidden)
+    strategy.setup(net, scenario)
     matrix, epochs = [], []
     for t, task in enumerate(tqdm(bench.tasks, desc=strategy.name, leave=False, disable=None)):
         strategy.begin_task(t, task)
@@ -99,7 +107,7 @@ def run_joint(
     trained jointly, each sample by its own task's head). Returns the final row only and the
     trained network."""
     torch.manual_seed(seed)
-    net = build_classifier(arch, bench.input_shape, scenario, bench.num_classes)
+    net = build_classifier(arch, bench.input_shape, scenario, bench.num_classes, cfg.mlp_hidden)
     if scenario == "task":
         for task in bench.tasks:
             net.add_head(task.num_classes)
@@ -137,8 +145,13 @@ def select_ewc_lambda(
 def _strategy_factory(method: str, importance_dtype: str) -> Callable[..., Strategy]:
     factories: dict[str, Callable[..., Strategy]] = {
         "spg": lambda cfg: SoftMaskStrategy(cfg, "grad", "sgd", importance_dtype),
+        "spg-except-new": lambda cfg: SoftMaskStrategy(
+            cfg, "grad", "sgd", importance_dtype, head_scaling="except_new"
+        ),
         "spg-update": lambda cfg: SoftMaskStrategy(cfg, "update", "adamw", importance_dtype),
         "finetune": FinetuneStrategy,
+        "mas": MASStrategy,
+        "lwf": LwFStrategy,
     }
     return factories[method]
 
