@@ -35,7 +35,7 @@ methods:
   finetune    no protection (lower bound)
   ewc         EWC (Kirkpatrick et al. 2017), diagonal Fisher; lambda picked per seed on the
               validation data of the first two tasks unless --ewc-lambda is given
-  mas         MAS (Aljundi et al. 2018), lambda 1
+  mas         MAS (Aljundi et al. 2018), lambda --mas-lambda
   lwf         LwF (Li & Hoiem 2016), distillation on the old heads, T=2, alpha 1
   joint       one run on all tasks' data at once (upper bound; final row only)
 
@@ -136,6 +136,7 @@ def _run_and_report(args: argparse.Namespace, methods: list[str], seeds: list[in
         arch=args.arch,
         importance_dtype=args.importance_dtype,
         ewc_lambda=getattr(args, "ewc_lambda", None),
+        mas_lambda=getattr(args, "mas_lambda", 1.0),
         on_result=lambda so_far: write_report(so_far, args.out, settings),
     )
     print(markdown_report(results, settings))
@@ -279,6 +280,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
     p.add_argument(
         "--ewc-lambda", type=float, default=None, help="fix EWC's lambda instead of selecting it"
+    )
+    p.add_argument(
+        "--mas-lambda", type=float, default=1.0, help="MAS's lambda (default: %(default)s)"
     )
     _add_common(p, "results")
     _add_budget_arguments(p, epochs=50)

@@ -142,7 +142,9 @@ def select_ewc_lambda(
     return best
 
 
-def _strategy_factory(method: str, importance_dtype: str) -> Callable[..., Strategy]:
+def _strategy_factory(
+    method: str, importance_dtype: str, mas_lambda: float
+) -> Callable[..., Strategy]:
     factories: dict[str, Callable[..., Strategy]] = {
         "spg": lambda cfg: SoftMaskStrategy(cfg, "grad", "sgd", importance_dtype),
         "spg-except-new": lambda cfg: SoftMaskStrategy(
@@ -150,7 +152,7 @@ def _strategy_factory(method: str, importance_dtype: str) -> Callable[..., Strat
         ),
         "spg-update": lambda cfg: SoftMaskStrategy(cfg, "update", "adamw", importance_dtype),
         "finetune": FinetuneStrategy,
-        "mas": MASStrategy,
+        "mas": lambda cfg: MASStrategy(cfg, mas_lambda),
         "lwf": LwFStrategy,
     }
     return factories[method]
@@ -176,6 +178,7 @@ def run_method(
     cfg: TrainConfig,
     importance_dtype: str = "float32",
     ewc_lambda: float | None = None,
+    mas_lambda: float = 1.0,
 ) -> RunResult:
     """One method on one seed. EWC picks λ by `select_ewc_lambda` unless `ewc_lambda` is given."""
     check_methods([method])
@@ -193,7 +196,7 @@ def run_method(
                 info["ewc_lambda_grid"] = list(EWC_LAMBDAS)
             strategy: Strategy = EWCStrategy(cfg, lam)
         else:
-            strategy = _strategy_factory(method, importance_dtype)(cfg)
+            strategy = _strategy_factory(method, importance_dtype, mas_lambda)(cfg)
         matrix, epochs = run_sequence(strategy, bench, scenario, arch, seed, cfg)
         info.update(strategy.info())
         model = strategy.model
@@ -221,6 +224,7 @@ def run_benchmark(
     arch: str = "mlp",
     importance_dtype: str = "float32",
     ewc_lambda: float | None = None,
+    mas_lambda: float = 1.0,
     on_result: Callable[[list[RunResult]], None] | None = None,
 ) -> list[RunResult]:
     """Every method on every seed (the benchmark's data is rebuilt per seed).
@@ -234,7 +238,9 @@ def run_benchmark(
         bench = get_benchmark(benchmark, seed)
         scen = scenario or bench.default_scenario
         for method in tqdm(methods, desc=f"seed {seed}", leave=False, disable=None):
-            r = run_method(method, bench, scen, arch, seed, cfg, importance_dtype, ewc_lambda)
+            r = run_method(
+                method, bench, scen, arch, seed, cfg, importance_dtype, ewc_lambda, mas_lambda
+            )
             tqdm.write(
                 f"{benchmark} ({scen}) seed {seed} {method}: "
                 + ", ".join(f"{k}={v:.2f}" for k, v in r.metrics.items() if v is not None)
