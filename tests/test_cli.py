@@ -85,3 +85,17 @@ def test_short_benchmark_run_spg_forgets_less_than_finetune(tmp_path, capsys) ->
         ) / (t - 1)
         assert run["metrics"]["forgetting"] == pytest.approx(forgetting[run["method"]])
     assert forgetting["spg"] < forgetting["finetune"]
+
+
+def test_protocol_and_hidden_reach_the_train_config(capsys) -> None:
+    from softmask_peft.cli import _train_config, build_parser
+
+    args = build_parser().parse_args(
+        ["bench", "--protocol", "fixed", "--hidden", "64,32", "--epochs", "7"]
+    )
+    cfg = _train_config(args)
+    assert (cfg.protocol, cfg.mlp_hidden, cfg.epochs) == ("fixed", (64, 32), 7)
+    assert "patience" not in cfg.to_dict(), "early-stopping options are not reported as used"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--hidden", "64,0"])
+    assert "must be >= 1" in capsys.readouterr().err
