@@ -270,7 +270,8 @@ class LwFStrategy(Strategy):
     `old` is a frozen copy of the model taken before the task starts (eval mode), h runs over
     the heads of earlier tasks (task-incremental) or the one shared head (domain-incremental),
     x over the new task's inputs; KL is the batch mean, T = 2, α = 1. The KL differs from the
-    paper's cross-entropy by the teacher's entropy, a constant: same gradients.
+    paper's cross-entropy by the teacher's entropy, a constant: same gradients. The paper's
+    warm-up (training the new head alone first) is left out: every method gets the same budget.
     """
 
     name = "lwf"
