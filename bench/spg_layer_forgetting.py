@@ -12,6 +12,10 @@ with A >= 0.9 ("saturated") and the relative weight change ||θ_final - θ_j|| /
 
     PYTHONPATH=.:export python bench/spg_layer_forgetting.py --arch cnn --seeds 3 \
         --out docs/results/spgq/cnn_layers.json
+
+`--conv-importance channel` is an experiment, not the library's method: it standardizes the
+gradient sums of conv weights per output channel instead of per tensor (the official SPG),
+by patching the normalisation SPG calls for the duration of the run.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -28,6 +34,7 @@ from softmask_peft.continual.benchmarks import get_benchmark
 from softmask_peft.continual.runner import _eval_batches, run_sequence
 from softmask_peft.continual.strategies import SoftMaskStrategy
 from softmask_peft.continual.training import TrainConfig, evaluate
+from softmask_peft.importance.normalize import normalize_importance
 
 
 class SnapshotSPG(SoftMaskStrategy):
@@ -42,6 +49,13 @@ class SnapshotSPG(SoftMaskStrategy):
         super().end_task(task_id, task)
         self.weights.append(copy.deepcopy(self.model.base_model.state_dict()))
         self.importance.append({k: v.clone() for k, v in self.model.importance.items()})
+
+
+def per_channel_conv(g: torch.Tensor) -> torch.Tensor:
+    """Conv weights (ndim >= 3): |tanh(standardize)| per output channel; others per tensor."""
+    if g.ndim < 3:
+        return normalize_importance(g)
+    return normalize_importance(g.reshape(g.shape[0], -1), dim=1).reshape(g.shape)
 
 
 def layer_of(name: str) -> str:
@@ -99,12 +113,28 @@ def main() -> None:
     p.add_argument("--arch", choices=("mlp", "cnn"), default="cnn")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--conv-importance", choices=("tensor", "channel"), default="tensor")
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = TrainConfig()
-    runs = [analyse(args.arch, s, cfg) for s in range(args.seeds)]
+    patch = (
+        mock.patch("softmask_peft.importance.spg.normalize_importance", per_channel_conv)
+        if args.conv_importance == "channel"
+        else nullcontext()
+    )
+    with patch:
+        runs = [analyse(args.arch, s, cfg) for s in range(args.seeds)]
     layers = list(runs[0]["recovered_by_restoring"])
-    print(f"## SPG on Split-Digits ({args.arch}), seeds 0..{args.seeds - 1}\n")
+    print(
+        f"## SPG on Split-Digits ({args.arch}, conv importance per {args.conv_importance}), "
+        f"seeds 0..{args.seeds - 1}\n"
+    )
+    acc = [np.mean(r["matrix"][-1]) for r in runs]
+    fgt = [np.mean(r["forgetting_per_task"]) for r in runs]
+    print(
+        f"ACC {np.mean(acc):.2f} ± {np.std(acc, ddof=1):.2f}, "
+        f"forgetting {np.mean(fgt):.2f} ± {np.std(fgt, ddof=1):.2f}"
+    )
     print(
         "forgetting per task (points, mean over seeds):",
         np.round(np.mean([r["forgetting_per_task"] for r in runs], axis=0), 2).tolist(),
@@ -129,7 +159,15 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
-            json.dumps({"arch": args.arch, "settings": cfg.to_dict(), "runs": runs}, indent=2)
+            json.dumps(
+                {
+                    "arch": args.arch,
+                    "conv_importance": args.conv_importance,
+                    "settings": cfg.to_dict(),
+                    "runs": runs,
+                },
+                indent=2,
+            )
             + "\n"
         )
         print(f"\nwrote {args.out}")
