@@ -42,6 +42,7 @@ _LEGACY_METHOD_KEYS = {  # format 1 kept DAS's options at the top level
     "contrastive_temperature": "contrastive_temperature",
 }
 LEGACY_TASK_KEYS = ("task_names", "task_num_classes")  # format 1 kept the task log here
+HEAD_SCALINGS = ("all", "except_new")
 
 
 def _modules_field(help_text: str) -> Any:
@@ -94,6 +95,14 @@ class SoftMaskConfig:
         "classifier heads: their gradients are scaled by one scalar 1 - mean(A); None = found "
         "automatically (MultiHeadClassifier heads)"
     )
+    head_scaling: str = field(
+        default="except_new",
+        metadata={
+            "help": "'all' (the official SPG code): every head's gradient is scaled by 1 - mean(A); "
+            "'except_new': the current task's new head of a MultiHeadClassifier trains unscaled "
+            "(a shared head is still scaled)"
+        },
+    )
     importance_dtype: str = field(
         default="float32", metadata={"help": f"dtype on disk, one of {IMPORTANCE_DTYPES}"}
     )
@@ -106,6 +115,10 @@ class SoftMaskConfig:
         spec = method_spec(self.method)
         if self.mask_mode not in MASK_MODES:
             raise ConfigError(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+        if self.head_scaling not in HEAD_SCALINGS:
+            raise ConfigError(
+                f"head_scaling must be one of {HEAD_SCALINGS}, got {self.head_scaling!r}"
+            )
         if self.importance_dtype not in IMPORTANCE_DTYPES:
             raise ConfigError(
                 f"importance_dtype must be one of {IMPORTANCE_DTYPES}, got {self.importance_dtype!r}"
@@ -163,6 +176,7 @@ class SoftMaskConfig:
                 data.pop(key, None)
             if data.get("method") == "das":
                 data["method_config"] = legacy
+            data["head_scaling"] = "all"  # what 0.1.0 did
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

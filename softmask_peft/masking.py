@@ -91,7 +91,11 @@ def build_keep_masks(
     heads: list[Tensor],
     added: list[Tensor] | None = None,
 ) -> KeepMasks:
-    """keep[p] = 1 - A[p] for the masked parameters, head_keep = 1 - Σ A / Σ numel (element-weighted)."""
+    """keep[p] = 1 - A[p] for the masked parameters, head_keep = 1 - Σ A / Σ numel (element-weighted).
+
+    `heads` are the head parameters scaled by head_keep (with `head_scaling="except_new"` the
+    caller leaves the current task's new head out).
+    """
     total, count = 0.0, 0
     for a in importance.values():
         total += float(a.sum(dtype=torch.float64))

@@ -150,8 +150,26 @@ class SoftMaskModel(nn.Module):
         """
         self._select()
         params = dict(self.base_model.named_parameters())
-        heads = [params[n] for n in self.head_parameter_names]
+        unscaled = self._unscaled_head_parameters()
+        heads = [params[n] for n in self.head_parameter_names if id(params[n]) not in unscaled]
         self.keep_masks = build_keep_masks(params, self.parameter_importance(), heads, added)
+
+    def _unscaled_head_parameters(self) -> set[int]:
+        """ids of the head parameters trained without the 1 - ā scale.
+
+        `head_scaling="except_new"`: the current task's own head of a `MultiHeadClassifier`
+        (no earlier task depends on it; earlier heads get no gradient from this task's loss).
+        `"all"`, the official SPG code, and any shared head: none.
+        """
+        net = self.base_model
+        if (
+            self.softmask_config.head_scaling != "except_new"
+            or not isinstance(net, MultiHeadClassifier)
+            or self.current_task is None
+            or self.current_task >= len(net.heads)
+        ):
+            return set()
+        return {id(p) for p in net.heads[self.current_task].parameters()}
 
     def end_task(self, train_batches: Iterable[Any]) -> dict[str, Tensor]:
         """Compute this task's importance on its training data and accumulate it by max."""

@@ -149,6 +149,7 @@ def test_a_format_1_config_moves_das_options_into_the_method_config():
     cfg = SoftMaskConfig.from_dict(old)
     assert cfg.method_config == DASConfig(contrastive_weight=0.5, contrastive_temperature=0.1)
     assert cfg.mask_mode == "grad" and cfg.head_modules == ["classifier"]
+    assert cfg.head_scaling == "all"  # as 0.1.0 scaled every head
 
 
 def test_a_config_without_format_version_is_refused():
@@ -162,3 +163,12 @@ def test_the_wrapped_model_owns_a_copy_of_the_config():
     assert cfg.head_modules is None  # the caller's object is never written
     a.begin_task(0, num_classes=3, name="x")
     assert a.softmask_config is not cfg and b.task_log == ()
+
+
+def test_head_scaling_is_validated_and_round_trips(tmp_path):
+    with pytest.raises(ConfigError, match="head_scaling must be one of \\('all', 'except_new'\\)"):
+        SoftMaskConfig(head_scaling="new")
+    cfg = SoftMaskConfig(head_scaling="all")
+    cfg.save_pretrained(tmp_path)
+    assert SoftMaskConfig.from_pretrained(tmp_path) == cfg
+    assert SoftMaskConfig().head_scaling == "except_new"

@@ -23,9 +23,11 @@ OPTIMIZERS = {
 }
 
 
-def with_importance(net: nn.Module, importance: dict[str, Tensor], mode: str, classes=None):
+def with_importance(
+    net: nn.Module, importance: dict[str, Tensor], mode: str, classes=None, **config
+):
     """A SoftMaskModel at task 1 whose accumulated importance is exactly `importance`."""
-    model = get_softmask_model(net, SoftMaskConfig(mask_mode=mode))
+    model = get_softmask_model(net, SoftMaskConfig(mask_mode=mode, **config))
     model.begin_task(0, num_classes=classes)
     model.store.close(importance)
     model.begin_task(1, num_classes=classes)
@@ -236,3 +238,65 @@ def test_earlier_heads_without_gradients_do_not_drift(mode):
         )
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(net.heads[0].parameters(), old))
+
+
+def _one_sgd_step(model, net: nn.Module, lr: float, seed: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """One masked SGD step on random gradients: {name: (parameter before, its gradient)}."""
+    opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=lr), model)
+    params = dict(net.named_parameters())
+    grads = random_grads(list(params.values()), torch.Generator().manual_seed(seed))
+    before = {
+        n: (p.detach().double().clone(), g.double()) for (n, p), g in zip(params.items(), grads)
+    }
+    set_grads(list(params.values()), grads)
+    opt.step()
+    return before
+
+
+@pytest.mark.parametrize("mode", ["grad", "update"])
+def test_except_new_leaves_only_the_new_head_unscaled(mode):
+    net = multi_head(in_features=4, feature_dim=5)
+    A = {"backbone.weight": torch.rand(5, 4), "backbone.bias": torch.rand(5)}
+    a_bar = float(torch.cat([A["backbone.weight"].flatten(), A["backbone.bias"]]).double().mean())
+    model = with_importance(net, A, mode=mode, classes=2, head_scaling="except_new")
+    lr = 0.2
+    before = _one_sgd_step(model, net, lr, seed=7)
+    params = dict(net.named_parameters())
+    for name, scale in (
+        ("heads.1.weight", 1.0),  # the current task's new head: unscaled
+        ("heads.1.bias", 1.0),
+        ("heads.0.weight", 1 - a_bar),  # an earlier head keeps the official scale
+        ("heads.0.bias", 1 - a_bar),
+    ):
+        p0, g = before[name]
+        torch.testing.assert_close(
+            params[name].detach().double(), p0 - lr * scale * g, rtol=0, atol=1e-6
+        )
+    assert model.head_keep() == pytest.approx(1 - a_bar, abs=1e-7)
+
+
+@pytest.mark.parametrize("head_scaling", ["all", "except_new"])
+def test_a_shared_head_is_scaled_in_both_modes(head_scaling):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3))
+    A = {"0.weight": torch.rand(5, 4), "0.bias": torch.rand(5)}
+    a_bar = float(torch.cat([A["0.weight"].flatten(), A["0.bias"]]).double().mean())
+    model = with_importance(net, A, mode="grad", head_modules=["1"], head_scaling=head_scaling)
+    before = _one_sgd_step(model, net, 0.2, seed=8)
+    for name in ("1.weight", "1.bias"):
+        p0, g = before[name]
+        expected = p0 - 0.2 * (1 - a_bar) * g
+        torch.testing.assert_close(
+            dict(net.named_parameters())[name].detach().double(), expected, rtol=0, atol=1e-6
+        )
+
+
+def test_except_new_scales_the_head_again_once_a_later_task_begins():
+    net = multi_head(in_features=4, feature_dim=5)
+    A = {"backbone.weight": torch.rand(5, 4), "backbone.bias": torch.rand(5)}
+    model = with_importance(net, A, mode="grad", classes=2, head_scaling="except_new")
+    assert [id(p) for p in model.keep_masks.heads] == [id(p) for p in net.heads[0].parameters()]
+    model.store.add_task(A)
+    model.begin_task(2, num_classes=2)
+    scaled = [id(p) for h in (0, 1) for p in net.heads[h].parameters()]
+    assert [id(p) for p in model.keep_masks.heads] == scaled

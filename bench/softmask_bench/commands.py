@@ -33,15 +33,20 @@ example:
   softmask-peft bench --benchmark split-digits --methods spg,finetune,ewc,joint --seeds 3 --out results/
 
 methods:
-  spg         SPG (Konishi et al. 2023): grad soft-masking, plain SGD (the paper)
-  spg-update  SPG importance, update soft-masking with AdamW
-  finetune    no protection (lower bound)
-  ewc         EWC (Kirkpatrick et al. 2017), diagonal Fisher; lambda picked per seed on the
-              validation data of the first two tasks unless --ewc-lambda is given
-  joint       one run on all tasks' data at once (upper bound; final row only)
+  spg           SPG (Konishi et al. 2023): grad soft-masking, plain SGD, the new task's head
+                unscaled (head_scaling="except_new", the default)
+  spg-official  SPG as the official code: every head scaled by 1 - mean(A) (head_scaling="all")
+  spg-update    SPG importance, update soft-masking with AdamW
+  finetune      no protection (lower bound)
+  ewc           EWC (Kirkpatrick et al. 2017), diagonal Fisher; lambda picked per seed on the
+                validation data of the first two tasks unless --ewc-lambda is given
+  mas           MAS (Aljundi et al. 2018), lambda --mas-lambda
+  lwf           LwF (Li & Hoiem 2016), distillation on the old heads, T=2, alpha 1
+  joint         one run on all tasks' data at once (upper bound; final row only)
 
-Each task: a new optimizer, ReduceLROnPlateau and early stopping on validation loss, best
-weights restored. Writes <benchmark>_<scenario>_<arch>.{md,json,png} into --out.
+Each task: a new optimizer; --protocol early_stopping: ReduceLROnPlateau and early stopping on
+validation loss, best weights restored; --protocol fixed: exactly --epochs epochs at a
+constant lr. Writes <benchmark>_<scenario>_<arch>.{md,json,png} into --out.
 """
 
 
@@ -60,10 +65,23 @@ def _positive_float(text: str) -> float:
 
 
 def _add_budget_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
-    from .training import TrainConfig
+    from .training import PROTOCOLS, TrainConfig
 
     d = TrainConfig()
     g = parser.add_argument_group("per-task training budget (the same for every method)")
+    g.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=d.protocol,
+        help="early_stopping (the SPG paper's) or fixed: exactly --epochs epochs per task at a "
+        "constant lr (default: %(default)s)",
+    )
+    g.add_argument(
+        "--hidden",
+        type=lambda text: tuple(_positive_int(w) for w in text.split(",")),
+        default=d.mlp_hidden,
+        help="MLP hidden widths, comma-separated (default: 256,256)",
+    )
     g.add_argument(
         "--epochs",
         type=_positive_int,
@@ -97,6 +115,8 @@ def _train_config(args: argparse.Namespace):
     from .training import TrainConfig
 
     return TrainConfig(
+        protocol=args.protocol,
+        mlp_hidden=args.hidden,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -121,6 +141,7 @@ def _run_and_report(args: argparse.Namespace, methods: list[str], seeds: list[in
         arch=args.arch,
         importance_dtype=args.importance_dtype,
         ewc_lambda=getattr(args, "ewc_lambda", None),
+        mas_lambda=getattr(args, "mas_lambda", 1.0),
         on_result=lambda so_far: write_report(so_far, args.out, settings),
     )
     print(markdown_report(results, settings))
@@ -256,6 +277,9 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
     p.add_argument(
         "--ewc-lambda", type=float, default=None, help="fix EWC's lambda instead of selecting it"
+    )
+    p.add_argument(
+        "--mas-lambda", type=float, default=1.0, help="MAS's lambda (default: %(default)s)"
     )
     _add_common(p, "results")
     _add_budget_arguments(p, epochs=50)

@@ -51,9 +51,23 @@ def forgetting(r: Sequence[Sequence[float]] | np.ndarray) -> float | None:
     return float(np.mean([max(m[j : t - 1, j]) - m[t - 1, j] for j in range(t - 1)]))
 
 
+def plasticity(r: Sequence[Sequence[float]] | np.ndarray) -> float | None:
+    """P = mean_j R[j][j]: accuracy on each task right after learning it (how well new tasks
+    are learned, before any forgetting). None for a final-row-only matrix."""
+    m = _matrix(r)
+    if m.shape[0] == 1 and m.shape[1] > 1:
+        return None
+    return float(np.mean(np.diag(m)))
+
+
 def compute_metrics(r: Sequence[Sequence[float]] | np.ndarray) -> dict[str, float | None]:
-    """{"acc", "bwt", "forgetting"} of one accuracy matrix."""
-    return {"acc": average_accuracy(r), "bwt": backward_transfer(r), "forgetting": forgetting(r)}
+    """{"acc", "bwt", "forgetting", "plasticity"} of one accuracy matrix."""
+    return {
+        "acc": average_accuracy(r),
+        "bwt": backward_transfer(r),
+        "forgetting": forgetting(r),
+        "plasticity": plasticity(r),
+    }
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float] | None:

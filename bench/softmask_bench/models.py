@@ -87,21 +87,27 @@ class SharedHeadClassifier(nn.Module):
         return self.head(self.backbone(x))
 
 
-def build_backbone(arch: str, input_shape: tuple[int, ...]) -> nn.Module:
-    """`arch` in ARCHS; the module exposes `out_features`."""
+def build_backbone(
+    arch: str, input_shape: tuple[int, ...], mlp_hidden: tuple[int, ...] = (256, 256)
+) -> nn.Module:
+    """`arch` in ARCHS; the module exposes `out_features`. `mlp_hidden`: the MLP's widths."""
     if arch == "mlp":
-        return MLP(math.prod(input_shape))
+        return MLP(math.prod(input_shape), hidden=tuple(mlp_hidden))
     if arch == "cnn":
         return CNN(input_shape)
     raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
 def build_classifier(
-    arch: str, input_shape: tuple[int, ...], scenario: str, num_classes: int
+    arch: str,
+    input_shape: tuple[int, ...],
+    scenario: str,
+    num_classes: int,
+    mlp_hidden: tuple[int, ...] = (256, 256),
 ) -> nn.Module:
     """A `MultiHeadClassifier` (scenario "task", heads added per task) or a
     `SharedHeadClassifier` with `num_classes` outputs (scenario "domain")."""
-    backbone = build_backbone(arch, input_shape)
+    backbone = build_backbone(arch, input_shape, mlp_hidden)
     if scenario == "task":
         return MultiHeadClassifier(backbone, backbone.out_features)
     if scenario == "domain":

@@ -23,10 +23,14 @@ from .runner import RunResult
 METRIC_NOTE = (
     "R[i][j] = test accuracy (%) on task j after training task i. ACC = mean_j R[T-1][j]; "
     "BWT = mean_{j<T-1} (R[T-1][j] - R[j][j]) (Lopez-Paz & Ranzato 2017); "
-    "Forgetting = mean_{j<T-1} max_{j<=l<T-1} (R[l][j] - R[T-1][j]) (Chaudhry et al. 2018). "
+    "Forgetting = mean_{j<T-1} max_{j<=l<T-1} (R[l][j] - R[T-1][j]) (Chaudhry et al. 2018); "
+    "Plasticity = mean_j R[j][j] (each task right after learning it). "
     "Mean ± sample std over seeds. joint trains once on all tasks, so it has only the final row "
     "and no BWT/Forgetting."
 )
+
+
+METRICS = ("acc", "bwt", "forgetting", "plasticity")
 
 
 def _by_method(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
@@ -51,8 +55,8 @@ def summary(results: Sequence[RunResult]) -> dict[str, dict[str, object]]:
     out = {}
     for method, runs in _by_method(results).items():
         entry: dict[str, object] = {"seeds": [r.seed for r in runs]}
-        for key in ("acc", "bwt", "forgetting"):
-            values = [r.metrics[key] for r in runs]
+        for key in METRICS:
+            values = [r.metrics.get(key) for r in runs]
             stat = mean_std(values)
             entry[key] = None if stat is None else {"mean": stat[0], "std": stat[1]}
             entry[f"{key}_per_seed"] = values
@@ -72,11 +76,12 @@ def markdown_report(results: Sequence[RunResult], settings: dict[str, object]) -
         f"Architecture `{first.arch}`; seeds {sorted({r.seed for r in results})}; "
         + "; ".join(f"{k}={v}" for k, v in settings.items()),
         "",
-        "| method | ACC (%) | BWT (points) | Forgetting (points) | ACC per seed | notes |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | ACC (%) | BWT (points) | Forgetting (points) | Plasticity (%) | ACC per seed "
+        "| notes |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for method, runs in _by_method(results).items():
-        stats = [mean_std([r.metrics[k] for r in runs]) for k in ("acc", "bwt", "forgetting")]
+        stats = [mean_std([r.metrics.get(k) for r in runs]) for k in METRICS]
         per_seed = ", ".join(f"{r.metrics['acc']:.2f}" for r in runs)
         notes = "; ".join(f"{k}={v}" for k, v in runs[0].info.items() if k != "ewc_lambda_grid")
         if method == "ewc":

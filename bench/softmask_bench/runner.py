@@ -22,11 +22,18 @@ from softmask_peft.errors import ConfigError
 from .benchmarks import SCENARIOS, Benchmark, get_benchmark
 from .metrics import compute_metrics
 from .models import build_classifier
-from .strategies import EWCStrategy, FinetuneStrategy, SoftMaskStrategy, Strategy
+from .strategies import (
+    EWCStrategy,
+    FinetuneStrategy,
+    LwFStrategy,
+    MASStrategy,
+    SoftMaskStrategy,
+    Strategy,
+)
 from .training import TrainConfig, batches, evaluate, fit
 
 EWC_LAMBDAS = (1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0)
-METHOD_NAMES = ("spg", "spg-update", "finetune", "ewc", "joint")
+METHOD_NAMES = ("spg", "spg-official", "spg-update", "finetune", "ewc", "mas", "lwf", "joint")
 
 
 @dataclass
@@ -70,7 +77,8 @@ def run_sequence(
     """Train the tasks in order with `strategy` (its trained model stays in `strategy.model`);
     return (accuracy matrix on `eval_part`, epochs per task)."""
     torch.manual_seed(seed)
-    strategy.setup(build_classifier(arch, bench.input_shape, scenario, bench.num_classes), scenario)
+    net = build_classifier(arch, bench.input_shape, scenario, bench.num_classes, cfg.mlp_hidden)
+    strategy.setup(net, scenario)
     matrix, epochs = [], []
     for t, task in enumerate(tqdm(bench.tasks, desc=strategy.name, leave=False, disable=None)):
         strategy.begin_task(t, task)
@@ -100,7 +108,7 @@ def run_joint(
     trained jointly, each sample by its own task's head). Returns the final row only and the
     trained network."""
     torch.manual_seed(seed)
-    net = build_classifier(arch, bench.input_shape, scenario, bench.num_classes)
+    net = build_classifier(arch, bench.input_shape, scenario, bench.num_classes, cfg.mlp_hidden)
     if scenario == "task":
         for task in bench.tasks:
             net.add_head(task.num_classes)
@@ -135,11 +143,18 @@ def select_ewc_lambda(
     return best
 
 
-def _strategy_factory(method: str, importance_dtype: str) -> Callable[..., Strategy]:
+def _strategy_factory(
+    method: str, importance_dtype: str, mas_lambda: float
+) -> Callable[..., Strategy]:
     factories: dict[str, Callable[..., Strategy]] = {
         "spg": lambda cfg: SoftMaskStrategy(cfg, "grad", "sgd", importance_dtype),
+        "spg-official": lambda cfg: SoftMaskStrategy(
+            cfg, "grad", "sgd", importance_dtype, head_scaling="all"
+        ),
         "spg-update": lambda cfg: SoftMaskStrategy(cfg, "update", "adamw", importance_dtype),
         "finetune": FinetuneStrategy,
+        "mas": lambda cfg: MASStrategy(cfg, mas_lambda),
+        "lwf": LwFStrategy,
     }
     return factories[method]
 
@@ -164,6 +179,7 @@ def run_method(
     cfg: TrainConfig,
     importance_dtype: str = "float32",
     ewc_lambda: float | None = None,
+    mas_lambda: float = 1.0,
 ) -> RunResult:
     """One method on one seed. EWC picks λ by `select_ewc_lambda` unless `ewc_lambda` is given."""
     check_methods([method])
@@ -181,7 +197,7 @@ def run_method(
                 info["ewc_lambda_grid"] = list(EWC_LAMBDAS)
             strategy: Strategy = EWCStrategy(cfg, lam)
         else:
-            strategy = _strategy_factory(method, importance_dtype)(cfg)
+            strategy = _strategy_factory(method, importance_dtype, mas_lambda)(cfg)
         matrix, epochs = run_sequence(strategy, bench, scenario, arch, seed, cfg)
         info.update(strategy.info())
         model = strategy.model
@@ -209,6 +225,7 @@ def run_benchmark(
     arch: str = "mlp",
     importance_dtype: str = "float32",
     ewc_lambda: float | None = None,
+    mas_lambda: float = 1.0,
     on_result: Callable[[list[RunResult]], None] | None = None,
 ) -> list[RunResult]:
     """Every method on every seed (the benchmark's data is rebuilt per seed).
@@ -222,7 +239,9 @@ def run_benchmark(
         bench = get_benchmark(benchmark, seed)
         scen = scenario or bench.default_scenario
         for method in tqdm(methods, desc=f"seed {seed}", leave=False, disable=None):
-            r = run_method(method, bench, scen, arch, seed, cfg, importance_dtype, ewc_lambda)
+            r = run_method(
+                method, bench, scen, arch, seed, cfg, importance_dtype, ewc_lambda, mas_lambda
+            )
             tqdm.write(
                 f"{benchmark} ({scen}) seed {seed} {method}: "
                 + ", ".join(f"{k}={v:.2f}" for k, v in r.metrics.items() if v is not None)

@@ -1,19 +1,26 @@
 """Continual-learning methods as strategies with no-op hooks (avalanche's BasePlugin shape).
 
-A runner calls, per task t: `begin_task` -> `make_optimizer` -> training with `penalty()` added
-to the loss -> `end_task`. A strategy overrides only the moments it needs. `model` is the
-module to train and evaluate (SPG replaces it with its `SoftMaskModel` wrapper).
+A runner calls, per task t: `begin_task` -> `make_optimizer` -> training with `penalty(x, task
+ids)` added to each batch's loss -> `end_task`. A strategy overrides only the moments it needs.
+`model` is the module to train and evaluate (SPG replaces it with its `SoftMaskModel` wrapper).
+None of them stores data of earlier tasks.
 
 * finetune: plain SGD, no protection (the lower bound).
 * spg / spg-update: the library's SoftMaskModel + SoftMaskOptimizer (Konishi et al. 2023),
-  SGD with grad masking, or AdamW with update masking.
+  SGD with grad masking, or AdamW with update masking, the new task's head unscaled (the
+  default `head_scaling="except_new"`); spg-official scales every head (`"all"`).
 * ewc: Elastic Weight Consolidation (Kirkpatrick et al. 2017) with the diagonal empirical
   Fisher of each task's training data.
+* mas: Memory Aware Synapses (Aljundi et al. 2018), importance from the output's sensitivity.
+* lwf: Learning without Forgetting (Li & Hoiem 2016), distillation of the previous model's
+  outputs on the new task's inputs.
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +59,8 @@ class Strategy:
     def make_optimizer(self) -> Optimizer:
         return torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr)
 
-    def penalty(self) -> Tensor | None:
-        """Regulariser added to the task loss (None: nothing)."""
+    def penalty(self, x: Tensor, task_ids: Tensor) -> Tensor | None:
+        """Regulariser added to the loss of the batch `x` (None: nothing)."""
         return None
 
     def end_task(self, task_id: int, task: Task) -> None:
@@ -85,6 +92,7 @@ class SoftMaskStrategy(Strategy):
         mask_mode: str = "grad",
         optimizer: str = "sgd",
         importance_dtype: str = "float32",
+        head_scaling: str | None = None,
     ) -> None:
         super().__init__(cfg)
         self.mask_mode, self.optimizer, self.importance_dtype = (
@@ -92,14 +100,19 @@ class SoftMaskStrategy(Strategy):
             optimizer,
             importance_dtype,
         )
+        self.head_scaling = head_scaling  # None: SoftMaskConfig's default
         self.name = "spg" if mask_mode == "grad" else f"spg-{mask_mode}"
+        if head_scaling == "all":
+            self.name += "-official"
 
     def setup(self, net: nn.Module, scenario: str) -> None:
+        options = {} if self.head_scaling is None else {"head_scaling": self.head_scaling}
         config = SoftMaskConfig(
             method="spg",
             mask_mode=self.mask_mode,
             head_modules=head_module_names(scenario),
             importance_dtype=self.importance_dtype,
+            **options,
         )
         self.model, self.scenario = get_softmask_model(net, config), scenario
 
@@ -127,23 +140,51 @@ class SoftMaskStrategy(Strategy):
             "mask_mode": self.mask_mode,
             "optimizer": self.optimizer,
             "importance_dtype": self.importance_dtype,
+            "head_scaling": self.model.softmask_config.head_scaling,
         }
 
 
-class EWCStrategy(Strategy):
-    """EWC: loss + λ/2 Σ_k Σ_p F_k[p] (θ_p − θ*_k[p])² over every finished task k.
+def per_sample_mean(
+    model: nn.Module,
+    task: Task,
+    task_id: int,
+    names: list[str],
+    sample_loss: Callable[[Tensor, Tensor], Tensor],
+    reduce: Callable[[Tensor], Tensor],
+) -> dict[str, Tensor]:
+    """mean over task's training samples of `reduce(∂ sample_loss(f(x), y) / ∂θ)` for θ in
+    `names`, per sample (vmap), in eval mode (no dropout noise). `f(x)` = the task's head."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    kwargs = {"task_id": task_id} if isinstance(model, MultiHeadClassifier) else {}
 
-    F_k = mean over task k's training samples of (∂ log p(y|x) / ∂θ)² with the true label
-    (diagonal empirical Fisher), computed per sample in eval mode (no dropout noise). In the
-    task-incremental scenario the per-task heads are left out of the penalty (an old head gets
-    no gradient from the new task's loss); the shared head of the domain scenario is included.
+    def one(trainable: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        out = functional_call(model, {**params, **trainable}, (x[None],), kwargs)
+        return sample_loss(out, y[None])
+
+    was_training = model.training
+    model.eval()
+    try:
+        sums = {n: torch.zeros_like(params[n]) for n in names}
+        for x, y in xy_batches(task.train, 256):
+            g = vmap(grad(one), in_dims=(None, 0, 0))({n: params[n] for n in names}, x, y)
+            for n in names:
+                sums[n] += reduce(g[n]).sum(dim=0)
+    finally:
+        model.train(was_training)
+    return {n: s / len(task.train) for n, s in sums.items()}
+
+
+class QuadraticStrategy(Strategy):
+    """loss + `scale` Σ_(anchor θ*, weight Ω) Σ_p Ω[p] (θ_p − θ*[p])².
+
+    In the task-incremental scenario the per-task heads are left out of the penalty (an old head
+    gets no gradient from the new task's loss); the shared head of the domain scenario is
+    included.
     """
 
-    name = "ewc"
-
-    def __init__(self, cfg: TrainConfig, ewc_lambda: float) -> None:
+    def __init__(self, cfg: TrainConfig, scale: float) -> None:
         super().__init__(cfg)
-        self.ewc_lambda = ewc_lambda
+        self.scale = scale
         self._anchors: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
 
     def _penalized(self) -> dict[str, Tensor]:
@@ -154,47 +195,120 @@ class EWCStrategy(Strategy):
             if p.requires_grad and not (skip and n.startswith(skip))
         }
 
-    def penalty(self) -> Tensor | None:
-        if not self._anchors or self.ewc_lambda == 0:
+    def penalty(self, x: Tensor, task_ids: Tensor) -> Tensor | None:
+        if not self._anchors or self.scale == 0:
             return None
         params = self._penalized()
         total = torch.zeros(())
-        for anchor, fisher in self._anchors:
+        for anchor, weight in self._anchors:
             for n, p in params.items():
-                total = total + (fisher[n] * (p - anchor[n]).square()).sum()
-        return 0.5 * self.ewc_lambda * total
+                total = total + (weight[n] * (p - anchor[n]).square()).sum()
+        return self.scale * total
+
+    def _anchor(self) -> dict[str, Tensor]:
+        return {n: p.detach().clone() for n, p in self._penalized().items()}
+
+
+class EWCStrategy(QuadraticStrategy):
+    """EWC: loss + λ/2 Σ_k Σ_p F_k[p] (θ_p − θ*_k[p])² over every finished task k.
+
+    F_k = mean over task k's training samples of (∂ log p(y|x) / ∂θ)² with the true label
+    (diagonal empirical Fisher), computed per sample in eval mode (no dropout noise).
+    """
+
+    name = "ewc"
+
+    def __init__(self, cfg: TrainConfig, ewc_lambda: float) -> None:
+        super().__init__(cfg, 0.5 * ewc_lambda)
+        self.ewc_lambda = ewc_lambda
 
     def end_task(self, task_id: int, task: Task) -> None:
-        self._anchors.append(
-            (
-                {n: p.detach().clone() for n, p in self._penalized().items()},
-                self._fisher(task, task_id),
-            )
-        )
+        self._anchors.append((self._anchor(), self._fisher(task, task_id)))
 
     def _fisher(self, task: Task, task_id: int) -> dict[str, Tensor]:
-        model = self.model
-        names = list(self._penalized())
-        params = {n: p.detach() for n, p in model.named_parameters()}
-        kwargs = {"task_id": task_id} if isinstance(model, MultiHeadClassifier) else {}
-
-        def sample_loss(trainable: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-            logits = functional_call(model, {**params, **trainable}, (x[None],), kwargs)
-            return F.cross_entropy(logits, y[None])
-
-        was_training = model.training
-        model.eval()
-        try:
-            sums = {n: torch.zeros_like(params[n]) for n in names}
-            for x, y in xy_batches(task.train, 256):
-                g = vmap(grad(sample_loss), in_dims=(None, 0, 0))(
-                    {n: params[n] for n in names}, x, y
-                )
-                for n in names:
-                    sums[n] += g[n].square().sum(dim=0)
-        finally:
-            model.train(was_training)
-        return {n: s / len(task.train) for n, s in sums.items()}
+        return per_sample_mean(
+            self.model, task, task_id, list(self._penalized()), F.cross_entropy, torch.square
+        )
 
     def info(self) -> dict[str, object]:
         return {"ewc_lambda": self.ewc_lambda}
+
+
+class MASStrategy(QuadraticStrategy):
+    """MAS (Aljundi et al. 2018): loss + λ Σ_p Ω[p] (θ_p − θ*[p])², θ* = the weights after the
+    last task, Ω = Σ_k Ω_k summed over finished tasks.
+
+    Ω_k[p] = mean over task k's training samples of |∂ ‖f(x)‖²₂ / ∂θ_p|, f = the task's logits,
+    per sample in eval mode; labels are not used. λ = 1 as in the paper.
+    """
+
+    name = "mas"
+
+    def __init__(self, cfg: TrainConfig, mas_lambda: float = 1.0) -> None:
+        super().__init__(cfg, mas_lambda)
+        self.mas_lambda = mas_lambda
+
+    def end_task(self, task_id: int, task: Task) -> None:
+        omega = per_sample_mean(
+            self.model,
+            task,
+            task_id,
+            list(self._penalized()),
+            lambda out, _y: out.square().sum(),
+            torch.abs,
+        )
+        if self._anchors:
+            omega = {n: omega[n] + w for n, w in self._anchors[0][1].items()}
+        self._anchors = [(self._anchor(), omega)]
+
+    def info(self) -> dict[str, object]:
+        return {"mas_lambda": self.mas_lambda}
+
+
+class LwFStrategy(Strategy):
+    """LwF (Li & Hoiem 2016): loss + α Σ_h KL(softmax(old_h(x)/T) ‖ softmax(new_h(x)/T)).
+
+    `old` is a frozen copy of the model taken before the task starts (eval mode), h runs over
+    the heads of earlier tasks (task-incremental) or the one shared head (domain-incremental),
+    x over the new task's inputs; KL is the batch mean, T = 2, α = 1. The KL differs from the
+    paper's cross-entropy by the teacher's entropy, a constant: same gradients. The paper's
+    warm-up (training the new head alone first) is left out: every method gets the same budget.
+    """
+
+    name = "lwf"
+
+    def __init__(self, cfg: TrainConfig, alpha: float = 1.0, temperature: float = 2.0) -> None:
+        super().__init__(cfg)
+        self.alpha, self.temperature = alpha, temperature
+        self._old: nn.Module | None = None
+        self._old_heads = 0
+
+    def begin_task(self, task_id: int, task: Task) -> None:
+        if task_id > 0:
+            self._old = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self._old_heads = task_id
+        super().begin_task(task_id, task)
+
+    def _all_logits(self, net: nn.Module, x: Tensor) -> list[Tensor]:
+        if isinstance(net, MultiHeadClassifier):
+            z = net.features(x)
+            return [net.heads[h](z) for h in range(self._old_heads)]
+        return [net(x)]
+
+    def penalty(self, x: Tensor, task_ids: Tensor) -> Tensor | None:
+        if self._old is None:
+            return None
+        with torch.no_grad():
+            targets = self._all_logits(self._old, x)
+        total = torch.zeros(())
+        for new, old in zip(self._all_logits(self.model, x), targets):
+            total = total + F.kl_div(
+                F.log_softmax(new / self.temperature, dim=1),
+                F.log_softmax(old / self.temperature, dim=1),
+                reduction="batchmean",
+                log_target=True,
+            )
+        return self.alpha * total
+
+    def info(self) -> dict[str, object]:
+        return {"lwf_alpha": self.alpha, "lwf_temperature": self.temperature}

@@ -1,5 +1,6 @@
-"""One task's training loop: new optimizer, ReduceLROnPlateau and early stopping on validation
-loss with the best weights restored (as the SPG / HAT code), plus evaluation."""
+"""One task's training loop: new optimizer, then either ReduceLROnPlateau and early stopping on
+validation loss with the best weights restored (as the SPG / HAT code) or a fixed number of
+epochs at a constant lr (what a device does); plus evaluation."""
 
 from __future__ import annotations
 
@@ -19,18 +20,24 @@ from softmask_peft.heads import MultiHeadClassifier
 
 from .benchmarks import Split
 
+PROTOCOLS = ("early_stopping", "fixed")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The per-task budget, shared by every method of a comparison.
 
-    Each task: at most `epochs` epochs; after `lr_patience` epochs without a better validation
-    loss the lr is multiplied by `lr_factor`; training stops after `patience` such epochs or
-    once the lr falls below `lr_min`, and the weights of the best validation loss are restored.
+    protocol "early_stopping" (the SPG paper's): at most `epochs` epochs per task; after
+    `lr_patience` epochs without a better validation loss the lr is multiplied by `lr_factor`;
+    training stops after `patience` such epochs or once the lr falls below `lr_min`, and the
+    weights of the best validation loss are restored. Protocol "fixed": exactly `epochs` epochs
+    at a constant lr, the last weights kept (validation data unused), as on a device.
     `lr` is plain SGD's (no momentum, the SPG paper's 0.25 by default); `adamw_lr` and
-    `weight_decay` are used by AdamW methods (spg-update).
+    `weight_decay` are used by AdamW methods (spg-update). `mlp_hidden` are the widths of the
+    MLP backbone's hidden layers.
     """
 
+    protocol: str = "early_stopping"
     epochs: int = 50
     batch_size: int = 32
     lr: float = 0.25
@@ -40,8 +47,14 @@ class TrainConfig:
     lr_patience: int = 3
     lr_factor: float = 1.0 / 3.0
     lr_min: float = 1e-4
+    mlp_hidden: tuple[int, ...] = (256, 256)
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if not self.mlp_hidden or any(int(h) < 1 for h in self.mlp_hidden):
+            raise ConfigError(f"mlp_hidden needs widths >= 1, got {self.mlp_hidden!r}")
+        object.__setattr__(self, "mlp_hidden", tuple(int(h) for h in self.mlp_hidden))
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -50,8 +63,14 @@ class TrainConfig:
         if self.lr <= 0 or self.adamw_lr <= 0:
             raise ConfigError("learning rates must be > 0")
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, object]:
+        """The settings a report prints; early-stopping options only under that protocol."""
+        out = asdict(self)
+        if self.protocol == "fixed":
+            for key in ("patience", "lr_patience", "lr_factor", "lr_min"):
+                del out[key]
+        out["mlp_hidden"] = list(self.mlp_hidden)
+        return out
 
 
 class TensorBatches:
@@ -159,21 +178,46 @@ def evaluate(
     return loss_sum / n, 100.0 * correct / n
 
 
+def train_epoch(
+    model: nn.Module,
+    optimizer: Optimizer,
+    train: Iterable[tuple[Tensor, Tensor, Tensor]],
+    penalty: Callable[[Tensor, Tensor], Tensor | None] | None = None,
+) -> None:
+    """One pass over `train` in train mode: loss (+ penalty), backward, step."""
+    model.train()
+    for x, y, tid in train:
+        optimizer.zero_grad()
+        loss = classification_loss(model, x, y, tid)
+        extra = penalty(x, tid) if penalty is not None else None
+        if extra is not None:
+            loss = loss + extra
+        loss.backward()
+        optimizer.step()
+
+
 def fit(
     model: nn.Module,
     optimizer: Optimizer,
     train: Iterable[tuple[Tensor, Tensor, Tensor]],
     val: Iterable[tuple[Tensor, Tensor, Tensor]],
     cfg: TrainConfig,
-    penalty: Callable[[], Tensor | None] | None = None,
+    penalty: Callable[[Tensor, Tensor], Tensor | None] | None = None,
     desc: str = "train",
 ) -> list[float]:
-    """Train until early stopping; restore the best-validation-loss weights.
+    """Train one task under `cfg.protocol`; `penalty(x, task_ids)` is added to each batch's loss.
 
     Returns the validation loss after each epoch run (its length is the number of epochs).
-    A non-finite validation loss never counts as an improvement; if no epoch gives a finite
-    one (divergence), the starting weights are restored.
+    Early stopping restores the best-validation-loss weights; a non-finite validation loss
+    never counts as an improvement, and if no epoch gives a finite one (divergence), the
+    starting weights are restored. The fixed protocol keeps the last weights.
     """
+    if cfg.protocol == "fixed":
+        history = []
+        for _ in tqdm(range(cfg.epochs), desc=desc, leave=False, disable=None):
+            train_epoch(model, optimizer, train, penalty)
+            history.append(evaluate(model, val)[0])
+        return history
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience - 1
     )
@@ -181,15 +225,7 @@ def fit(
     history: list[float] = []
     bar = tqdm(range(cfg.epochs), desc=desc, leave=False, disable=None)
     for _ in bar:
-        model.train()
-        for x, y, tid in train:
-            optimizer.zero_grad()
-            loss = classification_loss(model, x, y, tid)
-            extra = penalty() if penalty is not None else None
-            if extra is not None:
-                loss = loss + extra
-            loss.backward()
-            optimizer.step()
+        train_epoch(model, optimizer, train, penalty)
         val_loss, val_acc = evaluate(model, val)
         history.append(val_loss)
         bar.set_postfix(val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.1f}")

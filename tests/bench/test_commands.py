@@ -105,3 +105,18 @@ def test_short_benchmark_run_spg_forgets_less_than_finetune(tmp_path, capsys) ->
         ) / (t - 1)
         assert run["metrics"]["forgetting"] == pytest.approx(forgetting[run["method"]])
     assert forgetting["spg"] < forgetting["finetune"]
+
+
+def test_protocol_and_hidden_reach_the_train_config(capsys) -> None:
+    import argparse
+
+    from softmask_bench.commands import _bench_arguments, _train_config
+
+    parser = argparse.ArgumentParser()
+    _bench_arguments(parser)
+    cfg = _train_config(parser.parse_args(["--protocol", "fixed", "--hidden", "64,32", "--epochs", "7"]))
+    assert (cfg.protocol, cfg.mlp_hidden, cfg.epochs) == ("fixed", (64, 32), 7)
+    assert "patience" not in cfg.to_dict(), "early-stopping options are not reported as used"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--hidden", "64,0"])
+    assert "must be >= 1" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from softmask_bench.metrics import (
     compute_metrics,
     forgetting,
     mean_std,
+    plasticity,
 )
 
 from softmask_peft.errors import ConfigError
@@ -38,6 +39,12 @@ def test_forgetting_uses_the_best_earlier_row() -> None:
     assert forgetting(R) == pytest.approx(20.0)
 
 
+def test_plasticity_is_the_mean_of_the_diagonal() -> None:
+    # (50 + 90 + 95) / 3: each task right after learning it, whatever happened later
+    assert plasticity(R) == pytest.approx(235.0 / 3)
+    assert plasticity([[90.0, 80.0]]) is None
+
+
 def test_no_forgetting_when_accuracy_only_rises() -> None:
     r = [[70.0, NAN], [75.0, 90.0]]
     assert forgetting(r) == pytest.approx(-5.0)
@@ -50,8 +57,18 @@ def test_none_entries_count_as_unlearned() -> None:
 
 
 def test_final_row_only_and_single_task_have_no_bwt_or_forgetting() -> None:
-    assert compute_metrics([[90.0, 80.0]]) == {"acc": 85.0, "bwt": None, "forgetting": None}
-    assert compute_metrics([[42.0]]) == {"acc": 42.0, "bwt": None, "forgetting": None}
+    assert compute_metrics([[90.0, 80.0]]) == {
+        "acc": 85.0,
+        "bwt": None,
+        "forgetting": None,
+        "plasticity": None,
+    }
+    assert compute_metrics([[42.0]]) == {
+        "acc": 42.0,
+        "bwt": None,
+        "forgetting": None,
+        "plasticity": 42.0,
+    }
 
 
 @pytest.mark.parametrize("bad", [[1.0, 2.0], [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], [[]]])

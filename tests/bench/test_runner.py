@@ -10,13 +10,14 @@ import torch.nn.functional as F
 from softmask_bench.benchmarks import Split, split_digits
 from softmask_bench.models import MLP, build_classifier
 from softmask_bench.runner import check_methods, run_method
-from softmask_bench.strategies import EWCStrategy, SoftMaskStrategy
+from softmask_bench.strategies import EWCStrategy, LwFStrategy, MASStrategy, SoftMaskStrategy
 from softmask_bench.training import (
     TrainConfig,
     batches,
     classification_loss,
     evaluate,
     fit,
+    train_epoch,
 )
 
 from softmask_peft.errors import ConfigError
@@ -93,7 +94,8 @@ def test_ewc_penalty_closed_form() -> None:
     twos = {n: torch.full_like(p, 2.0) for n, p in params.items()}
     strategy._anchors = [(zeros, twos), (dict(params.items()), twos)]
     expected = 0.5 * 3.0 * sum(2.0 * float(p.detach().square().sum()) for p in params.values())
-    assert float(strategy.penalty().detach()) == pytest.approx(expected, rel=1e-5)
+    penalty = strategy.penalty(torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long))
+    assert float(penalty.detach()) == pytest.approx(expected, rel=1e-5)
 
 
 def test_fit_stops_early_and_restores_the_best_weights(two_tasks) -> None:
@@ -169,3 +171,73 @@ def test_cnn_backbone_handles_images_and_signals(shape) -> None:
     assert net(torch.randn(3, *shape)).shape == (3, 10)
     with pytest.raises(ConfigError, match="unknown architecture 'vit'"):
         build_classifier("vit", shape, "task", 2)
+
+
+def test_fixed_protocol_runs_every_epoch_and_keeps_the_last_weights(two_tasks) -> None:
+    task = two_tasks.tasks[0]
+    cfg = TrainConfig(protocol="fixed", epochs=4, lr=5.0, patience=1)
+    net, twin = _multi_head(1), _multi_head(1)
+    val = batches([(task.val, 0)], 256)
+    torch.manual_seed(1)  # the same dropout masks in both runs
+    history = fit(
+        net,
+        torch.optim.SGD(net.parameters(), lr=cfg.lr),
+        batches([(task.train, 0)], 32, 0),
+        val,
+        cfg,
+    )
+    plain = torch.optim.SGD(twin.parameters(), lr=cfg.lr)
+    train = batches([(task.train, 0)], 32, 0)
+    torch.manual_seed(1)
+    for _ in range(4):
+        train_epoch(twin, plain, train)
+    assert len(history) == 4 and min(history) < history[-1], "the best epoch is not restored"
+    for p, q in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ConfigError, match="protocol must be one of"):
+        TrainConfig(protocol="early")
+
+
+def test_mas_importance_is_the_mean_absolute_output_norm_gradient(two_tasks) -> None:
+    strategy = MASStrategy(TINY)
+    strategy.setup(_multi_head(0), "task")
+    task = two_tasks.tasks[0]
+    strategy.begin_task(0, task)
+    model = strategy.model
+    strategy.end_task(0, task)
+    ((anchor, omega),) = strategy._anchors
+    model.eval()
+    expected = {n: torch.zeros_like(p) for n, p in model.backbone.named_parameters()}
+    for i in range(len(task.train)):
+        model.zero_grad()
+        model(task.train.x[i : i + 1], task_id=0).square().sum().backward()
+        for n, p in model.backbone.named_parameters():
+            expected[n] += p.grad.abs()
+    assert set(omega) == {f"backbone.{n}" for n in expected}
+    for n, e in expected.items():
+        torch.testing.assert_close(
+            omega[f"backbone.{n}"], e / len(task.train), rtol=1e-4, atol=1e-7
+        )
+    strategy.begin_task(1, two_tasks.tasks[1])
+    strategy.end_task(1, two_tasks.tasks[1])
+    ((_, summed),) = strategy._anchors
+    assert all(bool(torch.all(summed[n] >= omega[n])) for n in omega), "Ω accumulates by sum"
+
+
+def test_lwf_penalty_is_the_temperature_kl_to_the_previous_model(two_tasks) -> None:
+    strategy = LwFStrategy(TINY)
+    strategy.setup(_multi_head(0), "task")
+    strategy.begin_task(0, two_tasks.tasks[0])
+    x = two_tasks.tasks[1].train.x[:16]
+    tid = torch.ones(16, dtype=torch.long)
+    assert strategy.penalty(x, tid) is None, "nothing to distil on the first task"
+    strategy.begin_task(1, two_tasks.tasks[1])
+    model = strategy.model.eval()
+    assert float(strategy.penalty(x, tid).detach()) == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():
+        old = F.softmax(model(x, task_id=0) / 2, dim=1)
+        model.backbone.net[1].weight.add_(0.3)
+        new = F.log_softmax(model(x, task_id=0) / 2, dim=1)
+    expected = float((old * (old.log() - new)).sum() / 16)
+    assert expected > 1e-4
+    assert float(strategy.penalty(x, tid).detach()) == pytest.approx(expected, rel=1e-4)

@@ -156,7 +156,7 @@ def test_js_learner_checks_the_manifest_and_hashes(mlp_case, tmp_path):
 def test_browser_demo_page_learns_the_last_task():
     """The demo page's 'before' row, computed in the browser, is PyTorch's last row."""
     from softmask_bench.browser_demo import run_browser_demo
-    from softmask_peft.continual.training import TrainConfig
+    from softmask_bench.training import TrainConfig
 
     browser_requirements()
     result = run_browser_demo(4, train_config=TrainConfig(epochs=2, batch_size=64))
