@@ -234,6 +234,7 @@ def export_for_device(
         optimizer=optimizer,
         task_names=[t.name for t in model.task_log],
         versions=_versions(),
+        scale_heads=not (multi_head and cfg.head_scaling == "except_new"),
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "edge"))
@@ -177,3 +178,29 @@ def test_a_device_checkpoint_from_another_run_is_refused(device_run):
     with pytest.raises(ImportanceMismatchError, match="diverges"):
         load_device_checkpoint(other, artifacts)
     assert other.num_tasks == 2
+
+
+@pytest.mark.parametrize("head_scaling", ["all", "except_new"])
+def test_the_device_scales_the_new_head_as_the_config_says(head_scaling, tmp_path):
+    """One SGD step of the device's new head: w - lr k g, k = 1 - ā under "all", else 1."""
+    model = get_softmask_model(mlp_multihead(), SoftMaskConfig(head_scaling=head_scaling))
+    for t in (0, 1):
+        train_torch(model, t, batches(t), lr=0.1, epochs=2)
+    export_for_device(model, torch.randn(4, IN_FEATURES), tmp_path, future_heads=[2])
+    learner = EdgeLearner(tmp_path)
+    start = learner.parameters()
+    net = model.base_model
+    net.add_head(2)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(torch.from_numpy(start[n]))
+    x, y = batches(5, n=1)[0]
+    head = net.heads[2].weight
+    (g,) = torch.autograd.grad(F.cross_entropy(net(x, task_id=2), y), [head])
+    a = model.importance
+    a_bar = sum(float(v.sum()) for v in a.values()) / sum(v.numel() for v in a.values())
+    keep = 1.0 - a_bar if head_scaling == "all" else 1.0
+    learner.learn_task([(x.numpy(), y.numpy())], epochs=1, lr=0.5)
+    expected = start["heads.2.weight"] - 0.5 * keep * g.numpy()
+    assert 0 < a_bar < 1 and learner.manifest.heads_scaled is (head_scaling == "all")
+    np.testing.assert_allclose(learner.parameters()["heads.2.weight"], expected, atol=1e-6)

@@ -173,12 +173,15 @@ def build_artifacts(
     task_names: Sequence[str] = (),
     versions: Mapping[str, str] | None = None,
     learning_rate: float = 0.05,
+    scale_heads: bool = True,
 ) -> Manifest:
     """Turn `forward` into training artifacts in `directory` (files replaced atomically, manifest last).
 
     `importance` is the accumulated A (float32 in [0, 1]) of every masked parameter; `history`
     the per-task importance of the tasks already learned (len = the number of finished tasks).
     `learning_rate` is recorded in the optimizer graph (a learner rewrites it per task).
+    `scale_heads=False` leaves the head gradients unscaled (`head_scaling="except_new"` of a
+    task-incremental model, where only the current task's head gets a gradient).
     """
     for name, value, allowed in (
         ("task_mode", task_mode, TASK_MODES),
@@ -221,7 +224,7 @@ def build_artifacts(
     try:
         _generate(model, trainable, optimizer, staging)
         training = onnx.load(staging / TRAINING_MODEL_NAME)
-        insert_masking(training, masked_shapes, heads, importance_dtype)
+        insert_masking(training, masked_shapes, heads if scale_heads else [], importance_dtype)
         expose_gradients(training)
         onnx.save(training, staging / TRAINING_MODEL_NAME)
         evaluation = onnx.load(staging / EVAL_MODEL_NAME)
@@ -273,6 +276,7 @@ def build_artifacts(
             history_sha256=sha256(staging / history_name(0)),
             task_names=list(task_names),
             parameter_order=[i.name for i in training.graph.input if i.name in checkpointed],
+            heads_scaled=scale_heads,
             learning_rate=float(learning_rate),
         )
         for item in sorted(staging.iterdir()):

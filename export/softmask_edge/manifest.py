@@ -95,6 +95,7 @@ class Manifest:
     # parameter buffer (getContiguousParameters); empty in format 1
     parameter_order: list[str] = field(default_factory=list)
     learning_rate: float = 0.0  # the lr recorded in the optimizer graph (format 2)
+    heads_scaled: bool = True  # False: head gradients train unscaled (head_scaling="except_new")
     format_version: int = FORMAT_VERSION
 
     def declared_tasks(self) -> int:

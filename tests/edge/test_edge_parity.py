@@ -20,7 +20,8 @@ def test_initial_weights_and_importance_are_the_models(mlp_case):
 
 
 def test_one_masked_sgd_step_is_the_closed_form(mlp_case):
-    """w' = w - lr (1 - A) g for masked tensors and w - lr (1 - ā) g for heads, g = raw grad."""
+    """w' = w - lr (1 - A) g for masked tensors; heads: w - lr g (the default head_scaling
+    "except_new": only the current task's head has a gradient), g = raw grad."""
     model, artifacts = mlp_case
     net = model.base_model
     x, y = batches(7, n=1)[0]
@@ -37,7 +38,7 @@ def test_one_masked_sgd_step_is_the_closed_form(mlp_case):
     expected = {}
     for n, p in net.named_parameters():
         g = np.zeros(tuple(p.shape), np.float32) if grads[n] is None else grads[n].numpy()
-        keep = (1.0 - a[n]) if n in a else (1.0 - a_bar)
+        keep = (1.0 - a[n]) if n in a else 1.0
         expected[n] = p.detach().numpy() - lr * keep * g
     learner = EdgeLearner(artifacts)
     learner.learn_task([(x.numpy(), y.numpy())], epochs=1, lr=lr)
