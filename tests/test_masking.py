@@ -166,7 +166,7 @@ def test_heads_scaled_by_one_minus_mean_importance(mode):
     net = multi_head(in_features=4, feature_dim=5)
     A = {"backbone.weight": torch.rand(5, 4), "backbone.bias": torch.rand(5)}
     a_bar = float(torch.cat([A["backbone.weight"].flatten(), A["backbone.bias"]]).double().mean())
-    model = with_importance(net, A, mode=mode, classes=2)
+    model = with_importance(net, A, mode=mode, classes=2, head_scaling="all")  # official
     assert model.head_parameter_names == [
         "heads.0.weight",
         "heads.0.bias",
@@ -296,7 +296,7 @@ def test_except_new_scales_the_head_again_once_a_later_task_begins():
     A = {"backbone.weight": torch.rand(5, 4), "backbone.bias": torch.rand(5)}
     model = with_importance(net, A, mode="grad", classes=2, head_scaling="except_new")
     assert [id(p) for p in model.keep_masks.heads] == [id(p) for p in net.heads[0].parameters()]
-    model.store.add_task(A)
+    model.store.close(A)
     model.begin_task(2, num_classes=2)
     scaled = [id(p) for h in (0, 1) for p in net.heads[h].parameters()]
     assert [id(p) for p in model.keep_masks.heads] == scaled
