@@ -14,6 +14,8 @@ from .errors import ConfigError, CorruptFileError, MissingFileError, Unsupported
 
 METHODS = ("spg", "das")
 MASK_MODES = ("grad", "update")
+CONTRASTIVE_POSITIVES = ("detached", "grad")
+UNIT_DROPOUT_MODES = ("auto", "on", "off")
 
 
 def _modules_field(help_text: str) -> Any:
@@ -58,6 +60,26 @@ class SoftMaskConfig:
     contrastive_temperature: float = field(
         default=0.05, metadata={"help": "DAS: InfoNCE temperature"}
     )
+    contrastive_positive: str = field(
+        default="detached",
+        metadata={
+            "help": f"DAS: the positive view, one of {CONTRASTIVE_POSITIVES}: 'detached' = a "
+            "second forward without gradient, batched with the 'general' forward (one extra "
+            "no-grad pass per step); 'grad' = a second forward with gradient (the paper; one "
+            "extra forward + backward)"
+        },
+    )
+    unit_dropout: str = field(
+        default="auto",
+        metadata={
+            "help": f"DAS general importance, one of {UNIT_DROPOUT_MODES}: dropout on the unit "
+            "outputs during the proxy-KL pass; 'auto' = only when the model's own dropout "
+            "gives no signal (the first batch's proxy KL is exactly 0, e.g. Llama)"
+        },
+    )
+    unit_dropout_rate: float = field(
+        default=0.1, metadata={"help": "DAS: rate of that unit dropout (BERT's dropout is 0.1)"}
+    )
     task_names: list[str] = field(
         default_factory=list, metadata={"help": "names of the learned tasks, in order"}
     )
@@ -86,6 +108,22 @@ class SoftMaskConfig:
         if not self.contrastive_temperature > 0:
             raise ConfigError(
                 f"contrastive_temperature must be > 0, got {self.contrastive_temperature!r}"
+            )
+        if not self.contrastive_weight >= 0:
+            raise ConfigError(f"contrastive_weight must be >= 0, got {self.contrastive_weight!r}")
+        if self.contrastive_positive not in CONTRASTIVE_POSITIVES:
+            raise ConfigError(
+                f"contrastive_positive must be one of {CONTRASTIVE_POSITIVES}, "
+                f"got {self.contrastive_positive!r}"
+            )
+        if self.unit_dropout not in UNIT_DROPOUT_MODES:
+            raise ConfigError(
+                f"unit_dropout must be one of {UNIT_DROPOUT_MODES}, got {self.unit_dropout!r}"
+            )
+        if not 0 < self.unit_dropout_rate < 1:
+            raise ConfigError(
+                f"unit_dropout_rate must be in (0, 1), got {self.unit_dropout_rate!r} "
+                "(to disable the unit dropout set unit_dropout='off')"
             )
         if len(self.task_num_classes) not in (0, len(self.task_names)):
             raise ConfigError("task_num_classes must be empty or as long as task_names")

@@ -80,6 +80,11 @@ def test_unknown_method_is_named_with_the_choices():
         ({"exclude_modules": ["a", 1]}, "exclude_modules"),
         ({"head_modules": {"x": 1}}, "head_modules"),
         ({"contrastive_temperature": 0.0}, "contrastive_temperature"),
+        ({"contrastive_weight": -0.1}, "contrastive_weight"),
+        ({"contrastive_positive": "none"}, "contrastive_positive"),
+        ({"unit_dropout": True}, "unit_dropout"),
+        ({"unit_dropout_rate": 0.0}, "unit_dropout_rate"),
+        ({"unit_dropout_rate": 1.0}, "unit_dropout_rate"),
         ({"task_names": ["a"], "task_num_classes": [1, 2]}, "task_num_classes"),
     ],
 )

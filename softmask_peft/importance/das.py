@@ -18,6 +18,7 @@ e.g. `bert.encoder.layer.0.softmask_heads` of shape (num_heads,).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +76,7 @@ class DAS(ImportanceMethod):
         self._sums: dict[str, Tensor] | None = None
         self._tokens = 0
         self._task: int | None = None
+        self.general_unit_dropout = 0.0
 
     # ImportanceMethod interface ----------------------------------------------------------------
 
@@ -115,19 +117,60 @@ class DAS(ImportanceMethod):
         """General-knowledge importance by the proxy KL (train mode, dropout on); kept in `general`.
 
         Call it on the base model before `begin_task(0)`, on a sample of the first domain.
+
+        The two passes differ only through dropout. A model without active dropout (Llama,
+        Mistral, Qwen: dropout 0) gives identical passes, a proxy KL of exactly 0 and zero
+        importance. `config.unit_dropout` then supplies the noise: dropout at rate
+        `unit_dropout_rate` on the unit outputs (the virtual-mask sites). "auto" turns it on
+        when the first batch's proxy KL is exactly 0 (that batch is then redone with it);
+        "on" / "off" force it. The rate used is kept in `general_unit_dropout` (0 = the model's
+        own dropout). If every unit's gradient is still 0 a RuntimeWarning says why.
         """
         base = self.model.base_model
+        cfg = self.model.softmask_config
+        rate = {"on": cfg.unit_dropout_rate, "off": 0.0}.get(cfg.unit_dropout)
         was_training = base.training
         base.train()
         try:
             self.begin_task(-1)
             with torch.enable_grad():  # callers often sit under no_grad
                 for batch in tqdm(batches, desc=desc, leave=False, disable=None):
-                    self._add(batch, self.proxy_kl)
+                    loss, masks = self._masked_loss(batch, self.proxy_kl, rate or 0.0)
+                    if rate is None:  # "auto", first batch: does the model's dropout give a signal?
+                        rate = cfg.unit_dropout_rate if float(loss.detach()) == 0.0 else 0.0
+                        if rate:
+                            loss, masks = self._masked_loss(batch, self.proxy_kl, rate)
+                    self._add_mask_gradients(loss, masks, batch)
+            self.general_unit_dropout = rate or 0.0
+            self._warn_if_no_signal(cfg.unit_dropout)
             self.general = self._normalized("DAS general importance")
         finally:
             base.train(was_training)
         return self.general
+
+    def _warn_if_no_signal(self, mode: str) -> None:
+        """RuntimeWarning when every unit's proxy-KL gradient was exactly 0 (importance all 0)."""
+        if not self._tokens or any(bool(v.any()) for v in (self._sums or {}).values()):
+            return
+        if mode == "off":
+            cause = (
+                "both forward passes were identical (the model has no active dropout, like "
+                "Llama-style models with dropout 0) and unit_dropout='off', so the proxy KL is 0"
+            )
+            fix = "set SoftMaskConfig(unit_dropout='auto') or 'on'"
+        else:
+            cause = (
+                "the proxy KL's gradient is 0 for every unit even with dropout on the unit "
+                f"outputs (rate {self.general_unit_dropout:g}): the pooled last hidden state "
+                "does not depend on the units, or the batches have no tokens"
+            )
+            fix = "check the batches and das_units, or raise unit_dropout_rate"
+        warnings.warn(
+            f"DAS general importance is 0 for every unit: {cause}. The first domain will not "
+            f"be protected by general knowledge. Fix: {fix}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def combined_importance(self, importance: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
         """Elementwise max of `importance` and the general importance (either may be absent)."""
@@ -151,9 +194,18 @@ class DAS(ImportanceMethod):
         self._tokens += tokens
 
     def _add(self, batch: Any, loss_fn: Any) -> None:
+        self._add_mask_gradients(*self._masked_loss(batch, loss_fn), batch)
+
+    def _masked_loss(
+        self, batch: Any, loss_fn: Any, dropout: float = 0.0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """loss_fn(batch) with fresh virtual masks (and unit dropout at rate `dropout`) applied."""
         masks = ones_masks(self.blocks)
-        with apply_virtual_masks(self.blocks, masks):
+        with apply_virtual_masks(self.blocks, masks, dropout):
             loss = loss_fn(batch)
+        return loss, masks
+
+    def _add_mask_gradients(self, loss: Tensor, masks: dict[str, Tensor], batch: Any) -> None:
         grads = torch.autograd.grad(loss, list(masks.values()), allow_unused=True)
         self.add_gradients(
             {k: torch.zeros_like(m) if g is None else g for (k, m), g in zip(masks.items(), grads)},
@@ -221,18 +273,50 @@ class DAS(ImportanceMethod):
         positive = pooled x (pass 2), negatives = the other sequences' positives and x's
         "general" representation: a forward with unit outputs multiplied by max(A, general),
         without gradient (a fixed point to move away from; this also saves a third backward).
+
+        config.contrastive_positive = "detached" (default) takes pass 2 without gradient too
+        and runs it in the same forward as the general view (the batch twice, per-sequence
+        masks): one no-grad forward per step instead of a forward + backward and a forward.
+        The anchor alone is pulled and pushed (as in MoCo); "grad" (the paper) lets the
+        gradient through pass 2 as well.
         """
         if anchor is None:
             anchor = self.pooled(batch)
-        positive = self.pooled(batch)
+        cfg = self.model.softmask_config
         importance = self.combined_importance(self.model.store.accumulated)
-        general = None
-        if importance:
-            with torch.no_grad(), apply_virtual_masks(self.blocks, importance):
-                general = self.pooled(batch)
-        return info_nce(
-            anchor, positive, general, self.model.softmask_config.contrastive_temperature
-        )
+        if cfg.contrastive_positive == "detached":
+            positive, general = self._detached_views(batch, importance)
+        else:
+            positive, general = self.pooled(batch), None
+            if importance:
+                with torch.no_grad(), apply_virtual_masks(self.blocks, importance):
+                    general = self.pooled(batch)
+        return info_nce(anchor, positive, general, cfg.contrastive_temperature)
+
+    @torch.no_grad()
+    def _detached_views(
+        self, batch: Any, importance: Mapping[str, Tensor]
+    ) -> tuple[Tensor, Tensor | None]:
+        """(positive, general) of a batch from one no-grad forward of the batch twice.
+
+        Rows 0..B-1 run with unit masks 1 (the positive: the model's own dropout only), rows
+        B..2B-1 with the importance (the general view); without importance only the positive.
+        """
+        if not importance:
+            return self.pooled(batch), None
+        inputs = model_inputs(batch)
+        n = int(inputs["input_ids"].shape[0])
+        twice = {
+            k: torch.cat([v, v]) if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
+            for k, v in inputs.items()
+        }
+        masks = {
+            k: torch.stack([torch.ones_like(v), v]).repeat_interleave(n, dim=0).unsqueeze(1)
+            for k, v in importance.items()
+        }
+        with apply_virtual_masks(self.blocks, masks):
+            both = self.pooled(twice)
+        return both[:n], both[n:]
 
     def training_loss(self, batch: Mapping[str, Any]) -> Tensor:
         """Domain loss + contrastive_weight · integration loss, sharing the first forward pass."""
