@@ -471,7 +471,7 @@ def test_info_nce_pairs_each_anchor_with_its_own_second_view():
 
 def test_integration_loss_uses_same_sequence_positive_and_importance_scaled_general():
     net = tiny_bert(dropout=0.0)
-    model = das_model(net, contrastive_temperature=0.1)
+    model = das_model(net, contrastive_temperature=0.1, contrastive_weight=1.0)
     model.store.add_task(_unit_vectors(model, lambda k, s: torch.linspace(0.2, 0.9, s[0])))
     batch = text_batches()[0]
     mask = batch["attention_mask"]
