@@ -305,7 +305,7 @@ class DAS(ImportanceMethod):
         if not importance:
             return self.pooled(batch), None
         inputs = model_inputs(batch)
-        n = int(inputs["input_ids"].shape[0])
+        n = int(next(v for v in inputs.values() if isinstance(v, Tensor)).shape[0])
         twice = {
             k: torch.cat([v, v]) if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
             for k, v in inputs.items()
