@@ -38,6 +38,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import TargetModulesError
@@ -301,47 +302,60 @@ def ones_masks(blocks: Sequence[BlockUnits], requires_grad: bool = True) -> dict
     return out
 
 
-def _scale_input(mask: Tensor, repeat: int):
+def _scaled(x: Tensor, mask: Tensor, dropout: float) -> Tensor:
+    y = x * mask.to(device=x.device, dtype=x.dtype)
+    return F.dropout(y, dropout, training=True) if dropout else y
+
+
+def _scale_input(mask: Tensor, repeat: int, dropout: float):
     def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        x = args[0]
-        m = mask.repeat_interleave(repeat) if repeat > 1 else mask
-        return (x * m.to(device=x.device, dtype=x.dtype), *args[1:])
+        m = mask.repeat_interleave(repeat, dim=-1) if repeat > 1 else mask
+        return (_scaled(args[0], m, dropout), *args[1:])
 
     return hook
 
 
-def _scale_output(mask: Tensor):
+def _scale_output(mask: Tensor, dropout: float):
     def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
-        return out * mask.to(device=out.device, dtype=out.dtype)
+        return _scaled(out, mask, dropout)
 
     return hook
 
 
 @contextmanager
 def apply_virtual_masks(
-    blocks: Sequence[BlockUnits], masks: Mapping[str, Tensor]
+    blocks: Sequence[BlockUnits], masks: Mapping[str, Tensor], dropout: float = 0.0
 ) -> Iterator[None]:
     """Multiply unit masks into the forward pass while inside the `with` block (hooks only).
 
     heads: the per-head context entering the attention output projection, each head's
     `head_dim` features scaled by its mask; intermediate: the activations entering the down
     projection; output: the down projection's output, before dropout and the residual.
+
+    `dropout` > 0 also applies inverted dropout (`F.dropout`, element-wise, a fresh draw per
+    call) to those three masked tensors: DAS's source of stochasticity for the proxy KL on
+    models without dropout of their own. 0 draws no random numbers.
+
+    A mask is 1-D (one value per unit, shared by every sequence) or (batch, 1, units): one
+    row per sequence, so one forward can run several mask settings side by side.
     """
     handles = []
     try:
         for b in blocks:
             handles.append(
                 b.modules["attn_out"].register_forward_pre_hook(
-                    _scale_input(masks[b.key("heads")], b.head_dim)
+                    _scale_input(masks[b.key("heads")], b.head_dim, dropout)
                 )
             )
             handles.append(
                 b.modules["down"].register_forward_pre_hook(
-                    _scale_input(masks[b.key("intermediate")], 1)
+                    _scale_input(masks[b.key("intermediate")], 1, dropout)
                 )
             )
             handles.append(
-                b.modules["down"].register_forward_hook(_scale_output(masks[b.key("output")]))
+                b.modules["down"].register_forward_hook(
+                    _scale_output(masks[b.key("output")], dropout)
+                )
             )
         yield
     finally:

@@ -86,6 +86,11 @@ def test_unknown_method_is_named_with_the_choices():
         ({"method": "das", "method_config": {"contrastive_weight": "high"}}, "contrastive_weight"),
         ({"method": "das", "method_config": {"dropout": 0.1}}, "dropout"),
         ({"method": "das", "method_config": SPGConfig()}, "DASConfig"),
+        ({"method": "das", "method_config": {"contrastive_weight": -0.1}}, "contrastive_weight"),
+        ({"method": "das", "method_config": {"contrastive_positive": "none"}}, "contrastive_positive"),
+        ({"method": "das", "method_config": {"unit_dropout": True}}, "unit_dropout"),
+        ({"method": "das", "method_config": {"unit_dropout_rate": 0.0}}, "unit_dropout_rate"),
+        ({"method": "das", "method_config": {"unit_dropout_rate": 1.0}}, "unit_dropout_rate"),
     ],
 )
 def test_bad_values_name_the_field(kwargs, field):

@@ -207,6 +207,82 @@ def test_manual_units_hooks_apply():
         assert torch.equal(masked, ref(x))
 
 
+def _capture(block, seen):
+    """Hooks recording the tensors at one block's three mask sites into `seen[site]`.
+
+    Hooks run in registration order: registered before `apply_virtual_masks` they see the
+    tensors before the mask hooks act (the down projection's output computed from the already
+    hooked input), registered inside it they see the hooked ones.
+    """
+
+    def pre(site):
+        return lambda module, args: seen.setdefault(site, []).append(args[0].detach().clone())
+
+    att, down = block.modules["attn_out"], block.modules["down"]
+    return [
+        att.register_forward_pre_hook(pre("heads")),
+        down.register_forward_pre_hook(pre("intermediate")),
+        down.register_forward_hook(
+            lambda module, args, out: seen.setdefault("output", []).append(out.detach().clone())
+        ),
+    ]
+
+
+def test_unit_dropout_drops_elements_at_the_three_sites_and_rescales_the_rest():
+    net = tiny_llama().train()
+    blocks = discover_units(net)
+    b = blocks[0]
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 40, (8, 12), generator=g)}
+    masks = ones_masks(blocks, requires_grad=False)
+    masks[b.key("heads")][0] = 0.5  # the masks still multiply in
+    p = 0.25
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = _capture(b, seen)
+    try:
+        with torch.no_grad(), apply_virtual_masks(blocks, masks, dropout=p):
+            handles += _capture(b, seen)
+            net(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    head_scale = torch.ones(b.num_heads * b.head_dim)
+    head_scale[: b.head_dim] = 0.5
+    for site, (before, after) in seen.items():
+        if site == "heads":
+            before = before * head_scale
+        dropped = after == 0
+        assert torch.allclose(after[~dropped], before[~dropped] / (1 - p), rtol=1e-6), site
+        assert 0.15 < float(dropped.float().mean()) < 0.35, site
+    with torch.no_grad(), apply_virtual_masks(blocks, ones_masks(blocks, False), dropout=0.0):
+        twice = [net(**batch).logits for _ in range(2)]
+    assert torch.equal(twice[0], twice[1])  # rate 0 draws nothing: Llama stays deterministic
+
+
+def test_per_sequence_masks_equal_separate_forwards():
+    net = tiny_gpt2().eval()
+    blocks = discover_units(net)
+    batch = text_batches(n=4, vocab=40)[0]
+    imp = _unit_importance(blocks)
+    n = batch["input_ids"].shape[0]
+    per_seq = {
+        k: torch.stack([torch.ones_like(v), v]).repeat_interleave(n, dim=0).unsqueeze(1)
+        for k, v in imp.items()
+    }
+    twice = {k: torch.cat([batch[k], batch[k]]) for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        with apply_virtual_masks(blocks, per_seq):
+            both = net(**twice).logits
+        plain = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with apply_virtual_masks(blocks, imp):
+            masked = net(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+    assert torch.allclose(both[:n], plain, atol=1e-5)
+    assert torch.allclose(both[n:], masked, atol=1e-5)
+    assert not torch.allclose(plain, masked, atol=1e-3)
+
+
 def _unit_importance(blocks, head=1, inter=5, out=3):
     imp = {}
     for b in blocks:

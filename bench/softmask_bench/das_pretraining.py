@@ -120,7 +120,10 @@ def run_method(
         cfg = SoftMaskConfig(
             method="das",
             mask_mode=s.mask_mode,
-            method_config=DASConfig(contrastive_weight=s.contrastive_weight),
+            # the published study: the paper's positive (with gradient), its own weight
+            method_config=DASConfig(
+                contrastive_weight=s.contrastive_weight, contrastive_positive="grad"
+            ),
         )
         model = SoftMaskModel(net, cfg)
         model.general_importance(data.importance[DOMAINS[0]])

@@ -19,6 +19,7 @@ e.g. `bert.encoder.layer.0.softmask_heads` of shape (num_heads,).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,9 @@ from ..units import apply_virtual_masks, discover_units, ones_masks, parameter_i
 from .base import Importance, ImportanceMethod, check_finite
 from .normalize import normalize_importance
 
+CONTRASTIVE_POSITIVES = ("detached", "grad")
+UNIT_DROPOUT_MODES = ("auto", "on", "off")
+
 
 @dataclass
 class DASConfig:
@@ -44,14 +48,38 @@ class DASConfig:
         metadata={"help": "declare attention/FFN modules by hand (see softmask_peft.units)"},
     )
     contrastive_weight: float = field(
-        default=1.0, metadata={"help": "weight of the contrastive integration loss"}
+        default=0.1,
+        metadata={
+            "help": "weight of the contrastive integration loss (0.1: at 1.0 it stalled domain "
+            "learning of a causal LM; see bench/das_causal_lm.py)"
+        },
     )
     contrastive_temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature"})
+    contrastive_positive: str = field(
+        default="detached",
+        metadata={
+            "help": f"the positive view, one of {CONTRASTIVE_POSITIVES}: 'detached' = a second "
+            "forward without gradient, batched with the 'general' forward (one extra no-grad "
+            "pass per step); 'grad' = a second forward with gradient (the paper; one extra "
+            "forward + backward)"
+        },
+    )
+    unit_dropout: str = field(
+        default="auto",
+        metadata={
+            "help": f"general importance, one of {UNIT_DROPOUT_MODES}: dropout on the unit "
+            "outputs during the proxy-KL pass; 'auto' = only when the model's own dropout "
+            "gives no signal (the first batch's proxy KL is exactly 0, e.g. Llama)"
+        },
+    )
+    unit_dropout_rate: float = field(
+        default=0.1, metadata={"help": "rate of that unit dropout (BERT's dropout is 0.1)"}
+    )
 
     def __post_init__(self) -> None:
         if self.units is not None and not isinstance(self.units, dict):
             raise ConfigError(f"units must be a dict or None, got {type(self.units).__name__}")
-        for name in ("contrastive_weight", "contrastive_temperature"):
+        for name in ("contrastive_weight", "contrastive_temperature", "unit_dropout_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -60,6 +88,20 @@ class DASConfig:
         if not self.contrastive_temperature > 0:
             raise ConfigError(
                 f"contrastive_temperature must be > 0, got {self.contrastive_temperature!r}"
+            )
+        if self.contrastive_positive not in CONTRASTIVE_POSITIVES:
+            raise ConfigError(
+                f"contrastive_positive must be one of {CONTRASTIVE_POSITIVES}, "
+                f"got {self.contrastive_positive!r}"
+            )
+        if self.unit_dropout not in UNIT_DROPOUT_MODES:
+            raise ConfigError(
+                f"unit_dropout must be one of {UNIT_DROPOUT_MODES}, got {self.unit_dropout!r}"
+            )
+        if not 0 < self.unit_dropout_rate < 1:
+            raise ConfigError(
+                f"unit_dropout_rate must be in (0, 1), got {self.unit_dropout_rate!r} "
+                "(to disable the unit dropout set unit_dropout='off')"
             )
 
 
@@ -156,14 +198,34 @@ class DAS(ImportanceMethod):
 
         Run on the base model before the first domain, on a sample of the first domain.
         """
+        return self.general_pass(batches)[0]
+
+    def general_pass(self, batches: Iterable[Any]) -> tuple[Importance, float]:
+        """(general importance, the unit-dropout rate used: 0 = the model's own dropout).
+
+        The two passes differ only through dropout. A model without active dropout (Llama,
+        Mistral, Qwen: dropout 0) gives identical passes, a proxy KL of exactly 0 and zero
+        importance. `unit_dropout` then supplies the noise: dropout at `unit_dropout_rate` on
+        the unit outputs (the virtual-mask sites), in this pass only. "auto" turns it on when
+        the first batch's proxy KL is exactly 0 (that batch is then redone with it); "on" /
+        "off" force it. If every unit's gradient is still 0 a RuntimeWarning says why.
+        """
+        cfg = self.config
+        rate = {"on": cfg.unit_dropout_rate, "off": 0.0}.get(cfg.unit_dropout)
         was_training = self.base_model.training
         self.base_model.train()
         try:
             state = self.start(-1)
             with torch.enable_grad():  # callers often sit under no_grad
                 for batch in batches:
-                    state = self._add(state, batch, self.proxy_kl)
-            return self._normalized(state)
+                    loss, masks = self._masked_loss(batch, self.proxy_kl, rate or 0.0)
+                    if rate is None:  # "auto", first batch: does the model's dropout give a signal?
+                        rate = cfg.unit_dropout_rate if float(loss.detach()) == 0.0 else 0.0
+                        if rate:
+                            loss, masks = self._masked_loss(batch, self.proxy_kl, rate)
+                    state = self._add_mask_gradients(state, loss, masks, batch)
+            _warn_if_no_signal(state, cfg.unit_dropout, rate or 0.0)
+            return self._normalized(state), rate or 0.0
         finally:
             self.base_model.train(was_training)
 
@@ -182,9 +244,20 @@ class DAS(ImportanceMethod):
         return state
 
     def _add(self, state: DASState, batch: Any, loss_fn: Any) -> DASState:
+        return self._add_mask_gradients(state, *self._masked_loss(batch, loss_fn), batch)
+
+    def _masked_loss(
+        self, batch: Any, loss_fn: Any, dropout: float = 0.0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """loss_fn(batch) with fresh virtual masks (and unit dropout at rate `dropout`) applied."""
         masks = ones_masks(self.blocks)
-        with apply_virtual_masks(self.blocks, masks):
+        with apply_virtual_masks(self.blocks, masks, dropout):
             loss = loss_fn(batch)
+        return loss, masks
+
+    def _add_mask_gradients(
+        self, state: DASState, loss: Tensor, masks: dict[str, Tensor], batch: Any
+    ) -> DASState:
         grads = torch.autograd.grad(loss, list(masks.values()), allow_unused=True)
         return self.add_gradients(
             state,
@@ -258,12 +331,39 @@ class DAS(ImportanceMethod):
         """
         if anchor is None:
             anchor = self.pooled(batch)
-        positive = self.pooled(batch)
-        general = None
-        if importance:
-            with torch.no_grad(), apply_virtual_masks(self.blocks, importance):
-                general = self.pooled(batch)
+        if self.config.contrastive_positive == "detached":
+            positive, general = self._detached_views(batch, importance)
+        else:
+            positive, general = self.pooled(batch), None
+            if importance:
+                with torch.no_grad(), apply_virtual_masks(self.blocks, importance):
+                    general = self.pooled(batch)
         return info_nce(anchor, positive, general, self.config.contrastive_temperature)
+
+    @torch.no_grad()
+    def _detached_views(
+        self, batch: Any, importance: Mapping[str, Tensor] | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """(positive, general) of a batch from one no-grad forward of the batch twice.
+
+        Rows 0..B-1 run with unit masks 1 (the positive: the model's own dropout only), rows
+        B..2B-1 with the importance (the general view); without importance only the positive.
+        """
+        if not importance:
+            return self.pooled(batch), None
+        inputs = model_inputs(batch)
+        n = int(next(v for v in inputs.values() if isinstance(v, Tensor)).shape[0])
+        twice = {
+            k: torch.cat([v, v]) if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
+            for k, v in inputs.items()
+        }
+        masks = {
+            k: torch.stack([torch.ones_like(v), v]).repeat_interleave(n, dim=0).unsqueeze(1)
+            for k, v in importance.items()
+        }
+        with apply_virtual_masks(self.blocks, masks):
+            both = self.pooled(twice)
+        return both[:n], both[n:]
 
     def training_loss(
         self, batch: Any, accumulated: Mapping[str, Tensor], general: Mapping[str, Tensor] | None
@@ -280,3 +380,28 @@ class DAS(ImportanceMethod):
         anchor = mean_pool(out.hidden_states[-1], hf.get("attention_mask"))
         importance = combined_importance(accumulated, general)
         return loss + weight * self.integration_loss(batch, importance, anchor=anchor)
+
+
+def _warn_if_no_signal(state: DASState, mode: str, rate: float) -> None:
+    """RuntimeWarning when every unit's proxy-KL gradient was exactly 0 (importance all 0)."""
+    if not state.tokens or any(bool(v.any()) for v in state.sums.values()):
+        return
+    if mode == "off":
+        cause = (
+            "both forward passes were identical (the model has no active dropout, like "
+            "Llama-style models with dropout 0) and unit_dropout='off', so the proxy KL is 0"
+        )
+        fix = "set DASConfig(unit_dropout='auto') or 'on'"
+    else:
+        cause = (
+            "the proxy KL's gradient is 0 for every unit even with dropout on the unit outputs "
+            f"(rate {rate:g}): the pooled last hidden state does not depend on the units, or "
+            "the batches have no tokens"
+        )
+        fix = "check the batches and DASConfig(units=...), or raise unit_dropout_rate"
+    warnings.warn(
+        f"DAS general importance is 0 for every unit: {cause}. The first domain will not be "
+        f"protected by general knowledge. Fix: {fix}",
+        RuntimeWarning,
+        stacklevel=4,
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ from softmask_peft import (
 )
 from softmask_peft.contrastive import info_nce, mean_pool
 from softmask_peft.errors import ConfigError, EmptyDataError
-from softmask_peft.units import discover_units
+from softmask_peft.importance.normalize import normalize_importance
+from softmask_peft.units import apply_virtual_masks, discover_units
 
 
 def das_model(net, das: DASConfig | None = None, **cfg) -> SoftMaskModel:
@@ -181,6 +183,147 @@ def test_general_importance_runs_in_train_mode_and_restores_eval():
     assert any(float(v.max()) > 0 for v in general.values())
 
 
+# models without dropout (issue 13) -------------------------------------------------------------
+
+
+def issue_llama():
+    """The issue's reproduction: a default LlamaConfig (dropout 0) at tiny size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def gpt2_without_dropout():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(cfg)
+
+
+DROPOUT_FREE = {"llama": issue_llama, "gpt2-dropout-0": gpt2_without_dropout}
+
+
+@pytest.mark.parametrize("arch", sorted(DROPOUT_FREE))
+def test_proxy_kl_without_dropout_is_exactly_zero_and_unit_dropout_makes_it_positive(arch):
+    from softmask_peft.units import ones_masks
+
+    model = das_model(DROPOUT_FREE[arch]())
+    model.train()
+    batch = lm_batches()[0]
+    blocks = model.method.blocks
+    masks = ones_masks(blocks, requires_grad=False)
+    with torch.no_grad():
+        assert float(model.method.proxy_kl(batch)) == 0.0
+        with apply_virtual_masks(blocks, masks, dropout=0.1):
+            assert float(model.method.proxy_kl(batch)) > 1e-6
+
+
+@pytest.mark.parametrize("arch", [*sorted(DROPOUT_FREE), "gpt2-default"])
+def test_general_importance_is_nonzero_on_llama_and_gpt2(arch):
+    net = tiny_gpt2() if arch == "gpt2-default" else DROPOUT_FREE[arch]()
+    model = das_model(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "importance is 0" warning
+        general, rate = model.method.general_pass(lm_batches())
+    assert all(float(v.max()) > 0.5 for v in general.values())
+    # a default GPT-2 has dropout 0.1 of its own: the unit dropout stays off
+    assert rate == (0.0 if arch == "gpt2-default" else 0.1)
+
+
+def test_general_importance_with_unit_dropout_off_on_llama_is_zero_and_warns():
+    model = das_model(issue_llama(), DASConfig(unit_dropout="off"))
+    with pytest.warns(RuntimeWarning, match="unit_dropout='off'.*Fix: set DASConfig"):
+        general = model.general_importance(lm_batches())
+    assert all(float(v.abs().max()) == 0.0 for v in general.values())
+
+
+def test_unit_dropout_rate_is_configurable_and_can_be_forced_on():
+    rates = {}
+    for rate in (0.1, 0.3):
+        model = das_model(tiny_bert(dropout=0.3), DASConfig(unit_dropout="on", unit_dropout_rate=rate))
+        torch.manual_seed(3)
+        rates[rate], used = model.method.general_pass(text_batches())
+        assert used == rate
+    auto = das_model(tiny_bert(dropout=0.3))
+    torch.manual_seed(3)
+    own, used = auto.method.general_pass(text_batches())
+    assert used == 0.0
+    for k in own:
+        assert not torch.equal(rates[0.1][k], rates[0.3][k])
+        assert not torch.equal(own[k], rates[0.1][k])
+
+
+def _longhand_general_importance(net, batches, seed):
+    """The proxy-KL pass of DAS 0.1 written out: own hooks, two dropout passes, |dKL/dm| / tokens."""
+    torch.manual_seed(seed)
+    net.train()
+    layers = net.bert.encoder.layer
+    sums, tokens = {}, 0
+    for batch in batches:
+        masks, handles = [], []
+        for layer in layers:
+            heads = torch.ones(2, requires_grad=True)
+            inter = torch.ones(24, requires_grad=True)
+            out = torch.ones(16, requires_grad=True)
+            masks.append((heads, inter, out))
+            handles += [
+                layer.attention.output.dense.register_forward_pre_hook(
+                    lambda m, a, h=heads: (a[0] * h.repeat_interleave(8),)
+                ),
+                layer.output.dense.register_forward_pre_hook(lambda m, a, i=inter: (a[0] * i,)),
+                layer.output.dense.register_forward_hook(lambda m, a, y, o=out: y * o),
+            ]
+        att = batch["attention_mask"]
+        pooled = []
+        for _ in range(2):
+            h = net.bert(input_ids=batch["input_ids"], attention_mask=att).last_hidden_state
+            m = att.to(h.dtype).unsqueeze(-1)
+            pooled.append((h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0))
+        kl = F.kl_div(
+            F.log_softmax(pooled[1], dim=-1), F.log_softmax(pooled[0], dim=-1),
+            log_target=True, reduction="sum",
+        )  # fmt: skip
+        for hd in handles:
+            hd.remove()
+        flat = [t for triple in masks for t in triple]
+        grads = torch.autograd.grad(kl, flat)
+        names = [
+            f"bert.encoder.layer.{i}.softmask_{k}"
+            for i in range(len(layers))
+            for k in ("heads", "intermediate", "output")
+        ]
+        for name, g in zip(names, grads):
+            sums[name] = sums.get(name, torch.zeros_like(g)) + g.abs()
+        tokens += int(att.sum())
+    return {k: normalize_importance(v / tokens) for k, v in sums.items()}
+
+
+def test_general_importance_of_a_model_with_dropout_is_unchanged_bit_for_bit():
+    batches = text_batches(n=12)
+    expected = _longhand_general_importance(tiny_bert(dropout=0.1), batches, seed=11)
+    model = das_model(tiny_bert(dropout=0.1))
+    torch.manual_seed(11)
+    got, rate = model.method.general_pass(batches)
+    assert rate == 0.0
+    assert got.keys() == expected.keys()
+    for k in got:
+        assert torch.equal(got[k], expected[k]), k
+    assert any(float(v.max()) > 0 for v in got.values())
+
+
 # unit -> parameter masking in training ---------------------------------------------------------
 
 IMPORTANT = {"heads": 1, "intermediate": 5, "output": 3}
@@ -335,7 +478,7 @@ def test_info_nce_pairs_each_anchor_with_its_own_second_view():
 
 def test_integration_loss_uses_same_sequence_positive_and_importance_scaled_general():
     net = tiny_bert(dropout=0.0)
-    model = das_model(net, DASConfig(contrastive_temperature=0.1))
+    model = das_model(net, DASConfig(contrastive_temperature=0.1, contrastive_weight=1.0))
     model.begin_task(0)
     model.store.close(_unit_vectors(model, lambda k, s: torch.linspace(0.2, 0.9, s[0])))
     batch = text_batches()[0]
@@ -361,6 +504,36 @@ def test_integration_loss_uses_same_sequence_positive_and_importance_scaled_gene
     assert torch.allclose(total, net(**batch).loss + expected, rtol=1e-4, atol=1e-5)
     plain = das_model(net, DASConfig(contrastive_weight=0.0))
     assert torch.allclose(plain.training_loss(batch), net(**batch).loss)
+
+
+def test_contrastive_positive_detached_takes_gradient_through_the_anchor_only():
+    """Dropout-free model: both views equal the anchor, so the modes differ only in gradient.
+
+    "grad": ∇ of info_nce(a, a, g); "detached": ∇ of info_nce(a, a.detach(), g), g fixed.
+    """
+    batch = text_batches()[0]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    grads = {}
+    for mode in ("grad", "detached"):
+        net = tiny_bert(dropout=0.0)
+        model = das_model(net, DASConfig(contrastive_positive=mode))
+        model.begin_task(0)
+        model.store.close(_unit_vectors(model, lambda k, s: torch.linspace(0.2, 0.9, s[0])))
+        model.method.integration_loss(batch, model.importance).backward()
+        grads[mode] = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        ref = copy.deepcopy(net)
+        ref.zero_grad(set_to_none=True)
+        with torch.no_grad(), apply_virtual_masks(discover_units(ref), model.importance):
+            g = mean_pool(ref.bert(**inputs).last_hidden_state, batch["attention_mask"])
+        a = mean_pool(ref.bert(**inputs).last_hidden_state, batch["attention_mask"])
+        info_nce(a, a if mode == "grad" else a.detach(), g, 0.05).backward()
+        for n, p in ref.named_parameters():
+            if p.grad is not None:
+                assert torch.allclose(grads[mode][n], p.grad, rtol=1e-4, atol=1e-6), (mode, n)
+    assert any(
+        not torch.allclose(grads["grad"][n], grads["detached"][n], rtol=1e-3, atol=1e-6)
+        for n in grads["grad"]
+    )
 
 
 # first-domain masking and the registry --------------------------------------------------------
