@@ -3,7 +3,7 @@
 Issue 13, item 2. A tiny decoder (Llama-style by default: no dropout, so DAS's general
 importance runs on its unit dropout; `--arch gpt2` for GPT-2 with its own dropout 0.1) on
 byte-level text (UTF-8 bytes, vocabulary 256, no tokenizer download), from the offline sets of
-`softmask_peft.continual.text_domains`:
+`softmask_bench.text_domains`:
 
 1. pre-train from random init on `general` (default `package_readmes`, ~950 passages: English
    prose about software) for `pretrain_steps`; its eval split measures the knowledge the base
@@ -43,11 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from softmask_peft.continual.das_pretraining import at_domain_loss
-from softmask_peft.continual.text_domains import DOMAINS, load_text_domains
+from softmask_bench.das_report import at_domain_loss
+from softmask_bench.text_domains import DOMAINS, load_text_domains
 from torch import Tensor, nn
 
-from softmask_peft import SoftMaskConfig, SoftMaskModel, SoftMaskOptimizer
+from softmask_peft import DASConfig, SoftMaskConfig, SoftMaskModel, SoftMaskOptimizer
 
 Batch = dict[str, Tensor]
 VOCAB = 256
@@ -204,12 +204,13 @@ def run_seed(s: Settings, seed: int, weights: list[float], log: Any) -> dict[str
             cfg = SoftMaskConfig(
                 method="das",
                 mask_mode=s.mask_mode,
-                contrastive_weight=weight,
-                contrastive_positive=s.contrastive_positive,
+                method_config=DASConfig(
+                    contrastive_weight=weight, contrastive_positive=s.contrastive_positive
+                ),
             )
             model = SoftMaskModel(net, cfg)
-            model.method.general_importance(imp_b[domains[0]])
-            info["general_unit_dropout"] = model.method.general_unit_dropout
+            general, info["general_unit_dropout"] = model.method.general_pass(imp_b[domains[0]])
+            model.set_general_importance(general)
         stages, step_s = [], []
         for t, d in enumerate(domains):
             params = [p for p in net.parameters() if p.requires_grad]
@@ -219,7 +220,7 @@ def run_seed(s: Settings, seed: int, weights: list[float], log: Any) -> dict[str
             else:
                 model.begin_task(t, name=d)
                 opt = SoftMaskOptimizer(torch.optim.AdamW(params, lr=lr), model)
-                step_s.append(train(net, model.method.training_loss, opt, streams[d]))
+                step_s.append(train(net, model.training_loss, opt, streams[d]))
                 model.end_task(imp_b[d])
             stages.append({k: lm_loss(net, v) for k, v in eval_b.items()})
         final = stages[-1]
@@ -305,7 +306,7 @@ def main() -> None:
     weights = (
         [float(w) for w in s.contrastive_weights.split(",")]
         if s.contrastive_weights
-        else [SoftMaskConfig().contrastive_weight]
+        else [DASConfig().contrastive_weight]
     )
     start = time.perf_counter()
     results = [

@@ -193,11 +193,20 @@ class SoftMaskModel(nn.Module):
         Call it before `begin_task(0)`, on a sample of the first domain; it masks every
         domain from the first on and is saved with the checkpoint.
         """
-        importance = self.method.general_importance(batches)
+        return self.set_general_importance(self.method.general_importance(batches))
+
+    def set_general_importance(self, importance: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Keep a general importance computed elsewhere (e.g. `model.method.general_pass`)."""
+        shapes = self.method.importance_shapes()
+        bad = sorted(k for k in shapes if k not in importance or importance[k].shape != shapes[k])
+        if bad or set(importance) - set(shapes):
+            raise ImportanceMismatchError(
+                f"general importance does not fit this model's units: {bad[:5] or sorted(set(importance) - set(shapes))[:5]}"
+            )
         self.store.set_general(importance)
         if self.store.open_task is not None:
             self.refresh_masks()
-        return importance
+        return dict(self.store.general)
 
     def training_loss(self, batch: Any) -> Tensor:
         """The loss to train the current task on: the task loss, plus DAS's contrastive term."""
