@@ -10,13 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_model
 from torch import Tensor, nn
 
 from ._atomic import commit_files, ensure_directory, recover_directory
 from .config import SoftMaskConfig
-from .constants import CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME
+from .constants import CONFIG_NAME, IMPORTANCE_NAME
 from .errors import (
     CorruptFileError,
     ImportanceMismatchError,
@@ -29,6 +27,7 @@ from .importance import METHODS
 from .masking import KeepMasks, build_keep_masks
 from .selection import select_parameters
 from .store import ImportanceStore
+from .weights import read_weights, save_weights
 
 
 class SoftMaskModel(nn.Module):
@@ -179,11 +178,7 @@ class SoftMaskModel(nn.Module):
         save_id = uuid.uuid4().hex
 
         def write(staging: Path) -> None:
-            if hasattr(self.base_model, "save_pretrained") and hasattr(self.base_model, "config"):
-                self.base_model.config.save_pretrained(staging)
-            save_model(
-                self.base_model, str(staging / WEIGHTS_NAME), {"format": "pt", "save_id": save_id}
-            )
+            save_weights(self.base_model, staging, save_id)
             self.store.save(staging / IMPORTANCE_NAME, cfg.importance_dtype, save_id)
             cfg.save_pretrained(staging)
 
@@ -206,31 +201,23 @@ class SoftMaskModel(nn.Module):
                 f"{str(directory)!r} holds a committed but unfinished save that cannot be "
                 f"completed: {e}"
             ) from e
-        missing = [
-            n for n in (CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME) if not (directory / n).is_file()
-        ]
+        missing = [n for n in (CONFIG_NAME, IMPORTANCE_NAME) if not (directory / n).is_file()]
         if missing:
             raise MissingFileError(f"{str(directory)!r} lacks {', '.join(missing)}")
         config = SoftMaskConfig.from_pretrained(directory)
-        try:
-            weights = load_file(directory / WEIGHTS_NAME)
-            with safe_open(directory / WEIGHTS_NAME, framework="pt") as f:
-                weights_id = (f.metadata() or {}).get("save_id", "")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CorruptFileError(f"cannot read {directory / WEIGHTS_NAME}: {e}") from e
         grows = isinstance(base_model, MultiHeadClassifier) and len(base_model.heads) < len(
             config.task_num_classes
         )
         probe = copy.deepcopy(base_model) if grows else base_model  # validate before changing it
         if grows:
             expand_heads(probe, config.task_num_classes)
-        _check_weights(probe, weights)
+        apply_weights, weights_id = read_weights(probe, directory)
         store = ImportanceStore.load(
             directory / IMPORTANCE_NAME, cls(probe, config).method.importance_shapes()
         )
         if weights_id != store.save_id:
             raise CorruptFileError(
-                f"{WEIGHTS_NAME} and {IMPORTANCE_NAME} in {str(directory)!r} come from different "
+                f"the weights and {IMPORTANCE_NAME} in {str(directory)!r} come from different "
                 "saves (an interrupted save_pretrained?); refusing to pair them"
             )
         if not store.num_tasks <= len(config.task_names) <= store.num_tasks + 1:
@@ -240,41 +227,9 @@ class SoftMaskModel(nn.Module):
             )
         if grows:
             expand_heads(base_model, config.task_num_classes)
+            apply_weights, _ = read_weights(base_model, directory)
         model = cls(base_model, config)
         model.store = store
-        with torch.no_grad():
-            state = base_model.state_dict()
-            for key, value in weights.items():
-                state[key].copy_(value)
+        apply_weights()
         return model
 
-
-def _memory_span(t: Tensor) -> tuple[int, int, int]:
-    """(storage pointer, first element, one past the last element) of a tensor's memory."""
-    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else -1
-    return t.untyped_storage().data_ptr(), t.storage_offset(), t.storage_offset() + last + 1
-
-
-def _check_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
-    """All saved keys exist with equal shapes; a key not saved must lie inside a saved tensor.
-
-    safetensors drops the duplicates of shared tensors (tied embeddings, views of a weight), and
-    loading into the saved tensor fills them. A tensor that merely shares a storage with a saved
-    one, outside its span, would keep stale values: it is reported as missing.
-    """
-    state = model.state_dict()
-    problems = [f"unexpected weight {k!r}" for k in sorted(set(weights) - set(state))]
-    saved = [_memory_span(state[k]) for k in weights if k in state]
-    for k in sorted(set(state) - set(weights)):
-        ptr, start, end = _memory_span(state[k])
-        if not any(p == ptr and s <= start and end <= e for p, s, e in saved):
-            problems.append(f"missing weight {k!r}")
-    for k in sorted(set(state) & set(weights)):
-        if tuple(state[k].shape) != tuple(weights[k].shape):
-            problems.append(
-                f"{k}: saved shape {tuple(weights[k].shape)} != model {tuple(state[k].shape)}"
-            )
-    if problems:
-        raise ImportanceMismatchError(
-            "saved weights do not fit this model:\n  " + "\n  ".join(problems)
-        )

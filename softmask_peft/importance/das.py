@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..batches import logits_of, model_loss, split_batch
 from ..contrastive import info_nce, mean_pool
+from ..distributed import all_reduce_count, all_reduce_sum
 from ..errors import ConfigError, EmptyDataError
 from ..units import apply_virtual_masks, discover_units, ones_masks, parameter_importance
 from .base import ImportanceMethod, check_finite
@@ -167,6 +168,8 @@ class DAS(ImportanceMethod):
         return {k: v.cpu() / self._tokens for k, v in self._sums.items()}
 
     def _normalized(self, what: str) -> dict[str, Tensor]:
+        if self._sums is not None:  # data-parallel ranks: sums and count over every shard
+            self._sums, self._tokens = all_reduce_sum(self._sums), all_reduce_count(self._tokens)
         raw = self.raw_importance()
         check_finite(raw, what)
         self._sums = None

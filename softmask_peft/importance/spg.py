@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..batches import logits_of, model_loss, split_batch
+from ..distributed import all_reduce_sum
 from ..errors import EmptyDataError
 from ..heads import MultiHeadClassifier
 from .base import ImportanceMethod, check_finite
@@ -109,6 +110,7 @@ class SPG(ImportanceMethod):
         if self._sums is None:
             raise EmptyDataError(f"the importance pass of task {self._task} got no batches")
         names = self.model.masked_parameter_names
+        self._sums = all_reduce_sum(self._sums)  # data-parallel ranks: sums over every shard
         check_finite(dict(zip(names, self._sums)), f"SPG importance of task {self._task}")
         out = {}
         for name, g in zip(names, self._sums):
