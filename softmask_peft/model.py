@@ -232,4 +232,3 @@ class SoftMaskModel(nn.Module):
         model.store = store
         apply_weights()
         return model
-

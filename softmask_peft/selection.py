@@ -83,6 +83,7 @@ def select_parameters(model: nn.Module, config: SoftMaskConfig) -> tuple[list[st
         raise TargetModulesError(
             "no trainable parameter is left to mask "
             f"(target_modules={config.target_modules!r}, exclude_modules={config.exclude_modules!r}, "
-            f"head_modules={config.head_modules!r})"
+            f"head_modules={config.head_modules!r}); a PeftModel loaded for inference has no "
+            "trainable parameter: load it with PeftModel.from_pretrained(..., is_trainable=True)"
         )
     return masked, head_params

@@ -128,7 +128,14 @@ class ImportanceStore:
         has_accumulated = num_tasks > 0 or any(n in tensors for n in expected)
         names = [""] * has_accumulated + [f"{TASK_PREFIX}{k}." for k in range(num_tasks)]
         wanted = {p + n: s for p in names for n, s in expected.items()}
-        problems = [f"missing key {k!r}" for k in sorted(set(wanted) - set(tensors))]
+        # a task may cover a subset (it trained its own PEFT adapter), never nothing
+        absent = sorted(set(wanted) - set(tensors))
+        problems = [f"missing key {k!r}" for k in absent if not k.startswith(TASK_PREFIX)]
+        problems += [
+            f"task {k} has no importance"
+            for k in range(num_tasks)
+            if not any(f"{TASK_PREFIX}{k}.{n}" in tensors for n in expected)
+        ]
         problems += [f"unexpected key {k!r}" for k in sorted(set(tensors) - set(wanted))]
         for key in sorted(set(wanted) & set(tensors)):
             t = tensors[key]
@@ -149,7 +156,11 @@ class ImportanceStore:
         store.save_id = metadata.get("save_id", "")
         store.accumulated = {n: decode(tensors[n]) for n in expected} if has_accumulated else {}
         store.history = [
-            {n: decode(tensors[f"{TASK_PREFIX}{k}.{n}"]) for n in expected}
+            {
+                n: decode(tensors[f"{TASK_PREFIX}{k}.{n}"])
+                for n in expected
+                if f"{TASK_PREFIX}{k}.{n}" in tensors
+            }
             for k in range(num_tasks)
         ]
         return store
