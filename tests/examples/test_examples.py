@@ -64,3 +64,15 @@ def test_accelerate_example_two_processes_equal_one(tmp_path):
     assert noise
     for k in sorted(set(one) - set(noise)):
         torch.testing.assert_close(two[k], one[k], rtol=1e-3, atol=1e-3)
+
+
+def test_trainer_example_under_two_processes(tmp_path):
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = run(*torchrun, "examples/train_trainer.py", "--out", str(tmp_path))
+    assert out.count("saved ") == 2  # both ranks finished the sequence
+    from transformers import AutoModelForSequenceClassification
+
+    from softmask_peft import SoftMaskModel
+
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final")
+    assert SoftMaskModel.from_pretrained(base, tmp_path / "final").num_tasks == 2
