@@ -115,12 +115,12 @@ def run(method: str, tasks, args, workdir: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--train-per-class", type=int, default=48)
-    p.add_argument("--eval-per-class", type=int, default=32)
+    p.add_argument("--train-per-class", type=int, default=32)
+    p.add_argument("--eval-per-class", type=int, default=24)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="docs/results/bench/bench_trainer_lora_sequence.json")
     args = p.parse_args()
