@@ -54,23 +54,20 @@ def _check_not_merged(model: nn.Module) -> None:
         )
 
 
-def save_weights(model: nn.Module, staging: Path, save_id: str) -> list[str]:
-    """Write `model`'s weights into `staging` in the layout its library reads; return the files."""
+def save_weights(model: nn.Module, staging: Path, save_id: str) -> None:
+    """Write `model`'s weights into `staging` in the layout its own library reads."""
     metadata = {"format": "pt", "save_id": save_id}
     if _is_peft(model):
         _check_not_merged(model)
         model.save_pretrained(str(staging))
-        files = []
         for adapter in model.peft_config:
             path = _adapter_dir(staging, adapter) / ADAPTER_WEIGHTS
             save_file(load_file(path), str(path), metadata=metadata)  # PEFT's tensors, our id
-            files.append(str(path.relative_to(staging)))
-        return files
+        return
     config = getattr(model, "config", None)
     if hasattr(model, "save_pretrained") and hasattr(config, "save_pretrained"):
         config.save_pretrained(staging)
     save_model(model, str(staging / WEIGHTS_NAME), metadata)
-    return [WEIGHTS_NAME]
 
 
 def _read(path: Path) -> tuple[dict[str, Tensor], str]:
