@@ -2,7 +2,7 @@
 
     python examples/train_accelerate.py --out runs/acc1
     torchrun --standalone --nproc_per_node 2 examples/train_accelerate.py --out runs/acc2
-    accelerate launch --num_processes 2 examples/train_accelerate.py --out runs/acc2
+    accelerate launch --multi_gpu --num_processes 2 examples/train_accelerate.py --out runs/acc2
 
 Two tasks on a tiny random BERT (no download). Every rank takes whole batches of the task's
 data; DDP averages the gradients, so a step on 2 ranks × 4 examples equals one step on 8. The

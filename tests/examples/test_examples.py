@@ -54,9 +54,19 @@ def test_accelerate_example_two_processes_equal_one(tmp_path):
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     out = run(*torchrun, "examples/train_accelerate.py", "--out", str(tmp_path / "two"))
     assert "processes=2" in out
-    one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+    accelerate = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu",
+                  "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    launched = subprocess.run(
+        [*accelerate, "examples/train_accelerate.py", "--out", str(tmp_path / "launch")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert "processes=2" in launched.stdout, launched.stderr[-3000:]
+    for d in ("two", "launch"):
+        one, two = (load_file(tmp_path / x / "model.safetensors") for x in ("one", d))
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
     one, two = (load_file(tmp_path / d / "softmask_importance.safetensors") for d in ("one", "two"))
     # an attention key bias has an exactly-zero gradient (softmax ignores a per-row shift), so
     # its SPG importance is standardised float rounding noise: it differs between any two runs
