@@ -175,7 +175,7 @@ class SoftMaskConfig:
             for key in LEGACY_TASK_KEYS:
                 data.pop(key, None)
             if data.get("method") == "das":
-                data["method_config"] = legacy
+                data["method_config"] = {**legacy, "contrastive_positive": "grad"}  # as 0.1.0
             data["head_scaling"] = "all"  # what 0.1.0 did
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)

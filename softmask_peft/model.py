@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from .masking import KeepMasks, build_keep_masks
 from .persistence import load_checkpoint, save_checkpoint
 from .selection import select_parameters
 from .store import ImportanceStore, TaskRecord
+from .weights import load_weights
 
 
 class SoftMaskModel(nn.Module):
@@ -227,18 +229,12 @@ class SoftMaskModel(nn.Module):
         """
         ckpt = load_checkpoint(base_model, directory)
         expand_heads(base_model, [t.num_classes for t in ckpt.store.tasks])
+        load_weights(base_model, Path(directory))
         model = cls(base_model, ckpt.config)
-        model._apply_weights(ckpt.weights)
         model.store = ckpt.store
         if model.store.open_task is not None:
             model.refresh_masks()
         return model
-
-    def _apply_weights(self, weights: Mapping[str, Tensor]) -> None:
-        with torch.no_grad():
-            state = self.base_model.state_dict()
-            for key, value in weights.items():
-                state[key].copy_(value)
 
     def load_device_state(self, state: Any) -> None:
         """Apply what a device learned (`softmask_peft.device.read_device_checkpoint`)."""

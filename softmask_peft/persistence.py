@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file, save_model
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 from softmask_format import codec
 from softmask_format.atomic import atomic_write, commit_files, ensure_directory, recover_directory
 from softmask_format.keys import GENERAL_PREFIX, TASK_PREFIX, task_key
@@ -35,7 +35,6 @@ from softmask_format.names import (
     IMPORTANCE_DTYPES,
     IMPORTANCE_NAME,
     READABLE_FORMAT_VERSIONS,
-    WEIGHTS_NAME,
 )
 from softmask_format.version import package_version
 from torch import Tensor, nn
@@ -48,12 +47,12 @@ from .errors import (
     SaveLocationError,
     SoftMaskError,
     UnsupportedFormatError,
-    WeightsMismatchError,
 )
 from .heads import MultiHeadClassifier
 from .importance import method_spec
 from .selection import select_parameters
 from .store import ImportanceStore, TaskRecord
+from .weights import check_weights, header, read_tensors, save_weights
 
 MAX_TASKS = 100_000
 MAX_CLASSES = 1_000_000
@@ -115,10 +114,7 @@ def save_checkpoint(
     save_id = uuid.uuid4().hex
 
     def write(staging: Path) -> None:
-        if hasattr(base_model, "save_pretrained") and hasattr(base_model, "config"):
-            base_model.config.save_pretrained(staging)
-        metadata = {"format": "pt", "save_id": save_id, "model_class": type(base_model).__name__}
-        save_model(base_model, str(staging / WEIGHTS_NAME), metadata)
+        save_weights(base_model, staging, save_id)
         save_importance(staging / IMPORTANCE_NAME, store, config.importance_dtype, save_id)
         config.save_pretrained(staging)
 
@@ -137,30 +133,15 @@ def save_checkpoint(
 
 @dataclass
 class Checkpoint:
-    """Everything `from_pretrained` needs, validated: the model applies it."""
+    """Everything `from_pretrained` needs, validated: the model applies it (weights with
+    `weights.load_weights` once its heads exist)."""
 
     config: SoftMaskConfig
-    weights: dict[str, Tensor]
     store: ImportanceStore
 
 
 def _open_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    try:
-        tensors = load_file(path)
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CorruptFileError(f"cannot read {str(path)!r}: {e}") from e
-    return tensors, metadata
-
-
-def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """Shapes and metadata from a safetensors header, without reading the tensors."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CorruptFileError(f"cannot read {str(path)!r}: {e}") from e
+    return read_tensors(path), header(path)[1]
 
 
 def _parse_tasks(raw: Any, where: str) -> list[TaskRecord]:
@@ -207,57 +188,9 @@ def head_shapes(base_model: nn.Module, tasks: list[TaskRecord]) -> dict[str, tup
     return shapes
 
 
-def _memory_span(t: Tensor) -> tuple[int, int, int]:
-    """(storage pointer, first element, one past the last element) of a tensor's memory."""
-    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else -1
-    return t.untyped_storage().data_ptr(), t.storage_offset(), t.storage_offset() + last + 1
-
-
-def _summary(kind: str, keys: list[str], shown: int = 5) -> str:
-    more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
-    return f"{len(keys)} {kind}: " + ", ".join(repr(k) for k in keys[:shown]) + more
-
-
-def check_weights(
-    model: nn.Module,
-    saved: Mapping[str, tuple[int, ...]],
-    added: Mapping[str, tuple[int, ...]],
-    saved_class: str = "",
-) -> None:
-    """All saved keys exist (or will, `added`) with equal shapes; a key not saved must lie
-    inside a saved tensor's memory (tied weights, views), else it would keep stale values.
-    """
-    state = model.state_dict()
-    shapes = {k: tuple(v.shape) for k, v in state.items()} | dict(added)
-    unexpected = sorted(set(saved) - set(shapes))
-    spans = [_memory_span(state[k]) for k in saved if k in state]
-    missing = [k for k in sorted(set(added) - set(saved))]
-    for k in sorted(set(state) - set(saved)):
-        ptr, start, end = _memory_span(state[k])
-        if not any(p == ptr and s <= start and end <= e for p, s, e in spans):
-            missing.append(k)
-    wrong = [
-        f"{k}: saved {saved[k]} != model {shapes[k]}"
-        for k in sorted(set(saved) & set(shapes))
-        if tuple(saved[k]) != shapes[k]
-    ]
-    if unexpected or missing or wrong:
-        parts = [p for p in (
-            unexpected and _summary("unexpected weight(s)", unexpected),
-            missing and _summary("missing weight(s)", missing),
-            wrong and _summary("shape mismatch(es)", wrong, 3),
-        ) if p]
-        origin = f"saved from a {saved_class}" if saved_class else "saved from another model"
-        raise WeightsMismatchError(
-            f"the saved weights ({origin}) do not fit this {type(model).__name__}:\n  "
-            + "\n  ".join(parts)
-            + "\nload them into the same architecture they were saved from"
-        )
-
-
 def importance_version(path: Path) -> int:
     """The importance file's format version, from its header; unknown versions raise."""
-    _, metadata = _header(path)
+    _, metadata = header(path)
     text = metadata.get("format_version")
     if text not in [str(v) for v in READABLE_FORMAT_VERSIONS]:
         raise UnsupportedFormatError(
@@ -271,7 +204,7 @@ def read_task_log(path: Path, raw_config: Mapping[str, Any]) -> list[TaskRecord]
     """The task log: the importance file's metadata (format 2) or the config (format 1)."""
     if importance_version(path) == 1:
         return _legacy_tasks(raw_config, CONFIG_NAME)
-    _, metadata = _header(path)
+    _, metadata = header(path)
     try:
         raw = json.loads(metadata.get("tasks", "[]"))
     except (json.JSONDecodeError, RecursionError) as e:
@@ -314,7 +247,14 @@ def load_importance(
     prefixes = [""] * has_accumulated + [f"{TASK_PREFIX}{k}." for k in range(num_tasks)]
     prefixes += [GENERAL_PREFIX] * has_general
     wanted = {p + n: s for p in prefixes for n, s in expected.items()}
-    problems = [f"missing key {k!r}" for k in sorted(set(wanted) - set(tensors))]
+    # a task may cover a subset of the names (it trained its own PEFT adapter), never none
+    absent = sorted(set(wanted) - set(tensors))
+    problems = [f"missing key {k!r}" for k in absent if not k.startswith(TASK_PREFIX)]
+    problems += [
+        f"task {k} has no importance"
+        for k in range(num_tasks)
+        if not any(task_key(k, n) in tensors for n in expected)
+    ]
     problems += [f"unexpected key {k!r}" for k in sorted(set(tensors) - set(wanted))]
     for key in sorted(set(wanted) & set(tensors)):
         t = tensors[key]
@@ -335,7 +275,10 @@ def load_importance(
         )
     names = list(expected)
     return ImportanceStore.from_parts(
-        [{n: decode(tensors[task_key(k, n)]) for n in names} for k in range(num_tasks)],
+        [
+            {n: decode(tensors[task_key(k, n)]) for n in names if task_key(k, n) in tensors}
+            for k in range(num_tasks)
+        ],
         tasks,
         accumulated={n: decode(tensors[n]) for n in names} if has_accumulated else {},
         general={n: decode(tensors[GENERAL_PREFIX + n]) for n in names} if has_general else None,
@@ -360,23 +303,19 @@ def load_checkpoint(base_model: nn.Module, directory: str | os.PathLike) -> Chec
             f"{str(directory)!r} holds a committed but unfinished save that cannot be "
             f"completed: {e}"
         ) from e
-    missing = [n for n in (CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME) if not (directory / n).is_file()]
+    missing = [n for n in (CONFIG_NAME, IMPORTANCE_NAME) if not (directory / n).is_file()]
     if missing:
         raise MissingFileError(f"{str(directory)!r} lacks {', '.join(missing)}")
     raw_config = read_config_json(directory)
     config = SoftMaskConfig.from_dict(raw_config)
     tasks = read_task_log(directory / IMPORTANCE_NAME, raw_config)
-    weight_shapes, weight_meta = _header(directory / WEIGHTS_NAME)
-    check_weights(
-        base_model, weight_shapes, head_shapes(base_model, tasks), weight_meta.get("model_class", "")
-    )
+    weights_id = check_weights(base_model, directory, head_shapes(base_model, tasks))
     masked, _ = select_parameters(base_model, config)
     method = method_spec(config.method).method_class(base_model, masked, config.method_config)
     store = load_importance(directory / IMPORTANCE_NAME, method.importance_shapes(), tasks)
-    if weight_meta.get("save_id", "") != store.save_id:
+    if weights_id != store.save_id:
         raise CorruptFileError(
-            f"{WEIGHTS_NAME} and {IMPORTANCE_NAME} in {str(directory)!r} come from different "
+            f"the weights and {IMPORTANCE_NAME} in {str(directory)!r} come from different "
             "saves (an interrupted save_pretrained?); refusing to pair them"
         )
-    weights, _ = _open_safetensors(directory / WEIGHTS_NAME)
-    return Checkpoint(config, weights, store)
+    return Checkpoint(config, store)

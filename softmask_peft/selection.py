@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 from torch import nn
@@ -25,14 +26,39 @@ def _under(param_name: str, modules: set[str]) -> bool:
     return any(".".join(parts[:i]) in modules for i in range(1, len(parts)))
 
 
+TASK_HEADS = ("classifier", "score")
+
+
+def default_head_modules(model: nn.Module) -> list[str]:
+    """Heads to assume when `head_modules` is None: those of a transformers task model.
+
+    A PEFT model's `modules_to_save` (the task head PEFT trains in full) and, in a transformers
+    model, the modules named like its task heads (`classifier`, `score`); otherwise none.
+    Masking a freshly initialised head like a backbone weight would stop it learning the next task.
+    """
+    transformers = sys.modules.get("transformers")  # not imported: not a transformers model
+    heads = {
+        name
+        for config in (getattr(model, "peft_config", None) or {}).values()
+        for name in (getattr(config, "modules_to_save", None) or [])
+    }
+    if heads or (transformers is not None and isinstance(model, transformers.PreTrainedModel)):
+        heads.update(n.rsplit(".", 1)[-1] for n in matching_modules(model, list(TASK_HEADS)))
+    return sorted(heads)
+
+
 def select_parameters(model: nn.Module, config: SoftMaskConfig) -> tuple[list[str], list[str]]:
     """Return (masked, heads): trainable parameter names, in `named_parameters()` order.
 
     masked = parameters under a `target_modules` match (all, when None), minus those under
-    `exclude_modules` or `head_modules`; heads = parameters under `head_modules`.
+    `exclude_modules` or `head_modules`; heads = parameters under `head_modules` (when None:
+    `default_head_modules`; pass `[]` for no heads).
     """
     heads: set[str] = set()
-    if config.head_modules:
+    if config.head_modules is None:
+        found = default_head_modules(model)
+        heads = matching_modules(model, found) if found else set()
+    elif config.head_modules:
         heads = matching_modules(model, config.head_modules)
         if not heads:
             raise TargetModulesError(f"head_modules={config.head_modules!r} matches no module")
@@ -58,6 +84,7 @@ def select_parameters(model: nn.Module, config: SoftMaskConfig) -> tuple[list[st
         raise TargetModulesError(
             "no trainable parameter is left to mask "
             f"(target_modules={config.target_modules!r}, exclude_modules={config.exclude_modules!r}, "
-            f"head_modules={config.head_modules!r})"
+            f"head_modules={config.head_modules!r}); a PeftModel loaded for inference has no "
+            "trainable parameter: load it with PeftModel.from_pretrained(..., is_trainable=True)"
         )
     return masked, head_params

@@ -152,7 +152,9 @@ def test_a_format_1_config_moves_das_options_into_the_method_config():
         "task_num_classes": [None],
     }
     cfg = SoftMaskConfig.from_dict(old)
-    assert cfg.method_config == DASConfig(contrastive_weight=0.5, contrastive_temperature=0.1)
+    assert cfg.method_config == DASConfig(
+        contrastive_weight=0.5, contrastive_temperature=0.1, contrastive_positive="grad"
+    )
     assert cfg.mask_mode == "grad" and cfg.head_modules == ["classifier"]
     assert cfg.head_scaling == "all"  # as 0.1.0 scaled every head
 

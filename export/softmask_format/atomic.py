@@ -95,8 +95,9 @@ def commit_files(directory: Path, write: Callable[[Path], None]) -> None:
     marker = staging / COMMIT_MARKER
     try:
         write(staging)
-        for item in staging.iterdir():
-            fsync_file(item)
+        for item in staging.rglob("*"):  # adapters other than PEFT's "default" sit in sub-folders
+            if item.is_file():
+                fsync_file(item)
         atomic_write_text(marker, "")  # the commit point
     except BaseException:
         if not marker.exists():
@@ -139,8 +140,20 @@ def _roll_forward(staging: Path, directory: Path) -> None:
         return
     for item in items:
         if item.name != COMMIT_MARKER and not item.is_symlink():
-            with contextlib.suppress(FileNotFoundError):  # another process moved it first
-                os.replace(item, directory / item.name)
+            _move(item, directory / item.name)
     fsync_directory(directory)
     shutil.rmtree(staging, ignore_errors=True)
     fsync_directory(directory)
+
+
+def _move(item: Path, target: Path) -> None:
+    """Rename a file into place; a folder's files one by one (the target folder may exist)."""
+    if item.is_dir():
+        target.mkdir(exist_ok=True)
+        for child in sorted(item.iterdir()):
+            if not child.is_symlink():
+                _move(child, target / child.name)
+        fsync_directory(target)
+        return
+    with contextlib.suppress(FileNotFoundError):  # another process moved it first
+        os.replace(item, target)

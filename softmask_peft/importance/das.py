@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..batches import model_loss, split_batch, task_loss
 from ..contrastive import info_nce, mean_pool
+from ..distributed import all_reduce_count, all_reduce_sum
 from ..errors import ConfigError, EmptyDataError
 from ..units import apply_virtual_masks, discover_units, ones_masks, parameter_importance
 from .base import Importance, ImportanceMethod, check_finite
@@ -224,8 +225,9 @@ class DAS(ImportanceMethod):
                         if rate:
                             loss, masks = self._masked_loss(batch, self.proxy_kl, rate)
                     state = self._add_mask_gradients(state, loss, masks, batch)
+            general = self._normalized(state)
             _warn_if_no_signal(state, cfg.unit_dropout, rate or 0.0)
-            return self._normalized(state), rate or 0.0
+            return general, rate or 0.0
         finally:
             self.base_model.train(was_training)
 
@@ -273,6 +275,8 @@ class DAS(ImportanceMethod):
         return {k: v.cpu() / state.tokens for k, v in state.sums.items()}
 
     def _normalized(self, state: DASState) -> Importance:
+        # data-parallel ranks: sums and token count over every shard
+        state.sums, state.tokens = all_reduce_sum(state.sums), all_reduce_count(state.tokens)
         raw = self.raw_importance(state)
         check_finite(raw, state.what)
         return {k: normalize_importance(v) for k, v in raw.items()}

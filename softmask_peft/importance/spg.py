@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..batches import cross_entropy, logits_of, model_loss, split_batch, task_loss
+from ..distributed import all_reduce_sum
 from ..errors import EmptyDataError
 from ..heads import MultiHeadClassifier
 from .base import Importance, ImportanceMethod, check_finite
@@ -129,6 +130,7 @@ class SPG(ImportanceMethod):
         """γ^t[p] = max_h |tanh(standardize(g_h[p]))| for every masked parameter."""
         if state.sums is None:
             raise EmptyDataError(f"the importance pass of task {state.task} got no batches")
+        state.sums = all_reduce_sum(state.sums)  # data-parallel ranks: sums over every shard
         check_finite(dict(zip(self.masked, state.sums)), f"SPG importance of task {state.task}")
         return {
             name: torch.stack([normalize_importance(g_h) for g_h in g]).amax(dim=0)

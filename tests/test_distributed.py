@@ -1,0 +1,70 @@
+"""Importance under data parallelism: 2 real gloo processes on CPU (file rendezvous, bounded)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import text_batches, tiny_bert
+from safetensors.torch import load_file
+
+from softmask_peft import SoftMaskConfig, get_softmask_model
+
+WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(tmp_path: Path, modes: str, world: int = 2) -> None:
+    """Run `world` ranks of dist_worker.py; fail the test if any rank fails or hangs."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    init = tmp_path / "rendezvous"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(r), str(world), str(init), str(tmp_path), modes],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(world)
+    ]
+    try:
+        outs = [p.communicate(timeout=180)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """One 2-process launch for every case (process start-up dominates the cost)."""
+    out = tmp_path_factory.mktemp("ddp")
+    launch(out, "spg,das,nan")
+    return out
+
+
+@pytest.mark.parametrize("method", ["spg", "das"])
+def test_two_ranks_get_the_single_process_importance_and_masks(runs, method):
+    ranks = [load_file(runs / f"{method}_rank{r}.safetensors") for r in range(2)]
+    assert ranks[0].keys() == ranks[1].keys()
+    for k in ranks[0]:
+        assert torch.equal(ranks[0][k], ranks[1][k]), k  # bit-identical on every rank
+    cfg = SoftMaskConfig(method=method, head_modules=["classifier"])
+    single = get_softmask_model(tiny_bert(dropout=0.0), cfg)
+    single.begin_task(0)
+    expected = single.end_task(text_batches(n=16, seed=4))  # all batches, one process
+    assert sorted(expected) == sorted(k for k in ranks[0] if not k.startswith("keep."))
+    for k, v in expected.items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
+    assert any(float(v.max()) > 0.5 for v in expected.values())  # not a trivial all-zero case
+
+
+def test_a_nan_on_one_rank_raises_on_every_rank(runs):
+    texts = [(runs / f"nan_rank{r}.txt").read_text() for r in range(2)]
+    assert texts == ["NonFiniteGradientError"] * 2
