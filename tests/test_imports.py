@@ -19,8 +19,8 @@ import importlib, json, pkgutil, sys
 import softmask_peft
 from softmask_peft import SoftMaskConfig, SoftMaskModel, SoftMaskOptimizer  # the lazy API
 names = [m.name for m in pkgutil.walk_packages(softmask_peft.__path__, "softmask_peft.")]
-for name in names:
-    if name != "softmask_peft.__main__":
+for name in names:  # the optional integrations pull in their host libraries (checked below)
+    if name != "softmask_peft.__main__" and ".integrations" not in name:
         importlib.import_module(name)
 top = {m.split(".")[0] for m in sys.modules}
 print(json.dumps({"modules": len(names), "top": sorted(top)}))
@@ -106,3 +106,10 @@ def test_no_import_cycles_anywhere_function_local_imports_included() -> None:
     for start in sorted(graph):
         visit(start, [])
     assert cycles == []
+
+
+def test_the_integrations_import_no_harness_dependency() -> None:
+    script = IMPORT_ALL.replace('".integrations" not in name', "True")
+    result = _run(script)
+    assert {"transformers", "lightning"} <= set(result["top"])  # they were imported
+    assert {"sklearn", "mnist1d", "softmask_bench"} & set(result["top"]) == set()

@@ -193,7 +193,7 @@ def test_auto_mask_mode_follows_the_optimizer():
 
 def test_new_head_parameters_are_adopted_after_begin_task():
     net = multi_head()
-    model = get_softmask_model(net, SoftMaskConfig())
+    model = get_softmask_model(net, SoftMaskConfig(head_scaling="all"))  # scaled: tested too
     model.begin_task(0, num_classes=3)
     opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
     batches = classification_batches()
