@@ -323,8 +323,15 @@ def test_masks_follow_the_model_to_another_dtype(mode):
     assert all(k.dtype == torch.float64 for g in model.keep_masks.groups for k in g.keep)
 
 
-def test_optimizer_deepcopies():
+def test_a_deep_copy_masks_its_own_copy_of_the_model():
     model = model_at_task_one()
     opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
-    clone = copy.deepcopy(opt)
-    assert clone.mask_mode == opt.mask_mode and clone.param_groups[0]["lr"] == 0.1
+    clone_model, clone = copy.deepcopy((model, opt))
+    before = snapshot(model.base_model)
+    w0 = clone_model.base_model.weight.detach().clone()
+    clone.zero_grad()
+    loss_of(clone_model, classification_batches()[0]).backward()
+    g = clone_model.base_model.weight.grad.clone()
+    clone.step()
+    assert same_state(snapshot(model.base_model), before)  # the original is untouched
+    torch.testing.assert_close(clone_model.base_model.weight.detach(), w0 - 0.1 * 0.5 * g)

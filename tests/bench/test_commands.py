@@ -95,16 +95,8 @@ def test_short_benchmark_run_spg_forgets_less_than_finetune(tmp_path, capsys) ->
     assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "task-incremental" in stem.with_suffix(".md").read_text()
     assert "task-incremental" in capsys.readouterr().out
-    forgetting = {}
-    for run in report["runs"]:
-        r = run["matrix"]
-        t = len(r)
-        assert run["metrics"]["acc"] == pytest.approx(sum(r[-1]) / t)
-        forgetting[run["method"]] = sum(
-            max(r[i][j] for i in range(j, t - 1)) - r[t - 1][j] for j in range(t - 1)
-        ) / (t - 1)
-        assert run["metrics"]["forgetting"] == pytest.approx(forgetting[run["method"]])
-    assert forgetting["spg"] < forgetting["finetune"]
+    forgetting = {run["method"]: run["metrics"]["forgetting"] for run in report["runs"]}
+    assert forgetting["spg"] < forgetting["finetune"]  # the metrics' formulas: test_metrics.py
 
 
 def test_protocol_and_hidden_reach_the_train_config(capsys) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from edge_helpers import (
     SmallCNN,
     batches,
@@ -120,4 +119,3 @@ def test_tiny_bert_learns_on_device_with_adamw(tmp_path):
         expected = net(**example).logits.numpy()
     got = learner.predict({k: v.numpy() for k, v in example.items()})
     np.testing.assert_allclose(got, expected, atol=1e-4)
-    assert F.softmax(torch.from_numpy(got), -1).sum().item() > 0
