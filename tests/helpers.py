@@ -79,8 +79,8 @@ def tiny_bert(num_labels: int = 3, seed: int = 0, dropout: float = 0.0, **overri
     return BertForSequenceClassification(tiny_bert_config(num_labels, dropout, **overrides)).eval()
 
 
-def tiny_gpt2(seed: int = 0):
-    """GPT2LMHeadModel from a tiny random GPT2Config (no download)."""
+def tiny_gpt2(seed: int = 0, dropout: float = 0.1):
+    """GPT2LMHeadModel from a tiny random GPT2Config (no download); GPT-2's dropout is 0.1."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -92,6 +92,9 @@ def tiny_gpt2(seed: int = 0):
         n_head=2,
         bos_token_id=0,
         eos_token_id=0,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
     )
     return GPT2LMHeadModel(cfg).eval()
 

@@ -186,34 +186,7 @@ def test_general_importance_runs_in_train_mode_and_restores_eval():
 # models without dropout (issue 13) -------------------------------------------------------------
 
 
-def issue_llama():
-    """The issue's reproduction: a default LlamaConfig (dropout 0) at tiny size."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg)
-
-
-def gpt2_without_dropout():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    return GPT2LMHeadModel(cfg)
-
-
-DROPOUT_FREE = {"llama": issue_llama, "gpt2-dropout-0": gpt2_without_dropout}
+DROPOUT_FREE = {"llama": tiny_llama, "gpt2-dropout-0": lambda: tiny_gpt2(dropout=0.0)}  # Llama: dropout 0
 
 
 @pytest.mark.parametrize("arch", sorted(DROPOUT_FREE))
@@ -244,7 +217,7 @@ def test_general_importance_is_nonzero_on_llama_and_gpt2(arch):
 
 
 def test_general_importance_with_unit_dropout_off_on_llama_is_zero_and_warns():
-    model = das_model(issue_llama(), DASConfig(unit_dropout="off"))
+    model = das_model(tiny_llama(), DASConfig(unit_dropout="off"))
     with pytest.warns(RuntimeWarning, match="unit_dropout='off'.*Fix: set DASConfig"):
         general = model.general_importance(lm_batches())
     assert all(float(v.abs().max()) == 0.0 for v in general.values())
