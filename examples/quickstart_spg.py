@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from softmask_peft import SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
-from softmask_peft.heads import MultiHeadClassifier
+from softmask_peft import MultiHeadClassifier, SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
 
 torch.manual_seed(0)
 NUM_TASKS, DIM = 4, 20
@@ -31,8 +30,8 @@ backbone = nn.Sequential(
     nn.Linear(DIM, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 64), nn.ReLU()
 )
 net = MultiHeadClassifier(backbone, feature_dim=64)
-model = get_softmask_model(net, SoftMaskConfig(method="spg", head_modules=["heads"]))
-opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, mask_mode="grad")
+model = get_softmask_model(net, SoftMaskConfig(method="spg"))  # heads: the task heads
+opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)  # SGD: grad masking
 
 
 @torch.no_grad()
@@ -46,7 +45,6 @@ for t, (train, _) in enumerate(tasks):
     model.begin_task(t, num_classes=2)
     before = "  ".join(f"task {j}: {accuracy(j):.3f}" for j in range(t + 1))
     print(f"before task {t} (new head untrained)  | {before}")
-    head_keep = model.head_keep()  # 1 - mean(A): how fast the heads may move this task
     model.train()
     for _epoch in range(20):
         for x, y in train:
@@ -55,7 +53,7 @@ for t, (train, _) in enumerate(tasks):
             opt.step()
     model.end_task(train)
     row = "  ".join(f"task {j}: {accuracy(j):.3f}" for j in range(t + 1))
-    print(f"after task {t}  (head keep {head_keep:.2f}) | {row}")
+    print(f"after task {t}                         | {row}")
 
 model.save_pretrained("run/quickstart")
 print("saved to run/quickstart:", sorted(p.name for p in Path("run/quickstart").iterdir()))

@@ -86,3 +86,20 @@ def test_trainer_example_under_two_processes(tmp_path):
 
     base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final")
     assert SoftMaskModel.from_pretrained(base, tmp_path / "final").num_tasks == 2
+
+
+def test_plain_pytorch_quickstart_example(tmp_path):
+    out = run("examples/quickstart_spg.py")
+    rows = [line for line in out.splitlines() if line.startswith("after task 3")]
+    accs = [float(v) for v in rows[0].split("|")[1].split()[2::3]]
+    assert min(accs) > 0.85, out  # every earlier task still solved after the last one
+
+
+def test_das_causal_lm_example():
+    out = run("examples/train_das_causal_lm.py")
+    assert "after high:" in out and "layer-0 head importance" in out
+
+
+def test_device_example():
+    out = run("examples/device_learner.py")
+    assert "server now knows: ['task_0', 'learned_on_device']" in out
