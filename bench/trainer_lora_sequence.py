@@ -12,7 +12,7 @@ One labelling solves all three (docs, licences -> 0; descriptions, READMEs -> 1)
 is interference, not contradiction. Methods with the same budget (epochs, lr, batch, LoRA r):
 plain LoRA fine-tuning (`transformers.Trainer`) and SPG (`SoftMaskTrainer`, update masking
 under AdamW). Prints the accuracy matrix R[i][j] (after task i, on task j), ACC, BWT and
-forgetting (DESIGN §9), and the adapter and importance file sizes; writes JSON.
+forgetting, and the adapter and importance file sizes; writes JSON.
 """
 
 from __future__ import annotations

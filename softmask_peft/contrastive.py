@@ -18,7 +18,7 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
 def info_nce(
     anchor: Tensor, positive: Tensor, general: Tensor | None, temperature: float
 ) -> Tensor:
-    """InfoNCE with cosine similarity, DAS's integration term (DESIGN §5).
+    """InfoNCE with cosine similarity, DAS's integration term.
 
     For sequence i, with s(u, v) = cos(u, v) / τ:
 

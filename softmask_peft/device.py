@@ -114,7 +114,7 @@ def _trace(
     dynamic: dict[str, dict[int, str]],
     opset: int,
 ) -> Any:
-    """torch.onnx.export as DESIGN §7 requires (training mode, no folding, TorchScript)."""
+    """torch.onnx.export as ONNX Runtime Training needs (training mode, no folding, TorchScript)."""
     import onnx
 
     buffer = io.BytesIO()

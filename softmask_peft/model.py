@@ -201,9 +201,10 @@ class SoftMaskModel(nn.Module):
         """Keep a general importance computed elsewhere (e.g. `model.method.general_pass`)."""
         shapes = self.method.importance_shapes()
         bad = sorted(k for k in shapes if k not in importance or importance[k].shape != shapes[k])
-        if bad or set(importance) - set(shapes):
+        bad += sorted(set(importance) - set(shapes))
+        if bad:
             raise ImportanceMismatchError(
-                f"general importance does not fit this model's units: {bad[:5] or sorted(set(importance) - set(shapes))[:5]}"
+                f"general importance does not fit this model's units: {', '.join(bad[:5])}"
             )
         self.store.set_general(importance)
         if self.store.open_task is not None:

@@ -385,7 +385,7 @@ def _along(module: nn.Module, values: Tensor, axis: str) -> dict[str, Tensor]:
 def parameter_importance(
     blocks: Sequence[BlockUnits], importance: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
-    """Map unit importance onto parameters (DESIGN §5), keyed by full parameter name.
+    """Map unit importance onto parameters, keyed by full parameter name.
 
     head h: rows of Q, K, V that produce it (a K/V head shared by a group of query heads, as in
     grouped-query attention, takes the group's max) and the output projection's columns that

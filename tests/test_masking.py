@@ -1,4 +1,4 @@
-"""Soft-masking around the optimizer step (DESIGN §3-4), with importance set by hand.
+"""Soft-masking around the optimizer step, with importance set by hand.
 
 Gradients are assigned by hand each step, so a masked model and a plain twin see the same
 gradients and their trajectories can be compared element by element.

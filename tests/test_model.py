@@ -1,4 +1,4 @@
-"""SoftMaskModel: wrapping, task lifecycle, and persistence (DESIGN §6)."""
+"""SoftMaskModel: wrapping, task lifecycle, and persistence."""
 
 from __future__ import annotations
 

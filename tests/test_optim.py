@@ -1,4 +1,4 @@
-"""SoftMaskOptimizer keeps torch.optim's contract (DESIGN §4)."""
+"""SoftMaskOptimizer keeps torch.optim's contract."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPG: parameter-level importance (Konishi et al., ICML 2023), as DESIGN §3.
+"""SPG: parameter-level importance (Konishi et al., ICML 2023).
 
 For task t and every head h <= t, over all of task t's training batches (train mode):
 

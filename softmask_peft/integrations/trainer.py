@@ -86,7 +86,7 @@ class SoftMaskTrainer(Trainer):
     # the task sequence -------------------------------------------------------------------------
 
     def begin_task(self, task_id: int, name: str | None = None) -> None:
-        """`model.begin_task` and a fresh optimizer and scheduler for this task (DESIGN §3)."""
+        """`model.begin_task` and a fresh optimizer and scheduler for this task."""
         self.model.begin_task(task_id, name=name)
         self.optimizer = None
         self.lr_scheduler = None

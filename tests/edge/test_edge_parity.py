@@ -1,4 +1,4 @@
-"""Device steps and device importance equal the PyTorch reference (DESIGN §3, §4, §7)."""
+"""Device steps and device importance equal the PyTorch reference."""
 
 from __future__ import annotations
 

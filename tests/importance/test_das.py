@@ -1,5 +1,5 @@
 """DAS importance: hand-made gradients, mask gradients vs weight gradients, proxy KL, masking,
-contrastive pairing and persistence (DESIGN §5, §6)."""
+contrastive pairing and persistence."""
 
 from __future__ import annotations
 

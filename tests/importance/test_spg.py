@@ -1,4 +1,4 @@
-"""SPG importance (DESIGN §3) against closed-form gradients computed in the test.
+"""SPG importance against closed-form gradients computed in the test.
 
 Linear models give every gradient by hand: for logits = W x + b and the batch-mean CE,
 dL/dlogits = (softmax - onehot) / B; for the sum of a head's logits, dL/dz = W_hᵀ 1.
