@@ -6,8 +6,11 @@ IMPORTANCE_DTYPES = ("float32", "float16", "uint8")  # encoded by `codec`
 CONFIG_NAME = "softmask_config.json"
 IMPORTANCE_NAME = "softmask_importance.safetensors"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 2  # 2: the task log and DAS's general importance live in the importance file
-READABLE_FORMAT_VERSIONS = (1, 2)
+# 2: the task log and DAS's general importance live in the importance file
+# 3: uint8 importance is the log-keep code (codec.py); formats 1-2 stored round(255 · A)
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
+LOG_UINT8_SINCE = 3  # first format (torch and device) whose uint8 importance is log-keep
 
 # device artifacts (softmask_edge)
 MANIFEST_NAME = "manifest.json"
@@ -15,5 +18,5 @@ TRAINING_MODEL_NAME = "training_model.onnx"
 EVAL_MODEL_NAME = "eval_model.onnx"
 OPTIMIZER_MODEL_NAME = "optimizer_model.onnx"
 IMPORTANCE_MODEL_NAME = "importance_update.onnx"
-DEVICE_FORMAT_VERSION = 2  # 2: the task log and DAS's general importance live in the importance file
-READABLE_FORMAT_VERSIONS = (1, 2)
+# 2: the task log and DAS's general importance live in the importance file; 3: log-keep uint8
+DEVICE_FORMAT_VERSION = 3
