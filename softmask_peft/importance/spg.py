@@ -9,6 +9,14 @@ The backbone runs forward once per batch for all heads; the heads' gradients wit
 the shared features are stacked and pushed through the backbone in one batched backward pass
 (`is_grads_batched`), where the official code does a forward and backward pass per head and
 copies every gradient to the CPU.
+
+Last layer, factored: when the features end in z = φ(u), u = a Wᵀ + b (an `nn.Linear` followed
+only by element-wise modules, checked on every batch through forward hooks), head h's
+gradient at u is δ_h = dz_h ⊙ s with s = ∂z/∂u per element. An earlier head's loss Σ logits
+has the same dz_h = d_h in every row (checked exactly), so its weight gradient
+Σ_i (d_h ⊙ s_i) a_iᵀ = d_h ⊙ (Σ_i s_i a_iᵀ) shares one product sᵀa across those heads, and
+its bias gradient is d_h ⊙ Σ_i s_i; the batched backward then starts at u and skips W and b.
+Same values up to float rounding (the sums are taken in another order).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..batches import cross_entropy, logits_of, model_loss, split_batch, task_loss
 from ..errors import EmptyDataError
@@ -40,6 +48,7 @@ class SPGState:
     params: list[Tensor]
     sums: list[Tensor] | None = None
     batched_backward: bool = True  # cleared once an op without a batching rule is met
+    factored_last_layer: bool = True  # the shared sᵀa product where it applies (same values)
 
 
 class SPG(ImportanceMethod):
@@ -77,18 +86,41 @@ class SPG(ImportanceMethod):
     def _multi_head_grads(
         self, state: SPGState, base: MultiHeadClassifier, x: Tensor, y: Tensor
     ) -> list[Tensor]:
-        params = state.params
-        z = base.features(x)
+        with _LinearTail(base.backbone) as tail:
+            z = base.features(x)
         heads = list(base.heads)[: state.task + 1]
         losses = [heads[h](z).sum() for h in range(state.task)]
         losses.append(cross_entropy(heads[state.task](z), y))
         dz = torch.stack([torch.autograd.grad(L, z, retain_graph=True)[0] for L in losses])
+        last = tail.last_linear(z) if state.factored_last_layer else None
+        own: dict[int, str] = {}
+        if last is not None:
+            linear = last[0]
+            own = {
+                id(p): k
+                for k, p in (("weight", linear.weight), ("bias", linear.bias))
+                if p is not None and any(p is q for q in state.params)
+            }
+        if not own:
+            return self._backward(state, z, dz, state.params)
+        _, a, u = last
+        (s,) = torch.autograd.grad(z, u, grad_outputs=torch.ones_like(z), retain_graph=True)
+        delta = dz * s  # (heads, batch, out): gradient of every head's loss at u
+        rest = [p for p in state.params if id(p) not in own]
+        rest_grads = iter(self._backward(state, u, delta, rest) if rest else [])
+        factored = _factored_linear_grads(dz, s, delta, a.detach())
+        return [factored[own[id(p)]] if id(p) in own else next(rest_grads) for p in state.params]
+
+    def _backward(
+        self, state: SPGState, out: Tensor, grad_out: Tensor, params: list[Tensor]
+    ) -> list[Tensor]:
+        """Σ over the batch of grad_out[h] · ∂out/∂p for every head h, stacked per parameter."""
         if state.batched_backward:
             try:
                 grads = torch.autograd.grad(
-                    z,
+                    out,
                     params,
-                    grad_outputs=dz,
+                    grad_outputs=grad_out,
                     is_grads_batched=True,
                     allow_unused=True,
                     retain_graph=True,
@@ -97,14 +129,16 @@ class SPG(ImportanceMethod):
                 state.batched_backward = False  # an op without a batching rule: loop over heads
         if not state.batched_backward:
             per_head = [
-                torch.autograd.grad(z, params, grad_outputs=d, allow_unused=True, retain_graph=True)
-                for d in dz
+                torch.autograd.grad(
+                    out, params, grad_outputs=d, allow_unused=True, retain_graph=True
+                )
+                for d in grad_out
             ]
             return [
                 torch.stack([torch.zeros_like(p) if g is None else g for g in gs])
                 for gs, p in zip(zip(*per_head), params)
             ]
-        n = len(losses)
+        n = grad_out.shape[0]
         return [
             torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
             for g, p in zip(grads, params)
@@ -117,7 +151,8 @@ class SPG(ImportanceMethod):
         task's sum stops growing (in bfloat16, 256 + 1 == 256) and distorts the importance.
         """
         grads = [
-            g.to(torch.promote_types(g.dtype, torch.float32)) for g in self._head_grads(state, batch)
+            g.to(torch.promote_types(g.dtype, torch.float32))
+            for g in self._head_grads(state, batch)
         ]
         if state.sums is None:  # autograd may hand back expanded views: own the accumulators
             state.sums = [g.clone() for g in grads]
@@ -134,3 +169,80 @@ class SPG(ImportanceMethod):
             name: torch.stack([normalize_importance(g_h) for g_h in g]).amax(dim=0)
             for name, g in zip(self.masked, state.sums)
         }
+
+
+# modules whose output depends on their input element by element (a diagonal Jacobian)
+_ELEMENTWISE = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Dropout,
+    nn.Identity,
+)
+
+
+class _LinearTail:
+    """Records the leaf modules a forward pass calls, to find features z = φ(Linear(a)).
+
+    `last_linear(z)` gives (linear, a, u) when the last `nn.Linear` call took a 2-D input and
+    every later call is an element-wise module (not in place) fed by the previous output, the
+    last of which is z; otherwise None (the factored path does not apply).
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        self.leaves = [m for m in backbone.modules() if next(m.children(), None) is None]
+        self.calls: list[tuple[nn.Module, tuple, Any]] = []
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _LinearTail:
+        self.handles = [m.register_forward_hook(self._record) for m in self.leaves]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _record(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.calls.append((module, args, output))
+
+    def last_linear(self, z: Tensor) -> tuple[nn.Linear, Tensor, Tensor] | None:
+        linear_at = [i for i, (m, _, _) in enumerate(self.calls) if isinstance(m, nn.Linear)]
+        if not linear_at:
+            return None
+        linear, args, u = self.calls[linear_at[-1]]
+        previous = u
+        for module, inputs, output in self.calls[linear_at[-1] + 1 :]:
+            if (
+                not isinstance(module, _ELEMENTWISE)
+                or getattr(module, "inplace", False)
+                or len(inputs) != 1
+                or inputs[0] is not previous
+            ):
+                return None
+            previous = output
+        ok = previous is z and len(args) == 1 and args[0].dim() == 2 and u.requires_grad
+        return (linear, args[0], u) if ok else None
+
+
+def _factored_linear_grads(dz: Tensor, s: Tensor, delta: Tensor, a: Tensor) -> dict[str, Tensor]:
+    """Per-head gradients of the last linear layer's weight and bias, (heads, *shape).
+
+    Heads whose dz has one row repeated over the batch share sᵀa (see the module docstring);
+    the others (the current task's cross-entropy) take δ_hᵀ a.
+    """
+    constant = [bool((d == d[0]).all()) for d in dz]
+    weight, bias = [], []
+    shared = s.transpose(0, 1) @ a if any(constant) else None
+    s_sum = s.sum(0)
+    for h, d in enumerate(dz):
+        if constant[h]:
+            weight.append(d[0].unsqueeze(1) * shared)
+            bias.append(d[0] * s_sum)
+        else:
+            weight.append(delta[h].transpose(0, 1) @ a)
+            bias.append(delta[h].sum(0))
+    return {"weight": torch.stack(weight), "bias": torch.stack(bias)}
