@@ -117,8 +117,10 @@ def encode_nodes(value: str, out: str, dtype: str) -> list[onnx.NodeProto]:
         return [helper.make_node("Identity", [value], [out])]
     if dtype == "uint8":
         t = out + ".u8"
+        a = t + ".a"  # clipped: ORT's Tanh can return 1 + 1 ulp, whose keep has no log
         return [
-            helper.make_node("Sub", [c + "codec_one", value], [t + ".keep"]),
+            helper.make_node("Clip", [value, c + "codec_zero", c + "codec_one"], [a]),
+            helper.make_node("Sub", [c + "codec_one", a], [t + ".keep"]),
             helper.make_node("Log", [t + ".keep"], [t + ".ln"]),
             helper.make_node("Mul", [t + ".ln", c + "uint8_log_scale"], [t + ".steps"]),
             helper.make_node("Add", [t + ".steps", c + "half"], [t + ".shifted"]),
@@ -130,8 +132,8 @@ def encode_nodes(value: str, out: str, dtype: str) -> list[onnx.NodeProto]:
             helper.make_node("Add", [t + ".est", c + "int_one"], [t + ".next"]),
             helper.make_node("Gather", [c + "uint8_bounds", t + ".est"], [t + ".lo"]),
             helper.make_node("Gather", [c + "uint8_bounds", t + ".next"], [t + ".hi"]),
-            helper.make_node("Less", [value, t + ".lo"], [t + ".below"]),
-            helper.make_node("GreaterOrEqual", [value, t + ".hi"], [t + ".above"]),
+            helper.make_node("Less", [a, t + ".lo"], [t + ".below"]),
+            helper.make_node("GreaterOrEqual", [a, t + ".hi"], [t + ".above"]),
             helper.make_node("Cast", [t + ".below"], [t + ".down"], to=TensorProto.INT64),
             helper.make_node("Cast", [t + ".above"], [t + ".up"], to=TensorProto.INT64),
             helper.make_node("Sub", [t + ".est", t + ".down"], [t + ".est_d"]),
