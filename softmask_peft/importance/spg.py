@@ -188,9 +188,10 @@ _ELEMENTWISE = (
 class _LinearTail:
     """Records the leaf modules a forward pass calls, to find features z = φ(Linear(a)).
 
-    `last_linear(z)` gives (linear, a, u) when the last `nn.Linear` call took a 2-D input and
+    `last_linear(z)` gives (linear, a, u) when the last `nn.Linear` call took a 2-D input,
     every later call is an element-wise module (not in place) fed by the previous output, the
-    last of which is z; otherwise None (the factored path does not apply).
+    last of which is z, and z's graph uses the layer's parameters nowhere else; otherwise
+    None (the factored path does not apply).
     """
 
     def __init__(self, backbone: nn.Module) -> None:
@@ -225,7 +226,27 @@ class _LinearTail:
                 return None
             previous = output
         ok = previous is z and len(args) == 1 and args[0].dim() == 2 and u.requires_grad
-        return (linear, args[0], u) if ok else None
+        return (linear, args[0], u) if ok and _used_once(z, linear) else None
+
+
+def _used_once(z: Tensor, linear: nn.Linear) -> bool:
+    """Whether z's autograd graph reads the layer's weight and bias once each, so the single
+    recorded call holds their whole gradient (not so for a layer called twice or a weight
+    also used functionally elsewhere in the backbone)."""
+    params = [p for p in (linear.weight, linear.bias) if p is not None and p.requires_grad]
+    uses = {id(p): 0 for p in params}
+    seen, stack = set(), [z.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        for nxt, _ in fn.next_functions:
+            var = getattr(nxt, "variable", None)
+            if var is not None and id(var) in uses:
+                uses[id(var)] += 1
+            stack.append(nxt)
+    return all(n == 1 for n in uses.values())
 
 
 def _factored_linear_grads(dz: Tensor, s: Tensor, delta: Tensor, a: Tensor) -> dict[str, Tensor]:

@@ -338,7 +338,23 @@ class FlippedFeatures(nn.Module):
         return self.act(self.fc(x)).flip(-1)
 
 
+class ReusedLastLayer(nn.Module):
+    """The last linear layer's weight read twice: called twice, or also used functionally."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.fc0, self.fc, self.act = nn.Linear(4, 5), nn.Linear(5, 5), nn.ReLU()
+        self.functional = functional
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc0(x))
+        h = torch.tanh(F.linear(h, self.fc.weight) if self.functional else self.fc(h))
+        return self.act(self.fc(h))  # the tail alone would pass: Linear then ReLU
+
+
 NOT_FACTORED = {
+    "called_twice": lambda: ReusedLastLayer(functional=False),
+    "weight_also_used_functionally": lambda: ReusedLastLayer(functional=True),
     "layer_norm": lambda: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5)),
     "softmax": lambda: nn.Sequential(nn.Linear(4, 5), nn.Softmax(dim=-1)),
     "in_place_relu": lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True)),
