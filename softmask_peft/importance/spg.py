@@ -211,14 +211,15 @@ class _LinearTail:
         self.calls.append((module, args, output))
 
     def last_linear(self, z: Tensor) -> tuple[nn.Linear, Tensor, Tensor] | None:
-        linear_at = [i for i, (m, _, _) in enumerate(self.calls) if isinstance(m, nn.Linear)]
+        # exact types: a subclass (a quantized or adapter Linear, say) may compute otherwise
+        linear_at = [i for i, (m, _, _) in enumerate(self.calls) if type(m) is nn.Linear]
         if not linear_at:
             return None
         linear, args, u = self.calls[linear_at[-1]]
         previous = u
         for module, inputs, output in self.calls[linear_at[-1] + 1 :]:
             if (
-                not isinstance(module, _ELEMENTWISE)
+                type(module) not in _ELEMENTWISE
                 or getattr(module, "inplace", False)
                 or len(inputs) != 1
                 or inputs[0] is not previous

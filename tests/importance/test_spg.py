@@ -352,7 +352,15 @@ class ReusedLastLayer(nn.Module):
         return self.act(self.fc(h))  # the tail alone would pass: Linear then ReLU
 
 
+class DoubledLinear(nn.Linear):
+    """A Linear subclass that computes otherwise: u = 2 (a Wᵀ + b)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 2 * super().forward(x)
+
+
 NOT_FACTORED = {
+    "linear_subclass": lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), DoubledLinear(5, 5)),
     "called_twice": lambda: ReusedLastLayer(functional=False),
     "weight_also_used_functionally": lambda: ReusedLastLayer(functional=True),
     "layer_norm": lambda: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5)),
