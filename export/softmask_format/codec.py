@@ -5,7 +5,7 @@ grid of 1/16 octave: code c holds k = 2^(−c/16) for c = 0..254 (c = 0: A = 0 e
 c = 255 holds k = 0 (A = 1 exactly). Every keep in [2^-15.9, 1] is kept within 2.2 %
 (2^(1/32) − 1) of its value, where the linear code of 0.1.0 / format 1-2 (round(255 · A),
 decoded as c / 255, `decode(..., linear_uint8=True)`) rounds every keep below 1/510 to 0 and
-keeps 0.01 only within ±20 %. A code is found by comparing A with the 255 float32 boundaries
+keeps 0.01 only within ±18 %. A code is found by comparing A with the 255 float32 boundaries
 between neighbouring grid values (midpoints in log k), so a decoded value re-encodes to its
 own code and numpy and the ONNX nodes of `softmask_edge.graphs` agree bit for bit: both read
 the same tables `UINT8_DECODE_TABLE` and `UINT8_BOUNDARIES`.
