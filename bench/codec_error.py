@@ -18,7 +18,7 @@ RANGES = [(0.5, 1.0), (0.1, 0.5), (0.01, 0.1), (1e-3, 1e-2), (1e-4, 1e-3), (2e-5
 
 
 def round_trips(a: np.ndarray) -> dict[str, np.ndarray]:
-    linear = np.round(a * np.float32(255)).astype(np.uint8)
+    linear = np.round(a * np.float32(codec.LINEAR_UINT8_SCALE)).astype(np.uint8)
     return {
         "float16": codec.decode(codec.encode(a, "float16")),
         "uint8_linear": codec.decode(linear, linear_uint8=True),
