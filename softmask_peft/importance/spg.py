@@ -254,17 +254,19 @@ def _factored_linear_grads(dz: Tensor, s: Tensor, delta: Tensor, a: Tensor) -> d
     """Per-head gradients of the last linear layer's weight and bias, (heads, *shape).
 
     Heads whose dz has one row repeated over the batch share sᵀa (see the module docstring);
-    the others (the current task's cross-entropy) take δ_hᵀ a.
+    the others (the current task's cross-entropy) take δ_hᵀ a. Written in place, head by head.
     """
+    heads, _, width = dz.shape
+    weight = dz.new_empty((heads, width, a.shape[1]))
+    bias = dz.new_empty((heads, width))
     constant = [bool((d == d[0]).all()) for d in dz]
-    weight, bias = [], []
     shared = s.transpose(0, 1) @ a if any(constant) else None
     s_sum = s.sum(0)
     for h, d in enumerate(dz):
         if constant[h]:
-            weight.append(d[0].unsqueeze(1) * shared)
-            bias.append(d[0] * s_sum)
+            torch.mul(d[0].unsqueeze(1), shared, out=weight[h])
+            torch.mul(d[0], s_sum, out=bias[h])
         else:
-            weight.append(delta[h].transpose(0, 1) @ a)
-            bias.append(delta[h].sum(0))
-    return {"weight": torch.stack(weight), "bias": torch.stack(bias)}
+            torch.matmul(delta[h].transpose(0, 1), a, out=weight[h])
+            torch.sum(delta[h], 0, out=bias[h])
+    return {"weight": weight, "bias": bias}
