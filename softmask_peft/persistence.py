@@ -1,14 +1,16 @@
 """save_pretrained / from_pretrained mechanics: the files, their validation, the commit.
 
 A save writes, as one commit (`softmask_format.atomic.commit_files`): `softmask_config.json`, the importance
-file and the base model's weights. Importance file (format 2):
+file and the base model's weights. Importance file (format 3):
 
     tensors   {name}: accumulated A     task.{k}.{name}: task k's importance
               general.{name}: DAS's general importance (when computed)
     metadata  format, softmask_version, format_version, num_tasks, tasks (JSON task log),
               dtype, save_id
 
-Format 1 (0.1.0) kept the task log in the config and had no general importance; it loads.
+Format 1 (0.1.0) kept the task log in the config and had no general importance; formats 1
+and 2 stored uint8 importance as round(255 · A), format 3 as the log-keep code
+(`softmask_format.codec`); the format version in the metadata picks the decoder, so all load.
 Everything is validated before anything is built: a file only makes us allocate what its own
 bytes justify (head sizes are checked against the weights file's header first).
 """
@@ -34,6 +36,7 @@ from softmask_format.names import (
     FORMAT_VERSION,
     IMPORTANCE_DTYPES,
     IMPORTANCE_NAME,
+    LOG_UINT8_SINCE,
     READABLE_FORMAT_VERSIONS,
 )
 from softmask_format.version import package_version
@@ -59,13 +62,17 @@ MAX_CLASSES = 1_000_000
 
 
 def encode(a: Tensor, dtype: str) -> Tensor:
-    """Importance in [0, 1] -> storage dtype, by `softmask_format.codec` (uint8: round(A * 255))."""
+    """Importance in [0, 1] -> storage dtype, by `softmask_format.codec` (uint8: log-keep code)."""
     return torch.from_numpy(codec.encode(a.detach().to("cpu", torch.float32).numpy(), dtype))
 
 
-def decode(a: Tensor) -> Tensor:
-    """Storage dtype -> float32 importance, by `softmask_format.codec` (uint8: A / 255)."""
-    return torch.from_numpy(codec.decode(a.numpy()))
+def decode(a: Tensor, format_version: int = FORMAT_VERSION) -> Tensor:
+    """Storage dtype -> float32 importance, by `softmask_format.codec`.
+
+    uint8 is the log-keep code from format 3 on, c / 255 in files of format 1-2.
+    """
+    linear = format_version < LOG_UINT8_SINCE
+    return torch.from_numpy(codec.decode(a.numpy(), linear_uint8=linear))
 
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
@@ -263,7 +270,7 @@ def load_importance(
         elif t.dtype != _TORCH_DTYPES[dtype]:
             problems.append(f"{key}: dtype {t.dtype} but the file's metadata says {dtype}")
         else:
-            v = decode(t)
+            v = decode(t, version)
             if not bool(torch.isfinite(v).all()) or (v.numel() and (v.min() < 0 or v.max() > 1)):
                 problems.append(f"{key}: values outside [0, 1]")
     if not num_tasks <= len(tasks) <= num_tasks + 1:
@@ -274,14 +281,18 @@ def load_importance(
             f"cannot load importance from {str(path)!r}:\n  " + "\n  ".join(shown)
         )
     names = list(expected)
+
+    def read(key: str) -> Tensor:
+        return decode(tensors[key], version)
+
     return ImportanceStore.from_parts(
         [
-            {n: decode(tensors[task_key(k, n)]) for n in names if task_key(k, n) in tensors}
+            {n: read(task_key(k, n)) for n in names if task_key(k, n) in tensors}
             for k in range(num_tasks)
         ],
         tasks,
-        accumulated={n: decode(tensors[n]) for n in names} if has_accumulated else {},
-        general={n: decode(tensors[GENERAL_PREFIX + n]) for n in names} if has_general else None,
+        accumulated={n: read(n) for n in names} if has_accumulated else {},
+        general={n: read(GENERAL_PREFIX + n) for n in names} if has_general else None,
         save_id=metadata.get("save_id", ""),
     )
 

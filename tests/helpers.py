@@ -12,6 +12,11 @@ from torch import Tensor, nn
 from softmask_peft import SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
 from softmask_peft.heads import MultiHeadClassifier
 
+# uint8 importance (log-keep code, format 3): keep = 1 − A within 2^(1/32) − 1 of its value, so
+# |ΔA| <= that bound everywhere (keep <= 1); keeps below 2^-15.9 are stored as A = 1
+UINT8_KEEP_RTOL = 2 ** (1 / 32) - 1
+UINT8_A_TOL = UINT8_KEEP_RTOL + 1e-6
+
 
 def linear_model(in_features: int = 4, num_classes: int = 3, seed: int = 0) -> nn.Linear:
     """A single linear layer: logits = W x + b."""

@@ -11,6 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 from helpers import (
+    UINT8_A_TOL,
     assert_same_importance,
     classification_batches,
     dir_digest,
@@ -64,7 +65,8 @@ def test_encode_decode_dtypes():
     assert float((f16 - a).abs().max()) <= torch.finfo(torch.float16).eps
     u8 = encode(a, "uint8")
     assert u8.dtype == torch.uint8 and int(u8[0]) == 0 and int(u8[-1]) == 255
-    assert float((decode(u8) - a).abs().max()) <= 1 / 510 + 1e-7
+    assert float((decode(u8) - a).abs().max()) <= UINT8_A_TOL
+    assert torch.equal(decode(u8, format_version=2), u8.float() / 255)  # files of format 1-2
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "uint8"])
@@ -80,7 +82,7 @@ def test_save_load_round_trip(tmp_path, dtype):
     assert keys == set(SHAPES) | {f"task.{k}.{n}" for k in range(2) for n in SHAPES}
     assert stored_dtypes == {getattr(torch, dtype)}
     loaded = load_importance(path, SHAPES)
-    tol = {"float32": 0.0, "float16": torch.finfo(torch.float16).eps, "uint8": 1 / 510 + 1e-7}[
+    tol = {"float32": 0.0, "float16": torch.finfo(torch.float16).eps, "uint8": UINT8_A_TOL}[
         dtype
     ]
     assert loaded.num_tasks == 2
@@ -162,7 +164,28 @@ def test_load_rejects_integer_dtype_other_than_uint8(tmp_path):
         load_importance(path, SHAPES)
 
 
-@pytest.mark.parametrize("version", ["3", None])
+@pytest.mark.parametrize("version", ["1", "2", "3"])
+def test_uint8_codes_are_read_by_the_codec_of_the_files_format(tmp_path, version):
+    """Formats 1-2 stored round(255 · A); format 3 the keep 2^(−c/16), code 255 for A = 1."""
+    codes = torch.tensor([0, 16, 32, 160, 254, 255], dtype=torch.uint8)
+    log_keep = [1.0, 0.5, 0.25, 2.0**-10, 2.0 ** (-254 / 16), 0.0]
+    expected = {
+        "1": [c / 255 for c in codes.tolist()],
+        "2": [c / 255 for c in codes.tolist()],
+        "3": [1 - k for k in log_keep],
+    }[version]
+    path = tmp_path / "imp.safetensors"
+    shapes = {"w": torch.Size([6])}
+    write_raw(path, {"w": codes}, format_version=version, dtype="uint8", tasks="[]")
+    loaded = load_importance(path, shapes, tasks=[])
+    torch.testing.assert_close(
+        loaded.accumulated["w"].double(), torch.tensor(expected, dtype=torch.float64),
+        rtol=0, atol=1e-7,
+    )
+    assert float(loaded.accumulated["w"][0]) == 0.0 and float(loaded.accumulated["w"][-1]) == 1.0
+
+
+@pytest.mark.parametrize("version", ["4", None])
 def test_load_rejects_unknown_format_version(tmp_path, version):
     path = tmp_path / "imp.safetensors"
     meta = {"format": "pt", "num_tasks": "0"}
@@ -216,7 +239,8 @@ def test_save_writes_the_three_files_and_metadata(tmp_path):
     names = set(model.importance)
     assert keys == names | {f"task.{k}.{n}" for k in range(2) for n in names}
     cfg = json.loads((directory / CONFIG_NAME).read_text())
-    assert cfg["format_version"] == 2 and cfg["method"] == "spg"
+    assert cfg["format_version"] == 3 and cfg["method"] == "spg"
+    assert meta["format_version"] == "3"
     assert json.loads(meta["tasks"]) == [{"name": "task_0", "num_classes": None}, {"name": "task_1", "num_classes": None}]
     assert "task_names" not in cfg
 
@@ -239,7 +263,7 @@ def test_round_trip_is_bit_exact_for_float32(tmp_path):
         assert torch.equal(keep, 1 - model.importance[name])
 
 
-@pytest.mark.parametrize("dtype, tol", [("float16", 2**-10), ("uint8", 1 / 510 + 1e-7)])
+@pytest.mark.parametrize("dtype, tol", [("float16", 2**-10), ("uint8", UINT8_A_TOL)])
 def test_round_trip_with_compact_importance_dtypes(tmp_path, dtype, tol):
     model, directory = saved_mlp(tmp_path, dtype)
     with safe_open(directory / IMPORTANCE_NAME, framework="pt") as f:

@@ -20,7 +20,7 @@ import {
   writeNpz,
 } from './formats.mjs';
 
-export const FORMAT_VERSION = 2;
+export const FORMAT_VERSION = 3;
 const IMPORTANCE_SUFFIX = '.softmask_importance';
 const GRADIENT_SUFFIX = '.softmask_gradient';
 const MEAN_IMPORTANCE = 'softmask.mean_importance';
@@ -64,10 +64,14 @@ export class Plateau {
 const pad = (n) => String(n).padStart(6, '0');
 const size = (shape) => shape.reduce((a, b) => a * b, 1);
 
-/** Stored importance -> float32 (uint8: A/255; float16: its bit pattern in uint16). */
+/**
+ * Stored importance -> float32, as softmask_format.codec.decode. uint8 (format 3): the keep
+ * factor on a log grid, A = 1 - 2^(-c/16), code 255 = 1 (rounded once to float32, as numpy's
+ * table); float16: its bit pattern in uint16.
+ */
 export function decodeImportance(stored, dtype) {
   if (dtype === 'float32') return Float32Array.from(stored);
-  if (dtype === 'uint8') return Float32Array.from(stored, (v) => v / 255);
+  if (dtype === 'uint8') return Float32Array.from(stored, (c) => (c === 255 ? 1 : 1 - 2 ** (-c / 16)));
   return Float32Array.from(stored, (b) => {
     const e = b >> 10;
     const m = b & 1023;

@@ -42,7 +42,12 @@ STORAGE_TYPES = {
 }
 _PREFIX = "softmask/"
 _CODEC_CONSTANTS = {  # from softmask_format.codec, so graph and numpy decode alike
-    "c255": codec.UINT8_SCALE,
+    "uint8_table": codec.UINT8_DECODE_TABLE,
+    # boundaries with a floor below 0 and a ceiling above 1: code c iff lo[c] <= A < lo[c + 1]
+    "uint8_bounds": np.concatenate([[-1.0], codec.UINT8_BOUNDARIES, [2.0]]),
+    "uint8_log_scale": -codec.UINT8_STEPS_PER_OCTAVE / np.log(2.0),
+    "half": 0.5,
+    "uint8_max": float(codec.UINT8_ZERO_KEEP),
     "c1024": 2.0**codec.FLOAT16_MANTISSA_BITS,
     "c15": float(codec.FLOAT16_EXPONENT_BIAS),
     "two": 2.0,
@@ -56,31 +61,33 @@ _CODEC_CONSTANTS = {  # from softmask_format.codec, so graph and numpy decode al
 
 
 def _const(
-    graph: onnx.GraphProto, name: str, value: float | Sequence[int], dtype=np.float32
+    graph: onnx.GraphProto, name: str, value: float | Sequence[int] | np.ndarray, dtype=np.float32
 ) -> str:
     graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
     return name
 
 
 def add_codec_constants(graph: onnx.GraphProto) -> None:
-    """The scalars `decode_nodes` / `encode_nodes` refer to (once per graph)."""
+    """The constants `decode_nodes` / `encode_nodes` refer to (once per graph)."""
     for name, value in _CODEC_CONSTANTS.items():
         _const(graph, _PREFIX + name, value)
+    _const(graph, _PREFIX + "int_one", 1, np.int64)
 
 
 def decode_nodes(stored: str, out: str, dtype: str) -> list[onnx.NodeProto]:
     """Stored importance -> float32 (as softmask_format.codec.decode).
 
-    uint8: A / 255. float16 bits b (A in [0, 1], sign 0): e = ⌊b / 1024⌋, m = b − 1024 e,
-    A = m · 2^-24 if e = 0 else (1 + m / 1024) · 2^(e − 15), all exact in float32.
+    uint8: A = the codec's table at the code (1 − 2^(−c/16), 255 -> 1). float16 bits b (A in
+    [0, 1], sign 0): e = ⌊b / 1024⌋, m = b − 1024 e, A = m · 2^-24 if e = 0 else
+    (1 + m / 1024) · 2^(e − 15), all exact in float32.
     """
     c = _PREFIX
     if dtype == "float32":
         return [helper.make_node("Identity", [stored], [out])]
     if dtype == "uint8":
         return [
-            helper.make_node("Cast", [stored], [out + ".u"], to=TensorProto.FLOAT),
-            helper.make_node("Div", [out + ".u", c + "c255"], [out]),
+            helper.make_node("Cast", [stored], [out + ".idx"], to=TensorProto.INT64),
+            helper.make_node("Gather", [c + "uint8_table", out + ".idx"], [out]),
         ]
     t = out + ".f16"
     return [
@@ -101,9 +108,11 @@ def decode_nodes(stored: str, out: str, dtype: str) -> list[onnx.NodeProto]:
 
 
 def encode_nodes(value: str, out: str, dtype: str) -> list[onnx.NodeProto]:
-    """float32 importance in [0, 1] -> stored: uint8 round(A · 255); float16 bits of A.
+    """float32 importance in [0, 1] -> stored: uint8 log-keep code; float16 bits of A.
 
-    float16: h = A rounded to float16 (a Cast pair, round-to-nearest-even); subnormal h gives
+    uint8: the estimate c0 = clip(⌊−16 · log2(1 − A) + 1/2⌋, 0, 255), moved by one where A lies
+    outside [lo[c0], lo[c0 + 1]) of the codec's boundaries, so the code is the numpy codec's
+    (the log only has to be right to within one code). float16: h = A rounded to float16 (a Cast pair, round-to-nearest-even); subnormal h gives
     b = h · 2^24; else e = ⌊log2 h⌋ (corrected by one where the log rounds across a power of
     two) and b = 1024 (e + 15) + 1024 (h / 2^e − 1).
     """
@@ -111,10 +120,29 @@ def encode_nodes(value: str, out: str, dtype: str) -> list[onnx.NodeProto]:
     if dtype == "float32":
         return [helper.make_node("Identity", [value], [out])]
     if dtype == "uint8":
+        t = out + ".u8"
+        a = t + ".a"  # clipped: ORT's Tanh can return 1 + 1 ulp, whose keep has no log
         return [
-            helper.make_node("Mul", [value, c + "c255"], [out + ".x255"]),
-            helper.make_node("Round", [out + ".x255"], [out + ".r"]),
-            helper.make_node("Cast", [out + ".r"], [out], to=TensorProto.UINT8),
+            helper.make_node("Clip", [value, c + "codec_zero", c + "codec_one"], [a]),
+            helper.make_node("Sub", [c + "codec_one", a], [t + ".keep"]),
+            helper.make_node("Log", [t + ".keep"], [t + ".ln"]),
+            helper.make_node("Mul", [t + ".ln", c + "uint8_log_scale"], [t + ".steps"]),
+            helper.make_node("Add", [t + ".steps", c + "half"], [t + ".shifted"]),
+            helper.make_node("Floor", [t + ".shifted"], [t + ".rounded"]),
+            helper.make_node(
+                "Clip", [t + ".rounded", c + "codec_zero", c + "uint8_max"], [t + ".est_f"]
+            ),
+            helper.make_node("Cast", [t + ".est_f"], [t + ".est"], to=TensorProto.INT64),
+            helper.make_node("Add", [t + ".est", c + "int_one"], [t + ".next"]),
+            helper.make_node("Gather", [c + "uint8_bounds", t + ".est"], [t + ".lo"]),
+            helper.make_node("Gather", [c + "uint8_bounds", t + ".next"], [t + ".hi"]),
+            helper.make_node("Less", [a, t + ".lo"], [t + ".below"]),
+            helper.make_node("GreaterOrEqual", [a, t + ".hi"], [t + ".above"]),
+            helper.make_node("Cast", [t + ".below"], [t + ".down"], to=TensorProto.INT64),
+            helper.make_node("Cast", [t + ".above"], [t + ".up"], to=TensorProto.INT64),
+            helper.make_node("Sub", [t + ".est", t + ".down"], [t + ".est_d"]),
+            helper.make_node("Add", [t + ".est_d", t + ".up"], [t + ".code"]),
+            helper.make_node("Cast", [t + ".code"], [out], to=TensorProto.UINT8),
         ]
     t = out + ".f16"
     return [

@@ -24,6 +24,7 @@ from softmask_format.names import (
     OPTIMIZER_MODEL_NAME,
     TRAINING_MODEL_NAME,
 )
+from softmask_format.names import LOG_UINT8_SINCE
 from softmask_format.names import READABLE_DEVICE_FORMAT_VERSIONS as READABLE_FORMATS
 
 from .errors import CorruptArtifactError, MissingArtifactError, UnsupportedFormatError
@@ -141,6 +142,12 @@ class Manifest:
         except (KeyError, TypeError) as e:
             raise CorruptArtifactError(f"{path}: malformed manifest ({e})") from e
         manifest._check_values(path)
+        if manifest.importance_dtype == "uint8" and manifest.format_version < LOG_UINT8_SINCE:
+            raise UnsupportedFormatError(
+                f"{path}: format {manifest.format_version} stores uint8 importance on the old "
+                f"linear code, which this release no longer decodes on the device: export the "
+                "model again (its torch checkpoint still loads)"
+            )
         missing = [
             n
             for n in (*STATIC_FILES, manifest.checkpoint, manifest.history)
@@ -164,7 +171,7 @@ class Manifest:
         if unknown:
             problems.append(f"masked/head names without a parameter: {unknown}")
         if self.format_version >= 2 and not (self.parameter_order and self.learning_rate > 0):
-            problems.append("format 2 needs parameter_order and a positive learning_rate")
+            problems.append("format >= 2 needs parameter_order and a positive learning_rate")
         if not self.checkpoint or not self.history:
             problems.append("no checkpoint recorded")
         if problems:

@@ -6,8 +6,11 @@ IMPORTANCE_DTYPES = ("float32", "float16", "uint8")  # encoded by `codec`
 CONFIG_NAME = "softmask_config.json"
 IMPORTANCE_NAME = "softmask_importance.safetensors"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 2  # 2: the task log and DAS's general importance live in the importance file
-READABLE_FORMAT_VERSIONS = (1, 2)
+# 2: the task log and DAS's general importance live in the importance file
+# 3: uint8 importance is the log-keep code (codec.py); formats 1-2 stored round(255 · A)
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
+LOG_UINT8_SINCE = 3  # first format (torch and device) whose uint8 importance is log-keep
 
 # device artifacts (softmask_edge)
 MANIFEST_NAME = "manifest.json"
@@ -16,6 +19,8 @@ EVAL_MODEL_NAME = "eval_model.onnx"
 OPTIMIZER_MODEL_NAME = "optimizer_model.onnx"
 IMPORTANCE_MODEL_NAME = "importance_update.onnx"
 # 2: SGD flag output of rank 0, the learning rate as an optimizer-graph initializer, gradient
-#    outputs of the training graph, `parameter_order` (what onnxruntime-web needs). 1 still loads.
-DEVICE_FORMAT_VERSION = 2
-READABLE_DEVICE_FORMAT_VERSIONS = (1, 2)
+#    outputs of the training graph, `parameter_order` (what onnxruntime-web needs);
+# 3: uint8 importance on the log-keep code (codec.py). 1 and 2 load unless their importance
+#    is uint8 (the old linear code): re-export those.
+DEVICE_FORMAT_VERSION = 3
+READABLE_DEVICE_FORMAT_VERSIONS = (1, 2, 3)

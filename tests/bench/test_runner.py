@@ -113,8 +113,9 @@ def test_fit_stops_early_and_restores_the_best_weights(two_tasks) -> None:
 def test_uint8_importance_goes_through_the_store(two_tasks) -> None:
     for dtype, quantized in (("uint8", True), ("float32", False)):
         result = run_method("spg", two_tasks, "task", "mlp", 0, TINY, importance_dtype=dtype)
-        a = torch.cat([v.flatten() for v in result.model.importance.values()])
-        assert bool(torch.all((a * 255 - torch.round(a * 255)).abs() < 1e-4)) is quantized
+        a = torch.cat([v.flatten() for v in result.model.importance.values()]).double()
+        steps = -16 * torch.log2(1 - a[a < 1])  # the log-keep grid: keep = 2^(−c/16)
+        assert bool(torch.all((steps - torch.round(steps)).abs() < 0.1)) is quantized
         assert result.model.num_tasks == 2 and result.info["importance_dtype"] == dtype
 
 

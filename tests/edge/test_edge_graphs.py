@@ -16,6 +16,7 @@ from softmask_edge.graphs import (
     encode_nodes,
     importance_update_model,
 )
+from softmask_format import codec
 
 from softmask_peft.importance import normalize_importance
 
@@ -76,9 +77,9 @@ def test_zero_gradients_give_zero_importance():
 def test_update_graph_decodes_and_encodes_the_storage_dtype(dtype):
     rng = np.random.default_rng(1)
     grads = {n: rng.normal(size=(1, *s)).astype(np.float32) for n, s in SHAPES.items()}
-    if dtype == "uint8":
+    if dtype == "uint8":  # the log-keep code: A = 1 − 2^(−c/16), 255 -> 1
         stored = {n: rng.integers(0, 256, size=s).astype(np.uint8) for n, s in SHAPES.items()}
-        old = {n: stored[n].astype(np.float32) / 255.0 for n in SHAPES}
+        old = {n: _log_keep_a(stored[n]) for n in SHAPES}
     else:
         halves = {n: rng.uniform(0, 1, size=s).astype(np.float16) for n, s in SHAPES.items()}
         stored = {n: h.view(np.uint16) for n, h in halves.items()}
@@ -89,12 +90,17 @@ def test_update_graph_decodes_and_encodes_the_storage_dtype(dtype):
     task, updated = out["w.task_importance"], out["w.softmask_importance.updated"]
     if dtype == "uint8":
         assert task.dtype == updated.dtype == np.uint8
-        np.testing.assert_array_equal(updated, np.round(new * 255).astype(np.uint8))
-        np.testing.assert_array_equal(task, np.round(gamma * 255).astype(np.uint8))
+        np.testing.assert_array_equal(updated, codec.encode(new, "uint8"))
+        np.testing.assert_array_equal(task, codec.encode(gamma, "uint8"))
     else:
         assert task.dtype == updated.dtype == np.uint16
         np.testing.assert_allclose(updated.view(np.float16).astype(np.float32), new, atol=5e-4)
         np.testing.assert_allclose(task.view(np.float16).astype(np.float32), gamma, atol=5e-4)
+
+
+def _log_keep_a(codes: np.ndarray) -> np.ndarray:
+    keep = np.where(codes == 255, 0.0, 2.0 ** (-codes.astype(np.float64) / 16))
+    return (1.0 - keep).astype(np.float32)
 
 
 def _codec_session(dtype: str, direction: str) -> ort.InferenceSession:
@@ -125,6 +131,32 @@ def test_float16_bit_codec_is_exact_on_every_value_in_unit_interval():
     floats[:3] = [0.0, 1.0, 3e-7]
     encoded = _codec_session("float16", "encode").run(["y"], {"x": floats})[0]
     np.testing.assert_array_equal(encoded, floats.astype(np.float16).view(np.uint16))
+
+
+def test_uint8_log_keep_graph_codec_is_the_numpy_codec_bit_for_bit():
+    """Decode: all 256 codes. Encode: every grid value, every boundary and its float32
+    neighbours, 0, 1, 1 + 1 ulp (ORT's Tanh can round there) and 20,000 random values,
+    biased towards A near 1."""
+    codes = np.arange(256, dtype=np.uint8)
+    decoded = _codec_session("uint8", "decode").run(["y"], {"x": codes})[0]
+    np.testing.assert_array_equal(decoded, _log_keep_a(codes))
+    np.testing.assert_array_equal(decoded, codec.decode(codes))
+    bounds = codec.UINT8_BOUNDARIES
+    rng = np.random.default_rng(0)
+    values = np.concatenate(
+        [
+            decoded,
+            bounds,
+            np.nextafter(bounds, np.float32(0)),
+            np.nextafter(bounds, np.float32(1)),
+            [0.0, 1.0, 2.0**-30, np.nextafter(np.float32(1), np.float32(2))],
+            rng.uniform(0, 1, 10000),
+            1 - 2.0 ** -rng.uniform(0, 17, 10000),
+        ]
+    ).astype(np.float32)
+    encoded = _codec_session("uint8", "encode").run(["y"], {"x": values})[0]
+    np.testing.assert_array_equal(encoded, codec.encode(values, "uint8"))
+    np.testing.assert_array_equal(encoded[:256], codes)
 
 
 def _layer_norm_model() -> onnx.ModelProto:

@@ -10,7 +10,14 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import standardize_tanh_abs, text_batches, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import (
+    UINT8_A_TOL,
+    standardize_tanh_abs,
+    text_batches,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+)
 from safetensors import safe_open
 from softmask_format.names import IMPORTANCE_NAME
 
@@ -560,7 +567,7 @@ def test_unit_importance_round_trips_through_save_and_load(tmp_path, dtype):
     assert keys == units | {f"task.{t}.{u}" for t in range(2) for u in units}
     assert json.loads((tmp_path / "softmask_config.json").read_text())["method"] == "das"
     loaded = SoftMaskModel.from_pretrained(tiny_gpt2(seed=5), tmp_path)
-    tol = 0 if dtype == "float32" else 0.5 / 255
+    tol = 0 if dtype == "float32" else UINT8_A_TOL
     for k, v in model.importance.items():
         assert torch.allclose(loaded.importance[k], v, atol=tol, rtol=0)
     expected = model.parameter_importance()  # the original's masks, before any file

@@ -29,6 +29,8 @@ from softmask_peft import (
     SoftMaskConfig,
     get_softmask_model,
 )
+from softmask_peft.heads import MultiHeadClassifier
+from softmask_peft.importance import spg as spg_module
 
 
 def norm_ref(g: Tensor) -> Tensor:
@@ -266,7 +268,8 @@ def hand_loop_importance(net, batches, task: int) -> dict[str, Tensor]:
 def test_batched_backward_equals_per_head_loop():
     batches = classification_batches(n=10, num_classes=3, batch_size=3, seed=4)
     nets, results = [], []
-    for batched in (True, False):
+    modes = ((True, True), (False, True), (True, False))  # (batched backward, factored layer)
+    for batched, factored in modes:
         net = multi_head(backbone="mlp", seed=5)
         model = get_softmask_model(net, SoftMaskConfig())
         for t in range(2):
@@ -275,15 +278,123 @@ def test_batched_backward_equals_per_head_loop():
         model.begin_task(2, num_classes=3)
         method = model.method
         state = method.start(2)
-        state.batched_backward = batched
+        state.batched_backward, state.factored_last_layer = batched, factored
         for b in batches:
             state = method.add(state, b)
         assert state.batched_backward is batched
         results.append(method.result(state))
         nets.append(net)
     expected = hand_loop_importance(nets[0], batches, 2)
-    assert_importance_close(results[0], expected)
-    assert_importance_close(results[1], expected)
+    for result in results:
+        assert_importance_close(result, expected)
+
+
+def _importance_with_dropout_seeds(net, batches, task: int) -> dict[str, Tensor]:
+    """Our pass with the RNG seeded per batch, so a hand loop can replay the dropout masks."""
+    model = get_softmask_model(net, SoftMaskConfig())
+    for t in range(task):
+        model.begin_task(t, num_classes=3)
+        model.store.close({n: torch.zeros_like(p) for n, p in _masked(model)})
+    model.begin_task(task, num_classes=3)
+    state = model.method.start(task)
+    for b, batch in enumerate(batches):
+        torch.manual_seed(100 + b)
+        state = model.method.add(state, batch)
+    return model.method.result(state)
+
+
+def hand_loop_with_dropout_seeds(net, batches, task: int) -> dict[str, Tensor]:
+    """`hand_loop_importance` with every forward of batch b seeded like ours (same masks)."""
+    names = [n for n, _ in net.named_parameters() if not n.startswith("heads.")]
+    params = [dict(net.named_parameters())[n] for n in names]
+    sums = [[torch.zeros_like(p, dtype=torch.float64) for p in params] for _ in range(task + 1)]
+    for b, (x, y) in enumerate(batches):
+        for h in range(task + 1):
+            torch.manual_seed(100 + b)
+            logits = net.heads[h](net.backbone(x))
+            loss = logits.sum() if h < task else F.cross_entropy(logits, y)
+            for s, g in zip(sums[h], torch.autograd.grad(loss, params)):
+                s += g.double()
+    return {
+        n: torch.stack([norm_ref(sums[h][i]) for h in range(task + 1)]).amax(0)
+        for i, n in enumerate(names)
+    }
+
+
+def _relu_dropout_mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 5), nn.ReLU(), nn.Dropout(0.3), nn.Identity()
+    )
+
+
+class FlippedFeatures(nn.Module):
+    """z = flip(relu(V x)): a functional, not element-wise op after the last module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 5), nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.fc(x)).flip(-1)
+
+
+class ReusedLastLayer(nn.Module):
+    """The last linear layer's weight read twice: called twice, or also used functionally."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.fc0, self.fc, self.act = nn.Linear(4, 5), nn.Linear(5, 5), nn.ReLU()
+        self.functional = functional
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc0(x))
+        h = torch.tanh(F.linear(h, self.fc.weight) if self.functional else self.fc(h))
+        return self.act(self.fc(h))  # the tail alone would pass: Linear then ReLU
+
+
+class DoubledLinear(nn.Linear):
+    """A Linear subclass that computes otherwise: u = 2 (a Wᵀ + b)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 2 * super().forward(x)
+
+
+NOT_FACTORED = {
+    "linear_subclass": lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), DoubledLinear(5, 5)),
+    "called_twice": lambda: ReusedLastLayer(functional=False),
+    "weight_also_used_functionally": lambda: ReusedLastLayer(functional=True),
+    "layer_norm": lambda: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5)),
+    "softmax": lambda: nn.Sequential(nn.Linear(4, 5), nn.Softmax(dim=-1)),
+    "in_place_relu": lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True)),
+    "functional_flip": FlippedFeatures,
+}
+
+
+def _tail_linear(backbone: nn.Module, x: Tensor):
+    with spg_module._LinearTail(backbone) as tail:
+        z = backbone(x)
+    found = tail.last_linear(z)
+    return None if found is None else found[0]
+
+
+def test_factored_last_layer_equals_per_head_loop_with_relu_and_dropout():
+    torch.manual_seed(6)
+    net = MultiHeadClassifier(_relu_dropout_mlp(), 5)
+    batches = classification_batches(n=11, num_classes=3, batch_size=4, seed=8)
+    assert _tail_linear(net.backbone, batches[0][0]) is net.backbone[2]  # the fast path applies
+    got = _importance_with_dropout_seeds(net, batches, 2)
+    assert_importance_close(got, hand_loop_with_dropout_seeds(net, batches, 2))
+    assert float(got["backbone.2.weight"].max()) > 0.5  # a real signal, not all zeros
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_FACTORED))
+def test_backbones_the_factored_path_must_not_take_still_match_the_loop(kind):
+    torch.manual_seed(7)
+    net = MultiHeadClassifier(NOT_FACTORED[kind](), 5)
+    batches = classification_batches(n=10, num_classes=3, batch_size=4, seed=9)
+    assert _tail_linear(net.backbone, batches[0][0]) is None
+    got = _importance_with_dropout_seeds(net, batches, 2)
+    assert_importance_close(got, hand_loop_with_dropout_seeds(net, batches, 2))
 
 
 def _masked(model):
