@@ -1,6 +1,6 @@
 // softmask_edge for the browser: the Python EdgeLearner's life cycle on onnxruntime-web 1.19.2.
 //
-// Same artifacts (manifest format 2), same steps: learnTask trains the next task soft-masked
+// Same artifacts (manifest format 2 or 3), same steps: learnTask trains the next task soft-masked
 // (the training graph scales each gradient by 1 - s*A, heads by 1 - s*ā); endTask runs one
 // raw-gradient pass (s = 0) per head h <= t, feeds the stacked gradient sums to the
 // importance-update graph (γ = max_h |tanh(standardize(g_h))|, A <- max(A, γ)) in a plain
@@ -20,7 +20,10 @@ import {
   writeNpz,
 } from './formats.mjs';
 
-export const FORMAT_VERSION = 2;
+export const FORMAT_VERSION = 3;
+// format 3 adds graphs_sha256 and export_id to format 2; both load
+const READABLE_FORMATS = [2, 3];
+const PLAIN_NAME = /^[A-Za-z0-9_][A-Za-z0-9_.-]*$/;
 const IMPORTANCE_SUFFIX = '.softmask_importance';
 const GRADIENT_SUFFIX = '.softmask_gradient';
 const MEAN_IMPORTANCE = 'softmask.mean_importance';
@@ -108,23 +111,34 @@ export class EdgeLearner {
   static async load(source, ort) {
     const files = reader(source);
     const manifest = JSON.parse(new TextDecoder().decode(await files.read('manifest.json')));
-    if (manifest.format_version !== FORMAT_VERSION) {
+    if (!READABLE_FORMATS.includes(manifest.format_version)) {
       throw new EdgeError(
         `manifest format_version ${manifest.format_version} is not supported by the JS learner ` +
-          `(it reads ${FORMAT_VERSION}); re-export with this release's export_for_device`,
+          `(it reads ${READABLE_FORMATS.join(', ')}); re-export with this release's export_for_device`,
       );
     }
+    for (const name of [manifest.checkpoint, manifest.history]) {
+      if (typeof name !== 'string' || !PLAIN_NAME.test(name)) {
+        throw new EdgeError(`the manifest names ${JSON.stringify(name)}: only plain file names inside the artifacts folder`);
+      }
+    }
+    const hashes = manifest.format_version >= 3 ? manifest.graphs_sha256 : {};
+    if (manifest.format_version >= 3 && !STATIC_FILES.every((n) => typeof hashes?.[n] === 'string')) {
+      throw new EdgeError(`format 3 needs graphs_sha256 for ${STATIC_FILES.join(', ')}`);
+    }
     const [checkpoint, history] = await Promise.all([files.read(manifest.checkpoint), files.read(manifest.history)]);
+    const graphs = {};
+    for (const name of STATIC_FILES) graphs[name] = await files.read(name);
+    // every hash is checked before onnxruntime parses any byte
     for (const [name, bytes, expected] of [
       [manifest.checkpoint, checkpoint, manifest.checkpoint_sha256],
       [manifest.history, history, manifest.history_sha256],
+      ...Object.entries(hashes).map(([n, h]) => [n, graphs[n], h]),
     ]) {
       if ((await sha256Hex(bytes)) !== expected) {
-        throw new EdgeError(`${name} is damaged: its SHA-256 differs from the manifest`);
+        throw new EdgeError(`${name} is damaged or belongs to another export: its SHA-256 differs from the manifest`);
       }
     }
-    const graphs = {};
-    for (const name of STATIC_FILES) graphs[name] = await files.read(name);
     return new EdgeLearner(ort, manifest, checkpoint, readNpz(history), graphs);
   }
 

@@ -8,17 +8,43 @@ module `onnxruntime.capi._pybind_state`; this file calls them directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnxruntime import SessionOptions
 from onnxruntime.capi import _pybind_state as C
+from onnxruntime.capi import onnxruntime_pybind11_state as _errors
 from onnxruntime.capi.onnxruntime_inference_collection import OrtValue, get_ort_device_type
 
+from .errors import EdgeError, OnnxRuntimeError
 from .graphs import set_learning_rate
+
+# onnxruntime's own exception types subclass Exception directly, not RuntimeError
+ORT_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError,
+    DecodeError,
+    *(
+        t
+        for t in vars(_errors).values()
+        if isinstance(t, type) and issubclass(t, Exception) and t.__module__ == _errors.__name__
+    ),
+)
+
+
+@contextlib.contextmanager
+def translated(step: str, error: type[EdgeError] = OnnxRuntimeError) -> Iterator[None]:
+    """Re-raise onnxruntime's (and protobuf's) exceptions as `error`, naming `step`."""
+    try:
+        yield
+    except EdgeError:
+        raise
+    except ORT_ERRORS as e:
+        raise error(f"{step}: onnxruntime raised {type(e).__name__}: {e}") from e
 
 
 def load_checkpoint(path: str | os.PathLike) -> C.CheckpointState:

@@ -16,6 +16,8 @@ EVAL_MODEL_NAME = "eval_model.onnx"
 OPTIMIZER_MODEL_NAME = "optimizer_model.onnx"
 IMPORTANCE_MODEL_NAME = "importance_update.onnx"
 # 2: SGD flag output of rank 0, the learning rate as an optimizer-graph initializer, gradient
-#    outputs of the training graph, `parameter_order` (what onnxruntime-web needs). 1 still loads.
-DEVICE_FORMAT_VERSION = 2
-READABLE_DEVICE_FORMAT_VERSIONS = (1, 2)
+#    outputs of the training graph, `parameter_order` (what onnxruntime-web needs).
+# 3: the manifest hashes the graphs too (`graphs_sha256`) and records an `export_id` that is
+#    stamped into every graph's metadata. 1 and 2 still load (their graphs are not hashed).
+DEVICE_FORMAT_VERSION = 3
+READABLE_DEVICE_FORMAT_VERSIONS = (1, 2, 3)

@@ -56,7 +56,7 @@ def test_format_2_records_what_other_runtimes_need(mlp_case, tmp_path):
     _, artifacts = mlp_case
     learner = EdgeLearner(artifacts)
     m = learner.manifest
-    assert m.format_version == 2 and m.learning_rate == 0.05
+    assert m.format_version == 3 and m.learning_rate == 0.05
     training = onnx.load(artifacts / "training_model.onnx")
     stored = [*m.params, *(n + ".softmask_importance" for n in m.masked)]
     stored.append("softmask.mean_importance")
