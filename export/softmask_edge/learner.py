@@ -12,11 +12,12 @@ or a mapping holding the inputs and `"labels"`. Labels are integer class indices
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from .manifest import (
     IMPORTANCE_SUFFIX,
     LABELS_INPUT,
     LOGITS_OUTPUT,
+    MANIFEST_NAME,
     MEAN_IMPORTANCE,
     OPTIMIZER_MODEL_NAME,
     SCALE_INPUT,
@@ -77,6 +79,18 @@ def _check_labels(y: Any, batch_size: int, num_classes: int) -> np.ndarray:
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise BatchError(f"labels must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
     return y.astype(np.int64)
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """OS and onnxruntime write failures (disk full, read-only) -> SaveLocationError naming `path`."""
+    with _ort.translated(f"cannot write {path}", SaveLocationError):
+        try:
+            yield
+        except OSError as e:
+            raise SaveLocationError(
+                f"cannot write {path}: {e.strerror or e}; the folder keeps its current generation"
+            ) from e
 
 
 class EdgeLearner:
@@ -420,10 +434,12 @@ class EdgeLearner:
             if not same and Manifest.peek(target) is None:
                 for name in STATIC_FILES:
                     src = self.directory / name
-                    atomic_write(target / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
-            with _ort.translated(f"cannot write {ckpt}", SaveLocationError):
+                    with _writing(target / name):
+                        atomic_write(target / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+            with _writing(ckpt):
                 atomic_write(ckpt, lambda tmp: _ort.save_checkpoint(self._session.state, tmp))
-            write_history(hist, self._history)
+            with _writing(hist):
+                write_history(hist, self._history)
             manifest = replace(
                 self.manifest,
                 generation=generation,
@@ -432,12 +448,9 @@ class EdgeLearner:
                 history=hist.name,
                 history_sha256=sha256(hist),
             )
-            manifest.save(target)
+            with _writing(target / MANIFEST_NAME):
+                manifest.save(target)
             switched = True
-        except OSError as e:
-            raise SaveLocationError(
-                f"cannot save into {str(target)!r}: {e.strerror or e}; the folder is unchanged"
-            ) from e
         finally:
             if not switched:  # an error or an interrupt: the folder keeps its generation
                 for item in (ckpt, hist):
