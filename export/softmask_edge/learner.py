@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from softmask_format.atomic import atomic_write
+from softmask_format.atomic import atomic_write, recover_directory
 from softmask_format.keys import task_key
 
 from . import _ort
@@ -420,11 +420,12 @@ class EdgeLearner:
         (disk full, read-only) raises `SaveLocationError` and leaves no new file behind.
         """
         target = self.directory if directory is None else Path(directory)
+        if target.exists() and not target.is_dir():
+            raise SaveLocationError(f"cannot save into {str(target)!r}: not a directory")
         try:
-            if target.exists() and not target.is_dir():
-                raise SaveLocationError(f"cannot save into {str(target)!r}: not a directory")
             target.mkdir(parents=True, exist_ok=True)
             same = target.resolve() == self.directory.resolve()
+            recover_directory(target, drop_uncommitted=True)  # leftovers of a killed export
         except OSError as e:
             raise SaveLocationError(f"cannot save into {str(target)!r}: {e.strerror or e}") from e
         generation = self._next_generation(target, same)

@@ -25,6 +25,7 @@ from softmask_edge import (
     CorruptArtifactError,
     EdgeError,
     EdgeLearner,
+    SaveLocationError,
     StaleWriterError,
     _ort,
     read_device_checkpoint,
@@ -520,3 +521,59 @@ def test_oversized_and_deeply_nested_manifests_are_corrupt(mlp_case):
     _write_manifest(artifacts, {k: v for k, v in raw.items() if k != "checkpoint"})
     with pytest.raises(CorruptArtifactError, match="missing 'checkpoint'"):
         EdgeLearner(artifacts)
+
+
+def test_a_reexport_makes_a_loaded_learner_stale(mlp_case):
+    model, artifacts = mlp_case
+    learner = _trained(artifacts)
+    export_copy(model, artifacts)
+    with pytest.raises(StaleWriterError, match="another writer saved since"):
+        learner.save()
+    assert EdgeLearner(artifacts).num_tasks == 2
+
+
+def test_a_reexport_killed_at_any_step_leaves_one_whole_export(mlp_case, tmp_path, monkeypatch):
+    """build_artifacts commits through a staging folder: interrupted before the commit point
+    the old export stays, after it the next load rolls the new one forward; never a mix."""
+    model, base = mlp_case
+    old_id = _manifest(base)["export_id"]
+    k, completed, outcomes = 0, False, set()
+    while not completed:
+        k += 1
+        folder = tmp_path / f"k{k}"
+        shutil.copytree(base, folder)
+        calls = {"n": 0, "crash_at": k}
+        real = os.replace
+
+        def crashing(*args, calls=calls, real=real):
+            calls["n"] += 1
+            if calls["n"] == calls["crash_at"]:
+                raise Crash(f"os.replace #{calls['n']}")
+            return real(*args)
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "replace", crashing)
+            try:
+                export_copy(model, folder)
+                completed = True
+            except Crash:
+                pass
+        loaded = EdgeLearner(folder)  # verifies every hash; rolls a committed export forward
+        outcomes.add("old" if loaded.manifest.export_id == old_id else "new")
+        assert not [p for p in folder.iterdir() if p.name.startswith(".")], k
+        loaded.learn_task([(X, Y)])
+    assert outcomes == {"old", "new"} and k > 4
+
+
+def test_unusable_save_locations_raise_save_location_error(mlp_case, tmp_path):
+    _, artifacts = mlp_case
+    learner = EdgeLearner(artifacts)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SaveLocationError, match="not a directory"):
+        learner.save(blocker)
+    with pytest.raises(SaveLocationError, match="a_file"):
+        learner.save(blocker / "inside")
+    with pytest.raises(SaveLocationError, match="a_file"):
+        learner.export_inference(blocker / "model.onnx")
+    assert blocker.read_text() == "" and learner.manifest.generation == 0
