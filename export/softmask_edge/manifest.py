@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from softmask_format.atomic import atomic_write_text, recover_directory
 from softmask_format.names import DEVICE_FORMAT_VERSION as FORMAT_VERSION
 from softmask_format.names import (
@@ -350,11 +351,21 @@ def _is_input(v: Any) -> bool:
     shape = v["shape"]
     return (
         isinstance(v["name"], str)
-        and isinstance(v["dtype"], str)
+        and _is_dtype(v["dtype"])
         and isinstance(shape, list)
         and len(shape) <= MAX_RANK
         and all(d is None or _is_int(d) for d in shape)
     )
+
+
+def _is_dtype(v: Any) -> bool:
+    """A numpy dtype name a batch can be compared with (`float32`, `int64`, ...)."""
+    if not isinstance(v, str):
+        return False
+    try:
+        return np.dtype(v).kind in "biuf"
+    except TypeError:
+        return False
 
 
 def _is_str_map(v: Any, value: Any = str) -> bool:

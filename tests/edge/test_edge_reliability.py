@@ -466,6 +466,11 @@ def _peak_kib() -> int:
         ({"params": {"backbone.0.weight": [10**6, 10**6]}}, ArtifactMismatchError, "claim"),
         ({"params": {"backbone.0.weight": [2] * 40}}, CorruptArtifactError, "bad 'params'"),
         ({"inputs": [{"name": "input"}]}, CorruptArtifactError, "bad 'inputs'"),
+        (
+            {"inputs": [{"name": "input", "dtype": "float3", "shape": [None, 6]}]},
+            CorruptArtifactError,
+            "bad 'inputs'",
+        ),
         ({"task_names": "x"}, CorruptArtifactError, "bad 'task_names'"),
         ({"learning_rate": "high"}, CorruptArtifactError, "bad 'learning_rate'"),
         ({"export_id": "x"}, CorruptArtifactError, "export_id"),
