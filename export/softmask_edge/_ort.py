@@ -21,13 +21,15 @@ from onnxruntime.capi import _pybind_state as C
 from onnxruntime.capi import onnxruntime_pybind11_state as _errors
 from onnxruntime.capi.onnxruntime_inference_collection import OrtValue, get_ort_device_type
 
-from .errors import EdgeError, OnnxRuntimeError
+from .errors import ArtifactMismatchError, EdgeError, OnnxRuntimeError
 from .graphs import set_learning_rate
 
-# onnxruntime's own exception types subclass Exception directly, not RuntimeError
+# onnxruntime's own exception types subclass Exception directly, not RuntimeError; pybind11
+# raises UnicodeDecodeError for a name in a damaged graph or checkpoint that is not UTF-8
 ORT_ERRORS: tuple[type[Exception], ...] = (
     RuntimeError,
     DecodeError,
+    UnicodeDecodeError,
     *(
         t
         for t in vars(_errors).values()
@@ -111,10 +113,12 @@ class TrainingSession:
         self.state = state
         training, evaluation = self._models
         self._module = C.Module(training, state, evaluation, self._device, self._options)
+        # read once, while loading: a damaged name fails here, not inside a later step
+        self._input_names = {t: list(self._module.input_names(t)) for t in (True, False)}
         self._optimizer_used = False
 
     def input_names(self, training: bool) -> list[str]:
-        return list(self._module.input_names(training))
+        return self._input_names[training]
 
     def run(self, feeds: Sequence[np.ndarray], training: bool) -> list[np.ndarray]:
         """One forward (+ backward and gradient accumulation when training) step."""
@@ -145,7 +149,10 @@ class TrainingSession:
             optimizer_model = self._optimizer_model
             if self._lr_in_graph:
                 graph = onnx.load(optimizer_model)
-                set_learning_rate(graph, lr)
+                try:
+                    set_learning_rate(graph, lr)
+                except ValueError as e:
+                    raise ArtifactMismatchError(f"{optimizer_model}: {e}") from e
                 optimizer_model = os.path.join(tmp, "optimizer.onnx")
                 onnx.save(graph, optimizer_model)
             self._optimizer = C.Optimizer(optimizer_model, self.state, self._device, self._options)

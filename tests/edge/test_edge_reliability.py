@@ -582,3 +582,32 @@ def test_unusable_save_locations_raise_save_location_error(mlp_case, tmp_path):
     with pytest.raises(SaveLocationError, match="a_file"):
         learner.export_inference(blocker / "model.onnx")
     assert blocker.read_text() == "" and learner.manifest.generation == 0
+
+
+def _format_2(artifacts: Path) -> None:
+    """Turn format-3 artifacts into format 2, whose graphs are not hashed."""
+    raw = _manifest(artifacts)
+    old = {k: v for k, v in raw.items() if k not in ("export_id", "graphs_sha256")}
+    _write_manifest(artifacts, {**old, "format_version": 2})
+
+
+@pytest.mark.parametrize(
+    ("graph", "name", "step"),
+    [
+        # a name that is not UTF-8: pybind11 raises UnicodeDecodeError building the session
+        ("training_model.onnx", b"softmask_scale", "do not fit its checkpoint"),
+        # an optimizer graph without the recorded learning rate
+        ("optimizer_model.onnx", b"softmask.learning_rate", "no 'softmask.learning_rate'"),
+    ],
+)
+def test_damaged_graphs_without_hashes_still_end_in_our_error(mlp_case, graph, name, step):
+    """Format 2 does not hash its graphs, so onnxruntime parses damaged ones: what escaped in
+    a fuzz run of such folders (UnicodeDecodeError, ValueError) is now our error."""
+    _, artifacts = mlp_case
+    _format_2(artifacts)
+    data = (artifacts / graph).read_bytes()
+    assert name in data
+    (artifacts / graph).write_bytes(data.replace(name, b"\x80" + name[1:]))
+    with pytest.raises(ArtifactMismatchError, match=step):
+        learner = EdgeLearner(artifacts)
+        learner.learn_task([(X, Y)])
