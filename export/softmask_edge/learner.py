@@ -93,6 +93,13 @@ def _writing(path: Path) -> Iterator[None]:
             ) from e
 
 
+def _remove(*paths: Path) -> None:
+    """Best-effort removal of files no manifest names (a failure leaves only clutter)."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
 class EdgeLearner:
     """Load artifacts, learn tasks soft-masked, measure and accumulate their importance, save.
 
@@ -441,26 +448,29 @@ class EdgeLearner:
                 atomic_write(ckpt, lambda tmp: _ort.save_checkpoint(self._session.state, tmp))
             with _writing(hist):
                 write_history(hist, self._history)
-            manifest = replace(
-                self.manifest,
-                generation=generation,
-                checkpoint=ckpt.name,
-                checkpoint_sha256=sha256(ckpt),
-                history=hist.name,
-                history_sha256=sha256(hist),
-            )
             with _writing(target / MANIFEST_NAME):
+                manifest = replace(
+                    self.manifest,
+                    generation=generation,
+                    checkpoint=ckpt.name,
+                    checkpoint_sha256=sha256(ckpt),
+                    history=hist.name,
+                    history_sha256=sha256(hist),
+                )
                 manifest.save(target)
             switched = True
         finally:
             if not switched:  # an error or an interrupt: the folder keeps its generation
-                for item in (ckpt, hist):
-                    item.unlink(missing_ok=True)
+                _remove(ckpt, hist)
         self.manifest, self.directory = manifest, target
-        for item in target.iterdir():
-            stale = _GENERATION_FILE.match(item.name) and item.name not in (ckpt.name, hist.name)
-            if stale or _STALE_TEMP.match(item.name):
-                item.unlink(missing_ok=True)
+        _remove(
+            *(
+                item
+                for item in target.iterdir()
+                if _STALE_TEMP.match(item.name)
+                or (_GENERATION_FILE.match(item.name) and item.name not in (ckpt.name, hist.name))
+            )
+        )
         return target
 
     def _next_generation(self, target: Path, same: bool) -> int:

@@ -38,6 +38,7 @@ from .errors import (
     MissingArtifactError,
     UnsupportedFormatError,
 )
+from .storage import NUMPY_DTYPES
 
 STATIC_FILES = (TRAINING_MODEL_NAME, EVAL_MODEL_NAME, OPTIMIZER_MODEL_NAME, IMPORTANCE_MODEL_NAME)
 IMPORTANCE_SUFFIX = ".softmask_importance"
@@ -57,7 +58,6 @@ OPTIMIZERS = ("sgd", "adamw")
 MAX_MANIFEST_BYTES = 4 << 20  # a manifest of a 10k-parameter model is ~1 MiB
 MAX_RANK = 16
 MAX_GENERATION = 999_999  # six digits in the file names
-STORAGE_BYTES = {"float32": 4, "float16": 2, "uint8": 1}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _EXPORT_ID = re.compile(r"^[0-9a-f]{32}$")
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -261,7 +261,7 @@ class Manifest:
 
     def _check_sizes(self, path: Path, sizes: dict[str, int]) -> None:
         """Shapes and the task count may only claim what the files' bytes can hold."""
-        itemsize = STORAGE_BYTES[self.importance_dtype]
+        itemsize = np.dtype(NUMPY_DTYPES[self.importance_dtype]).itemsize
         weights = sum(numel(s) for s in self.params.values())
         masked = sum(numel(self.params[n]) for n in self.masked)
         if 4 * weights + itemsize * masked > sizes[self.checkpoint]:
