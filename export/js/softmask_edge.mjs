@@ -153,10 +153,29 @@ export class EdgeLearner {
     if (missing.length) throw new EdgeError(`checkpoint ${manifest.checkpoint} lacks ${missing.join(', ')}`);
     this.state = Object.fromEntries(expected.map((n) => [n, checkpointValue(checkpoint, tensors, n)]));
     this.history = history;
+    EdgeLearner._checkImportance(manifest, this.state, history);
     this.trainableOrder = manifest.parameter_order.filter((n) => n in manifest.params);
     this.session = null;
     this.sessionTask = null;
     this.sessionLr = null;
+  }
+
+  /** Importance as the Python learner checks it: the storage dtype, finite, in [0, 1]. */
+  static _checkImportance(manifest, state, history) {
+    const dtype = manifest.importance_dtype;
+    const tensors = [
+      ...manifest.masked.map((n) => [n + IMPORTANCE_SUFFIX, state[n + IMPORTANCE_SUFFIX], dtype]),
+      [MEAN_IMPORTANCE, state[MEAN_IMPORTANCE], 'float32'],
+      ...Object.entries(history).map(([k, v]) => [k, v.data, dtype]),
+    ];
+    for (const [name, data, stored] of tensors) {
+      if (!(data instanceof STORAGE[stored])) {
+        throw new EdgeError(`${name}: ${data.constructor.name}, the manifest's importance dtype stores ${stored}`);
+      }
+      if (!decodeImportance(data, stored).every((v) => Number.isFinite(v) && v >= 0 && v <= 1)) {
+        throw new EdgeError(`${name}: importance outside [0, 1] or not finite`);
+      }
+    }
   }
 
   get numTasks() {
@@ -226,6 +245,9 @@ export class EdgeLearner {
     for (const spec of this.manifest.inputs) {
       const x = batch.inputs[spec.name];
       if (!x) throw new EdgeError(`batch inputs: missing ${spec.name}`);
+      if (x.data instanceof Float32Array && !x.data.every(Number.isFinite)) {
+        throw new EdgeError(`input ${spec.name} holds NaN or Inf values`);
+      }
       feeds[spec.name] = new T(spec.dtype, x.data, x.dims);
     }
     const n = batch.labels.length;

@@ -205,3 +205,31 @@ def test_bare_number_rejection_restarts_the_worker(mlp_case, tmp_path):
     assert "bare code" in result["message"] and result["restarts"] == 1
     shapes = EdgeLearner(artifacts).manifest.params
     assert max_diff(EdgeLearner(artifacts).parameters(), _arrays(result["weights"], shapes)) == 0.0
+
+
+def test_js_learner_checks_importance_like_the_python_learner(mlp_case, tmp_path):
+    """NaN or 1.5 in the history, or another storage dtype: refused by both learners."""
+    from edge_helpers import rehash
+    from softmask_edge import ArtifactMismatchError
+    from softmask_edge.storage import write_history
+
+    _, artifacts = mlp_case
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    with np.load(artifacts / manifest["history"]) as data:
+        history = {k: data[k] for k in data.files}
+    key = sorted(history)[0]
+    for value, dtype, problem in (
+        (np.nan, np.float32, "importance outside [0, 1] or not finite"),
+        (1.5, np.float32, "importance outside [0, 1] or not finite"),
+        (0.5, np.uint8, "Uint8Array, the manifest's importance dtype stores float32"),
+    ):
+        case = tmp_path / f"case_{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(artifacts, case)
+        bad = history[key].astype(dtype)
+        bad.flat[0] = value
+        write_history(case / manifest["history"], {**history, key: bad})
+        rehash(case)
+        assert _js_load(case) == f"EdgeError: {key}: {problem}"
+        with pytest.raises(ArtifactMismatchError, match=key):
+            EdgeLearner(case)
+    assert _js_load(artifacts) == "loaded"

@@ -14,11 +14,12 @@ import resource
 import shutil
 
 import pytest
+from edge_helpers import read_manifest, write_manifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from softmask_edge import EdgeError, EdgeLearner
 from softmask_edge.manifest import STATIC_FILES, sha256
-from test_edge_reliability import X, _manifest, _write_manifest
+from test_edge_reliability import X
 
 FILES = ("manifest.json", "checkpoint-000000", "importance_history-000000.npz", *STATIC_FILES)
 PEAK_KIB = 16 * 1024
@@ -86,9 +87,9 @@ def test_a_mutated_state_with_matching_hashes_loads_or_raises_our_error(
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(pristine, target)
     (target / name).write_bytes(mutate((pristine / name).read_bytes(), changes, cut))
-    raw = _manifest(target)
+    raw = read_manifest(target)
     key = "checkpoint_sha256" if name.startswith("checkpoint") else "history_sha256"
-    _write_manifest(target, {**raw, key: sha256(target / name)})
+    write_manifest(target, {**raw, key: sha256(target / name)})
     _load_or_refuse(target)
 
 

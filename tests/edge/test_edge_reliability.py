@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from edge_helpers import batches, export_copy, numpy_batches
+from edge_helpers import batches, export_copy, numpy_batches, read_manifest, rehash, write_manifest
 from onnx import numpy_helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from softmask_edge import (
@@ -30,7 +30,7 @@ from softmask_edge import (
     _ort,
     read_device_checkpoint,
 )
-from softmask_edge.manifest import MAX_MANIFEST_BYTES, sha256
+from softmask_edge.manifest import MAX_MANIFEST_BYTES
 from softmask_edge.storage import write_history
 
 X, Y = numpy_batches(batches(2, n=1))[0]
@@ -42,30 +42,13 @@ GRAPHS = (
 )
 
 
-def _manifest(artifacts: Path) -> dict:
-    return json.loads((artifacts / "manifest.json").read_text())
-
-
-def _write_manifest(artifacts: Path, raw: dict) -> None:
-    (artifacts / "manifest.json").write_text(json.dumps(raw))
-
-
-def _rehash(artifacts: Path) -> None:
-    """Make the manifest's hashes match the files again (a consistent, deliberate edit)."""
-    raw = _manifest(artifacts)
-    raw["checkpoint_sha256"] = sha256(artifacts / raw["checkpoint"])
-    raw["history_sha256"] = sha256(artifacts / raw["history"])
-    raw["graphs_sha256"] = {n: sha256(artifacts / n) for n in GRAPHS}
-    _write_manifest(artifacts, raw)
-
-
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def _edit_checkpoint(artifacts: Path, name: str, value: np.ndarray) -> None:
     """Rewrite the checkpoint with onnxruntime itself, one tensor replaced, then rehash."""
-    raw = _manifest(artifacts)
+    raw = read_manifest(artifacts)
     state = _ort.load_checkpoint(artifacts / raw["checkpoint"])
     tensors = {n: _ort.get_parameter(state, n).copy() for n in _ort.parameter_names(state)}
     tensors[name] = value
@@ -76,7 +59,7 @@ def _edit_checkpoint(artifacts: Path, name: str, value: np.ndarray) -> None:
         [numpy_helper.from_array(tensors[n], n).SerializeToString() for n in frozen],
         artifacts / raw["checkpoint"],
     )
-    _rehash(artifacts)
+    rehash(artifacts)
 
 
 def _loaders(artifacts: Path):
@@ -92,7 +75,7 @@ def _loaders(artifacts: Path):
 )
 def test_checkpoint_importance_outside_0_1_is_refused(mlp_case, value, problem):
     _, artifacts = mlp_case
-    name = _manifest(artifacts)["masked"][0] + ".softmask_importance"
+    name = read_manifest(artifacts)["masked"][0] + ".softmask_importance"
     state = _ort.load_checkpoint(artifacts / "checkpoint-000000")
     bad = _ort.get_parameter(state, name).copy()  # a view into `state`: copy before it goes
     bad.flat[0] = value
@@ -116,7 +99,7 @@ def test_checkpoint_importance_outside_0_1_is_refused(mlp_case, value, problem):
 )
 def test_checkpoint_importance_of_another_dtype_is_refused(mlp_case, dtype, error, message):
     _, artifacts = mlp_case
-    name = _manifest(artifacts)["masked"][0] + ".softmask_importance"
+    name = read_manifest(artifacts)["masked"][0] + ".softmask_importance"
     state = _ort.load_checkpoint(artifacts / "checkpoint-000000")
     _edit_checkpoint(artifacts, name, _ort.get_parameter(state, name).astype(dtype))
     for load in _loaders(artifacts):
@@ -146,14 +129,14 @@ def test_mean_importance_outside_0_1_is_refused(mlp_case):
 )
 def test_history_importance_range_and_dtype_are_checked(mlp_case, value, dtype, problem):
     _, artifacts = mlp_case
-    raw = _manifest(artifacts)
+    raw = read_manifest(artifacts)
     with np.load(artifacts / raw["history"]) as data:
         history = {k: data[k] for k in data.files}
     key = sorted(history)[0]
     bad = history[key].astype(dtype)
     bad.flat[0] = value
     write_history(artifacts / raw["history"], {**history, key: bad})
-    _rehash(artifacts)
+    rehash(artifacts)
     before = _snapshot(artifacts)
     for load in _loaders(artifacts):
         with pytest.raises(ArtifactMismatchError, match=rf"{key}: .*{problem}"):
@@ -164,11 +147,11 @@ def test_history_importance_range_and_dtype_are_checked(mlp_case, value, dtype, 
 def test_compressed_history_is_refused(mlp_case):
     """np.savez_compressed members could inflate far beyond the file's bytes."""
     _, artifacts = mlp_case
-    raw = _manifest(artifacts)
+    raw = read_manifest(artifacts)
     with np.load(artifacts / raw["history"]) as data:
         history = {k: data[k] for k in data.files}
     np.savez_compressed(artifacts / raw["history"], **history)
-    _rehash(artifacts)
+    rehash(artifacts)
     with pytest.raises(CorruptArtifactError, match="compressed members"):
         EdgeLearner(artifacts)
 
@@ -179,8 +162,8 @@ def test_compressed_history_is_refused(mlp_case):
 @pytest.mark.parametrize("name", ["../checkpoint-000000", "/etc/passwd", "sub/checkpoint-000000"])
 def test_manifest_names_outside_the_folder_are_refused(mlp_case, name):
     _, artifacts = mlp_case
-    raw = _manifest(artifacts)
-    _write_manifest(artifacts, {**raw, "checkpoint": name})
+    raw = read_manifest(artifacts)
+    write_manifest(artifacts, {**raw, "checkpoint": name})
     with pytest.raises(CorruptArtifactError, match="only plain file names"):
         EdgeLearner(artifacts)
 
@@ -196,7 +179,7 @@ def test_a_linked_file_is_refused_even_with_the_right_hash(mlp_case, tmp_path):
 
 def test_every_graph_is_hashed_and_stamped_with_the_export_id(mlp_case):
     _, artifacts = mlp_case
-    raw = _manifest(artifacts)
+    raw = read_manifest(artifacts)
     assert raw["format_version"] == 3 and sorted(raw["graphs_sha256"]) == sorted(GRAPHS)
     for name in GRAPHS:
         props = {p.key: p.value for p in onnx.load(artifacts / name).metadata_props}
@@ -234,14 +217,14 @@ def test_another_exports_files_are_detected_at_load(mlp_source, tmp_path):
 
 def test_format_2_without_graph_hashes_still_loads_and_saves(mlp_case):
     _, artifacts = mlp_case
-    raw = _manifest(artifacts)
+    raw = read_manifest(artifacts)
     old = {k: v for k, v in raw.items() if k not in ("export_id", "graphs_sha256")}
-    _write_manifest(artifacts, {**old, "format_version": 2})
+    write_manifest(artifacts, {**old, "format_version": 2})
     learner = EdgeLearner(artifacts)
     learner.learn_task([(X, Y)])
     learner.end_task([(X, Y)])
     learner.save()
-    back = _manifest(artifacts)
+    back = read_manifest(artifacts)
     assert back["format_version"] == 2 and back["generation"] == 1
     assert EdgeLearner(artifacts).num_tasks == 3
 
@@ -285,9 +268,9 @@ def test_saving_into_a_copy_at_a_later_generation_goes_above_it(mlp_case, tmp_pa
     shutil.copytree(artifacts, ahead)
     for _ in range(3):
         EdgeLearner(ahead).save()
-    assert _manifest(ahead)["generation"] == 3
+    assert read_manifest(ahead)["generation"] == 3
     _trained(artifacts).save(ahead)
-    assert _manifest(ahead)["generation"] == 4 and EdgeLearner(ahead).num_tasks == 3
+    assert read_manifest(ahead)["generation"] == 4 and EdgeLearner(ahead).num_tasks == 3
 
 
 class Crash(BaseException):
@@ -395,7 +378,7 @@ def test_onnxruntime_exceptions_are_wrapped(mlp_case):
     but that onnxruntime cannot parse: our error, caused by onnxruntime's own type."""
     _, artifacts = mlp_case
     (artifacts / "importance_update.onnx").write_bytes(b"\x08\x07" + bytes(range(64)))
-    _rehash(artifacts)
+    rehash(artifacts)
     with pytest.raises(ArtifactMismatchError, match="InvalidProtobuf") as info:
         EdgeLearner(artifacts)
     cause = type(info.value.__cause__)
@@ -410,7 +393,7 @@ def test_onnxruntime_errors_inside_a_step_are_wrapped(mlp_source, tmp_path):
     mine = tmp_path / "mine"
     shutil.copytree(artifacts, mine)
     shutil.copy(other / "importance_update.onnx", mine / "importance_update.onnx")
-    _rehash(mine)
+    rehash(mine)
     learner = EdgeLearner(mine)
     learner.learn_task([(X, Y)])
     with pytest.raises(EdgeError, match=r"end_task\(2\): onnxruntime raised") as info:
@@ -480,10 +463,10 @@ def _peak_kib() -> int:
 )
 def test_manifest_fields_are_checked_before_anything_is_allocated(mlp_case, edit, error, message):
     _, artifacts = mlp_case
-    raw = _manifest(artifacts)
+    raw = read_manifest(artifacts)
     if "params" in edit:
         edit = {"params": {**raw["params"], **edit["params"]}}
-    _write_manifest(artifacts, {**raw, **edit})
+    write_manifest(artifacts, {**raw, **edit})
     peak = _peak_kib()
     with pytest.raises(error, match=message):
         EdgeLearner(artifacts)
@@ -500,9 +483,9 @@ def test_a_shared_head_task_count_must_fit_the_history_bytes(tmp_path):
     torch.manual_seed(0)
     cnn = get_softmask_model(SmallCNN(), SoftMaskConfig(head_modules=["fc"]))
     artifacts = export_copy(cnn, tmp_path / "cnn", example=torch.randn(2, 1, 8, 8))
-    assert _manifest(artifacts)["task_mode"] == "shared_head"
-    raw = _manifest(artifacts)
-    _write_manifest(artifacts, {**raw, "num_tasks": 10**9})
+    assert read_manifest(artifacts)["task_mode"] == "shared_head"
+    raw = read_manifest(artifacts)
+    write_manifest(artifacts, {**raw, "num_tasks": 10**9})
     peak = _peak_kib()
     with pytest.raises(ArtifactMismatchError, match="task\\(s\\) of importance need more bytes"):
         EdgeLearner(artifacts)
@@ -511,7 +494,7 @@ def test_a_shared_head_task_count_must_fit_the_history_bytes(tmp_path):
 
 def test_oversized_and_deeply_nested_manifests_are_corrupt(mlp_case):
     _, artifacts = mlp_case
-    raw = _manifest(artifacts)
+    raw = read_manifest(artifacts)
     (artifacts / "manifest.json").write_text(json.dumps({**raw, "pad": "x" * MAX_MANIFEST_BYTES}))
     with pytest.raises(CorruptArtifactError, match="larger than"):
         EdgeLearner(artifacts)
@@ -523,7 +506,7 @@ def test_oversized_and_deeply_nested_manifests_are_corrupt(mlp_case):
     )
     with pytest.raises(CorruptArtifactError, match="RecursionError"):
         EdgeLearner(artifacts)
-    _write_manifest(artifacts, {k: v for k, v in raw.items() if k != "checkpoint"})
+    write_manifest(artifacts, {k: v for k, v in raw.items() if k != "checkpoint"})
     with pytest.raises(CorruptArtifactError, match="missing 'checkpoint'"):
         EdgeLearner(artifacts)
 
@@ -541,7 +524,7 @@ def test_a_reexport_killed_at_any_step_leaves_one_whole_export(mlp_case, tmp_pat
     """build_artifacts commits through a staging folder: interrupted before the commit point
     the old export stays, after it the next load rolls the new one forward; never a mix."""
     model, base = mlp_case
-    old_id = _manifest(base)["export_id"]
+    old_id = read_manifest(base)["export_id"]
     k, completed, outcomes = 0, False, set()
     while not completed:
         k += 1
@@ -586,9 +569,9 @@ def test_unusable_save_locations_raise_save_location_error(mlp_case, tmp_path):
 
 def _format_2(artifacts: Path) -> None:
     """Turn format-3 artifacts into format 2, whose graphs are not hashed."""
-    raw = _manifest(artifacts)
+    raw = read_manifest(artifacts)
     old = {k: v for k, v in raw.items() if k not in ("export_id", "graphs_sha256")}
-    _write_manifest(artifacts, {**old, "format_version": 2})
+    write_manifest(artifacts, {**old, "format_version": 2})
 
 
 @pytest.mark.parametrize(
