@@ -236,11 +236,11 @@ class Manifest:
             problems.append("masked and heads must be distinct names")
         if self.format_version >= 2 and not (self.parameter_order and self.learning_rate > 0):
             problems.append("format 2 needs parameter_order and a positive learning_rate")
-        if self.format_version >= 3:
-            if not _EXPORT_ID.match(self.export_id):
-                problems.append("format 3 needs a 32-hex-digit export_id")
-            if sorted(self.graphs_sha256) != sorted(STATIC_FILES):
-                problems.append(f"format 3 needs graphs_sha256 for exactly {list(STATIC_FILES)}")
+        hashed = sorted(self.graphs_sha256)
+        if self.format_version >= 3 and not _EXPORT_ID.match(self.export_id):
+            problems.append("format 3 needs a 32-hex-digit export_id")
+        if (self.format_version >= 3 or hashed) and hashed != sorted(STATIC_FILES):
+            problems.append(f"graphs_sha256 must cover exactly {list(STATIC_FILES)}")
         if not self.head_classes:
             problems.append("head_classes is empty")
         declared = self.declared_tasks()

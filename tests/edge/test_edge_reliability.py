@@ -458,6 +458,7 @@ def _peak_kib() -> int:
         ({"learning_rate": "high"}, CorruptArtifactError, "bad 'learning_rate'"),
         ({"export_id": "x"}, CorruptArtifactError, "export_id"),
         ({"surprise": 1}, CorruptArtifactError, "unknown field 'surprise'"),
+        ({"graphs_sha256": {"x.onnx": "0" * 64}}, CorruptArtifactError, "must cover exactly"),
         ({"checkpoint_sha256": 5}, CorruptArtifactError, "bad 'checkpoint_sha256'"),
     ],
 )
