@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from _common import print_table, write_json
 from softmask_edge import EdgeLearner
-from softmask_peft.export import export_for_device
 from torch import nn
 
 from softmask_peft import SoftMaskConfig, get_softmask_model
+from softmask_peft.device import export_for_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "edge"))
 from browser_helpers import run_page, serve, site, write_case  # noqa: E402

@@ -4,7 +4,7 @@
     python bench/trainer_lora_sequence.py --train-per-class 8 --eval-per-class 8 --epochs 1  # smoke
 
 Tasks (binary, one shared LoRA adapter and one shared classifier head, task id not given at
-test time) from the offline text domains of `softmask_peft.continual.text_domains`:
+test time) from the offline text domains of `softmask_bench.text_domains`:
   T0 stdlib docstrings (0) vs scikit-learn dataset descriptions (1)
   T1 licence texts (0) vs package READMEs (1)
   T2 stdlib docstrings (0) vs package READMEs (1)
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
-from softmask_peft.continual.das_pretraining import minilm_path
-from softmask_peft.continual.metrics import compute_metrics
-from softmask_peft.continual.text_domains import load_text_domains
+from softmask_bench.metrics import compute_metrics
+from softmask_bench.minilm import minilm_path
+from softmask_bench.text_domains import load_text_domains
 from transformers import (
     AutoTokenizer,
     BertForSequenceClassification,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from _common import print_table, write_json
-from softmask_peft.continual.das_pretraining import minilm_path
+from softmask_bench.minilm import minilm_path
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 from softmask_peft import SoftMaskConfig, get_softmask_model

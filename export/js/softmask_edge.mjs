@@ -1,6 +1,6 @@
 // softmask_edge for the browser: the Python EdgeLearner's life cycle on onnxruntime-web 1.19.2.
 //
-// Same artifacts (manifest format 2), same steps: learnTask trains the next task soft-masked
+// Same artifacts (manifest format 2 or 3), same steps: learnTask trains the next task soft-masked
 // (the training graph scales each gradient by 1 - s*A, heads by 1 - s*ā); endTask runs one
 // raw-gradient pass (s = 0) per head h <= t, feeds the stacked gradient sums to the
 // importance-update graph (γ = max_h |tanh(standardize(g_h))|, A <- max(A, γ)) in a plain
@@ -21,6 +21,10 @@ import {
 } from './formats.mjs';
 
 export const FORMAT_VERSION = 3;
+// format 3 adds graphs_sha256, export_id and the log-keep uint8 code to format 2; both load
+// (format 2 with uint8 importance stored the old linear code: refused, re-export)
+const READABLE_FORMATS = [2, 3];
+const PLAIN_NAME = /^[A-Za-z0-9_][A-Za-z0-9_.-]*$/;
 const IMPORTANCE_SUFFIX = '.softmask_importance';
 const GRADIENT_SUFFIX = '.softmask_gradient';
 const MEAN_IMPORTANCE = 'softmask.mean_importance';
@@ -112,23 +116,40 @@ export class EdgeLearner {
   static async load(source, ort) {
     const files = reader(source);
     const manifest = JSON.parse(new TextDecoder().decode(await files.read('manifest.json')));
-    if (manifest.format_version !== FORMAT_VERSION) {
+    if (!READABLE_FORMATS.includes(manifest.format_version)) {
       throw new EdgeError(
         `manifest format_version ${manifest.format_version} is not supported by the JS learner ` +
-          `(it reads ${FORMAT_VERSION}); re-export with this release's export_for_device`,
+          `(it reads ${READABLE_FORMATS.join(', ')}); re-export with this release's export_for_device`,
       );
     }
+    if (manifest.format_version < 3 && manifest.importance_dtype === 'uint8') {
+      throw new EdgeError(
+        `manifest format_version ${manifest.format_version} stores uint8 importance on the old ` +
+          'linear code; re-export with this release\'s export_for_device',
+      );
+    }
+    for (const name of [manifest.checkpoint, manifest.history]) {
+      if (typeof name !== 'string' || !PLAIN_NAME.test(name)) {
+        throw new EdgeError(`the manifest names ${JSON.stringify(name)}: only plain file names inside the artifacts folder`);
+      }
+    }
+    const hashes = manifest.format_version >= 3 ? manifest.graphs_sha256 : {};
+    if (manifest.format_version >= 3 && !STATIC_FILES.every((n) => typeof hashes?.[n] === 'string')) {
+      throw new EdgeError(`format 3 needs graphs_sha256 for ${STATIC_FILES.join(', ')}`);
+    }
     const [checkpoint, history] = await Promise.all([files.read(manifest.checkpoint), files.read(manifest.history)]);
+    const graphs = {};
+    for (const name of STATIC_FILES) graphs[name] = await files.read(name);
+    // every hash is checked before onnxruntime parses any byte
     for (const [name, bytes, expected] of [
       [manifest.checkpoint, checkpoint, manifest.checkpoint_sha256],
       [manifest.history, history, manifest.history_sha256],
+      ...Object.entries(hashes).map(([n, h]) => [n, graphs[n], h]),
     ]) {
       if ((await sha256Hex(bytes)) !== expected) {
-        throw new EdgeError(`${name} is damaged: its SHA-256 differs from the manifest`);
+        throw new EdgeError(`${name} is damaged or belongs to another export: its SHA-256 differs from the manifest`);
       }
     }
-    const graphs = {};
-    for (const name of STATIC_FILES) graphs[name] = await files.read(name);
     return new EdgeLearner(ort, manifest, checkpoint, readNpz(history), graphs);
   }
 
@@ -143,10 +164,29 @@ export class EdgeLearner {
     if (missing.length) throw new EdgeError(`checkpoint ${manifest.checkpoint} lacks ${missing.join(', ')}`);
     this.state = Object.fromEntries(expected.map((n) => [n, checkpointValue(checkpoint, tensors, n)]));
     this.history = history;
+    EdgeLearner._checkImportance(manifest, this.state, history);
     this.trainableOrder = manifest.parameter_order.filter((n) => n in manifest.params);
     this.session = null;
     this.sessionTask = null;
     this.sessionLr = null;
+  }
+
+  /** Importance as the Python learner checks it: the storage dtype, finite, in [0, 1]. */
+  static _checkImportance(manifest, state, history) {
+    const dtype = manifest.importance_dtype;
+    const tensors = [
+      ...manifest.masked.map((n) => [n + IMPORTANCE_SUFFIX, state[n + IMPORTANCE_SUFFIX], dtype]),
+      [MEAN_IMPORTANCE, state[MEAN_IMPORTANCE], 'float32'],
+      ...Object.entries(history).map(([k, v]) => [k, v.data, dtype]),
+    ];
+    for (const [name, data, stored] of tensors) {
+      if (!(data instanceof STORAGE[stored])) {
+        throw new EdgeError(`${name}: ${data.constructor.name}, the manifest's importance dtype stores ${stored}`);
+      }
+      if (!decodeImportance(data, stored).every((v) => Number.isFinite(v) && v >= 0 && v <= 1)) {
+        throw new EdgeError(`${name}: importance outside [0, 1] or not finite`);
+      }
+    }
   }
 
   get numTasks() {
@@ -216,6 +256,9 @@ export class EdgeLearner {
     for (const spec of this.manifest.inputs) {
       const x = batch.inputs[spec.name];
       if (!x) throw new EdgeError(`batch inputs: missing ${spec.name}`);
+      if (x.data instanceof Float32Array && !x.data.every(Number.isFinite)) {
+        throw new EdgeError(`input ${spec.name} holds NaN or Inf values`);
+      }
       feeds[spec.name] = new T(spec.dtype, x.data, x.dims);
     }
     const n = batch.labels.length;

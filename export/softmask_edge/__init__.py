@@ -11,6 +11,7 @@ import softmask_format
 from .builder import build_artifacts
 from .checkpoint import DeviceCheckpoint, read_device_checkpoint
 from .errors import (
+    ArgumentError,
     ArtifactMismatchError,
     BatchError,
     CorruptArtifactError,
@@ -19,6 +20,9 @@ from .errors import (
     ExportError,
     MissingArtifactError,
     NonFiniteGradientError,
+    OnnxRuntimeError,
+    SaveLocationError,
+    StaleWriterError,
     TaskOrderError,
     UnsupportedFormatError,
 )
@@ -30,6 +34,7 @@ __version__ = softmask_format.__version__
 
 
 __all__ = [
+    "ArgumentError",
     "ArtifactMismatchError",
     "BatchError",
     "CorruptArtifactError",
@@ -42,6 +47,9 @@ __all__ = [
     "Manifest",
     "MissingArtifactError",
     "NonFiniteGradientError",
+    "OnnxRuntimeError",
+    "SaveLocationError",
+    "StaleWriterError",
     "TaskOrderError",
     "UnsupportedFormatError",
     "build_artifacts",

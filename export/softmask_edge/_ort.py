@@ -8,17 +8,45 @@ module `onnxruntime.capi._pybind_state`; this file calls them directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnxruntime import SessionOptions
 from onnxruntime.capi import _pybind_state as C
+from onnxruntime.capi import onnxruntime_pybind11_state as _errors
 from onnxruntime.capi.onnxruntime_inference_collection import OrtValue, get_ort_device_type
 
+from .errors import ArtifactMismatchError, EdgeError, OnnxRuntimeError
 from .graphs import set_learning_rate
+
+# onnxruntime's own exception types subclass Exception directly, not RuntimeError; pybind11
+# raises UnicodeDecodeError for a name in a damaged graph or checkpoint that is not UTF-8
+ORT_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError,
+    DecodeError,
+    UnicodeDecodeError,
+    *(
+        t
+        for t in vars(_errors).values()
+        if isinstance(t, type) and issubclass(t, Exception) and t.__module__ == _errors.__name__
+    ),
+)
+
+
+@contextlib.contextmanager
+def translated(step: str, error: type[EdgeError] = OnnxRuntimeError) -> Iterator[None]:
+    """Re-raise onnxruntime's (and protobuf's) exceptions as `error`, naming `step`."""
+    try:
+        yield
+    except EdgeError:
+        raise
+    except ORT_ERRORS as e:
+        raise error(f"{step}: onnxruntime raised {type(e).__name__}: {e}") from e
 
 
 def load_checkpoint(path: str | os.PathLike) -> C.CheckpointState:
@@ -85,10 +113,12 @@ class TrainingSession:
         self.state = state
         training, evaluation = self._models
         self._module = C.Module(training, state, evaluation, self._device, self._options)
+        # read once, while loading: a damaged name fails here, not inside a later step
+        self._input_names = {t: list(self._module.input_names(t)) for t in (True, False)}
         self._optimizer_used = False
 
     def input_names(self, training: bool) -> list[str]:
-        return list(self._module.input_names(training))
+        return self._input_names[training]
 
     def run(self, feeds: Sequence[np.ndarray], training: bool) -> list[np.ndarray]:
         """One forward (+ backward and gradient accumulation when training) step."""
@@ -119,7 +149,10 @@ class TrainingSession:
             optimizer_model = self._optimizer_model
             if self._lr_in_graph:
                 graph = onnx.load(optimizer_model)
-                set_learning_rate(graph, lr)
+                try:
+                    set_learning_rate(graph, lr)
+                except ValueError as e:
+                    raise ArtifactMismatchError(f"{optimizer_model}: {e}") from e
                 optimizer_model = os.path.join(tmp, "optimizer.onnx")
                 onnx.save(graph, optimizer_model)
             self._optimizer = C.Optimizer(optimizer_model, self.state, self._device, self._options)

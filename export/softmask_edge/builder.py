@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
+import secrets
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from softmask_format.atomic import atomic_write
+from softmask_format.atomic import atomic_write, commit_files
 from softmask_format.keys import task_key
 
 from .errors import ExportError
@@ -40,6 +40,7 @@ from .graphs import (
 )
 from .manifest import (
     EVAL_MODEL_NAME,
+    EXPORT_ID_KEY,
     IMPORTANCE_DTYPES,
     IMPORTANCE_MODEL_NAME,
     IMPORTANCE_SUFFIX,
@@ -47,6 +48,7 @@ from .manifest import (
     MEAN_IMPORTANCE,
     OPTIMIZER_MODEL_NAME,
     OPTIMIZERS,
+    STATIC_FILES,
     TASK_INPUT,
     TASK_MODES,
     TRAINING_MODEL_NAME,
@@ -220,24 +222,27 @@ def build_artifacts(
     if directory.exists() and not directory.is_dir():
         raise ExportError(f"cannot export into {str(directory)!r}: it is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".softmask_edge_build.", dir=directory))
-    try:
+    export_id = secrets.token_hex(16)
+    built: list[Manifest] = []
+
+    def write(staging: Path) -> None:
         _generate(model, trainable, optimizer, staging)
         training = onnx.load(staging / TRAINING_MODEL_NAME)
         insert_masking(training, masked_shapes, heads if scale_heads else [], importance_dtype)
         expose_gradients(training)
-        onnx.save(training, staging / TRAINING_MODEL_NAME)
+        _save_stamped(training, staging / TRAINING_MODEL_NAME, export_id)
         evaluation = onnx.load(staging / EVAL_MODEL_NAME)
         add_importance_inputs(evaluation, masked_shapes, importance_dtype)
-        onnx.save(evaluation, staging / EVAL_MODEL_NAME)
+        _save_stamped(evaluation, staging / EVAL_MODEL_NAME, export_id)
         optimizer_graph = onnx.load(staging / OPTIMIZER_MODEL_NAME)
         if optimizer == "adamw":
             _use_torch_adamw(optimizer_graph)
         record_learning_rate(optimizer_graph, learning_rate)
-        onnx.save(optimizer_graph, staging / OPTIMIZER_MODEL_NAME)
-        onnx.save(
+        _save_stamped(optimizer_graph, staging / OPTIMIZER_MODEL_NAME, export_id)
+        _save_stamped(
             importance_update_model(masked_shapes, importance_dtype),
             staging / IMPORTANCE_MODEL_NAME,
+            export_id,
         )
         (staging / "checkpoint").unlink()
         stored = [
@@ -278,13 +283,22 @@ def build_artifacts(
             parameter_order=[i.name for i in training.graph.input if i.name in checkpointed],
             heads_scaled=scale_heads,
             learning_rate=float(learning_rate),
+            export_id=export_id,
+            graphs_sha256={n: sha256(staging / n) for n in STATIC_FILES},
         )
-        for item in sorted(staging.iterdir()):
-            os.replace(item, directory / item.name)
-        manifest.save(directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return manifest
+        manifest.save(staging)
+        built.append(manifest)
+
+    # a journal (staging folder + commit marker): a re-export never leaves the old manifest
+    # next to new graphs; a kill after the commit point is rolled forward by the next load
+    commit_files(directory, write)
+    return built[0]
+
+
+def _save_stamped(model: onnx.ModelProto, path: Path, export_id: str) -> None:
+    """Save `model` with the export id in its metadata: a graph names the export it belongs to."""
+    onnx.helper.set_model_props(model, {EXPORT_ID_KEY: export_id})
+    onnx.save(model, path)
 
 
 def _generate(model: onnx.ModelProto, trainable: Sequence[str], optimizer: str, out: Path) -> None:

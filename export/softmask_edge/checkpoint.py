@@ -15,14 +15,24 @@ from .manifest import IMPORTANCE_SUFFIX, MEAN_IMPORTANCE, Manifest
 from .storage import NUMPY_DTYPES, decode, read_history
 
 
+def importance_problems(name: str, stored: np.ndarray, dtype: np.dtype) -> list[str]:
+    """Why `stored` is not importance in the storage dtype: wrong dtype, NaN/Inf, outside [0, 1]."""
+    if stored.dtype != dtype:
+        return [f"{name}: dtype {stored.dtype}, the manifest's importance dtype stores {dtype}"]
+    a = decode(stored)
+    if not np.isfinite(a).all():
+        return [f"{name}: NaN or Inf importance"]
+    if a.size and (a.min() < 0 or a.max() > 1):
+        return [f"{name}: importance outside [0, 1] (min {a.min():.4g}, max {a.max():.4g})"]
+    return []
+
+
 def load_state(directory: Path, manifest: Manifest) -> _ort.C.CheckpointState:
-    """Load the checkpoint named by the manifest after checking its SHA-256, names and shapes."""
-    manifest.verify_files(directory)
-    try:
+    """Load the checkpoint named by the manifest (hashes verified by the caller) and check its
+    names, shapes, dtypes and importance values."""
+    with _ort.translated(f"cannot read checkpoint {manifest.checkpoint}", CorruptArtifactError):
         state = _ort.load_checkpoint(directory / manifest.checkpoint)
-    except RuntimeError as e:
-        raise CorruptArtifactError(f"cannot read checkpoint {manifest.checkpoint}: {e}") from e
-    found = {n: _ort.get_parameter(state, n) for n in _ort.parameter_names(state)}
+        found = {n: _ort.get_parameter(state, n) for n in _ort.parameter_names(state)}
     expected = {n: (tuple(s), np.dtype(np.float32)) for n, s in manifest.params.items()}
     stored = np.dtype(NUMPY_DTYPES[manifest.importance_dtype])
     expected.update(
@@ -35,6 +45,10 @@ def load_state(directory: Path, manifest: Manifest) -> _ort.C.CheckpointState:
         data, (shape, dtype) = found[n], expected[n]
         if data.shape != shape or data.dtype != dtype:
             problems.append(f"{n}: {data.dtype}{list(data.shape)} != expected {dtype}{list(shape)}")
+        elif n.endswith(IMPORTANCE_SUFFIX):
+            problems += importance_problems(n, data, stored)
+        elif n == MEAN_IMPORTANCE:
+            problems += importance_problems(n, data, np.dtype(np.float32))
     if problems:
         raise ArtifactMismatchError(
             f"checkpoint {manifest.checkpoint} does not fit the manifest:\n  "
@@ -53,11 +67,12 @@ def load_history(directory: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     }
     problems = [f"missing {k!r}" for k in sorted(set(wanted) - set(history))]
     problems += [f"unexpected {k!r}" for k in sorted(set(history) - set(wanted))]
-    problems += [
-        f"{k}: shape {history[k].shape} != {wanted[k]}"
-        for k in sorted(set(wanted) & set(history))
-        if history[k].shape != wanted[k]
-    ]
+    stored = np.dtype(NUMPY_DTYPES[manifest.importance_dtype])
+    for k in sorted(set(wanted) & set(history)):
+        if history[k].shape != wanted[k]:
+            problems.append(f"{k}: shape {history[k].shape} != {wanted[k]}")
+        else:
+            problems += importance_problems(k, history[k], stored)
     if problems:
         raise ArtifactMismatchError(
             f"importance history {manifest.history} does not fit the manifest:\n  "
@@ -80,6 +95,7 @@ def read_device_checkpoint(directory: str | os.PathLike) -> DeviceCheckpoint:
     """Read the current generation of `directory` (validated) for the server side."""
     directory = Path(directory)
     manifest = Manifest.load(directory)
+    manifest.verify_files(directory)
     state = load_state(directory, manifest)
     history = load_history(directory, manifest)
     return DeviceCheckpoint(

@@ -44,3 +44,19 @@ class TaskOrderError(EdgeError, RuntimeError):
 
 class ExportError(EdgeError, ValueError):
     """The model or the export options cannot be turned into training artifacts."""
+
+
+class StaleWriterError(EdgeError, RuntimeError):
+    """The folder moved on since this learner loaded it: another writer saved a newer generation."""
+
+
+class SaveLocationError(EdgeError, OSError):
+    """The save location cannot be written (disk full, read-only, not a directory); nothing changed."""
+
+
+class OnnxRuntimeError(EdgeError, RuntimeError):
+    """onnxruntime failed inside a step; the message names the step and file."""
+
+
+class ArgumentError(EdgeError, ValueError):
+    """An argument of a public call is out of range (epochs, learning rate)."""

@@ -12,26 +12,31 @@ or a mapping holding the inputs and `"labels"`. Labels are integer class indices
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from softmask_format.atomic import atomic_write
+from softmask_format.atomic import atomic_write, recover_directory
 from softmask_format.keys import task_key
 
 from . import _ort
 from .checkpoint import load_history, load_state
 from .errors import (
+    ArgumentError,
     ArtifactMismatchError,
     BatchError,
     EmptyDataError,
     NonFiniteGradientError,
+    SaveLocationError,
+    StaleWriterError,
     TaskOrderError,
 )
 from .manifest import (
@@ -41,6 +46,7 @@ from .manifest import (
     IMPORTANCE_SUFFIX,
     LABELS_INPUT,
     LOGITS_OUTPUT,
+    MANIFEST_NAME,
     MEAN_IMPORTANCE,
     OPTIMIZER_MODEL_NAME,
     SCALE_INPUT,
@@ -75,6 +81,25 @@ def _check_labels(y: Any, batch_size: int, num_classes: int) -> np.ndarray:
     return y.astype(np.int64)
 
 
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """OS and onnxruntime write failures (disk full, read-only) -> SaveLocationError naming `path`."""
+    with _ort.translated(f"cannot write {path}", SaveLocationError):
+        try:
+            yield
+        except OSError as e:
+            raise SaveLocationError(
+                f"cannot write {path}: {e.strerror or e}; the folder keeps its current generation"
+            ) from e
+
+
+def _remove(*paths: Path) -> None:
+    """Best-effort removal of files no manifest names (a failure leaves only clutter)."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
 class EdgeLearner:
     """Load artifacts, learn tasks soft-masked, measure and accumulate their importance, save.
 
@@ -95,6 +120,7 @@ class EdgeLearner:
     ) -> None:
         self.directory = Path(directory)
         self.manifest = Manifest.load(self.directory)
+        self.manifest.verify_files(self.directory)  # before onnxruntime parses any byte
         if seed is not None:
             ort.set_seed(seed)
         self._options = ort.SessionOptions()
@@ -105,7 +131,10 @@ class EdgeLearner:
         self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         state = load_state(self.directory, self.manifest)
         self._history = load_history(self.directory, self.manifest)
-        try:
+        with _ort.translated(
+            f"the graphs in {str(self.directory)!r} do not fit its checkpoint",
+            ArtifactMismatchError,
+        ):
             self._session = _ort.TrainingSession(
                 self.directory / TRAINING_MODEL_NAME,
                 self.directory / EVAL_MODEL_NAME,
@@ -119,10 +148,6 @@ class EdgeLearner:
                 self._options,
                 providers=["CPUExecutionProvider"],
             )
-        except RuntimeError as e:
-            raise ArtifactMismatchError(
-                f"the graphs in {str(self.directory)!r} do not fit its checkpoint: {e}"
-            ) from e
         self._optimizer_task: int | None = None
 
     # batches ------------------------------------------------------------------------------
@@ -166,6 +191,8 @@ class EdgeLearner:
                 raise BatchError(
                     f"inputs disagree on the batch size ({batch_size} vs {a.shape[0]})"
                 )
+            if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+                raise BatchError(f"input {s.name!r} holds NaN or Inf values")
             batch_size = a.shape[0]
             feeds[s.name] = np.ascontiguousarray(a)
         return feeds, (y, batch_size)
@@ -242,8 +269,12 @@ class EdgeLearner:
         batches = _reiterable(batches)
         if not batches:
             raise EmptyDataError(f"learn_task({t}) got no batches")
-        if epochs < 1 or not lr > 0:
-            raise ValueError(f"epochs must be >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
+        valid_lr = isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0
+        if not (type(epochs) is int and epochs >= 1 and valid_lr):
+            raise ArgumentError(
+                f"epochs must be an int >= 1 and lr a finite number > 0, got epochs={epochs!r}, "
+                f"lr={lr!r}"
+            )
         # every batch is checked before the first step, so a bad one changes nothing
         scale = 1.0 if masked else 0.0
         prepared = [
@@ -257,6 +288,18 @@ class EdgeLearner:
             ]
             if not val:
                 raise EmptyDataError(f"learn_task({t}) got an empty validation set")
+        with _ort.translated(f"learn_task({t})"):
+            return self._train(t, prepared, val, lr, early_stopping, epochs)
+
+    def _train(
+        self,
+        t: int,
+        prepared: list[list[np.ndarray]],
+        val: list[list[np.ndarray]] | None,
+        lr: float,
+        early_stopping: EarlyStopping | None,
+        epochs: int,
+    ) -> list[float]:
         if self._optimizer_task != t:
             self._session.new_optimizer(lr)
             self._optimizer_task = t
@@ -271,7 +314,7 @@ class EdgeLearner:
                 self._session.reset_gradients()
                 total += float(self._session.run(feeds, training=True)[0])
                 self._session.optimizer_step()
-            losses.append(total / len(batches))
+            losses.append(total / len(prepared))
             if val is None:
                 continue
             val_loss = sum(float(self._session.run(f, training=False)[0]) for f in val) / len(val)
@@ -294,6 +337,12 @@ class EdgeLearner:
         if not batches:
             raise EmptyDataError(f"the importance pass of task {t} got no batches")
         own = [self._feeds(b, t, scale=0.0, cross_head=False, training=True) for b in batches]
+        with _ort.translated(f"end_task({t})"):
+            return self._measure(t, batches, own, name)
+
+    def _measure(
+        self, t: int, batches: list[Any], own: list[list[np.ndarray]], name: str | None
+    ) -> dict[str, np.ndarray]:
         heads = range(t + 1) if self.manifest.task_mode == "task_incremental" else [t]
         sums: dict[str, list[np.ndarray]] = {n: [] for n in self.manifest.masked}
         for h in heads:
@@ -339,8 +388,9 @@ class EdgeLearner:
         feeds[CROSS_HEAD_INPUT] = np.array(0.0, np.float32)
         if self.manifest.task_mode == "task_incremental":
             feeds[TASK_INPUT] = np.array(head, np.int64)
-        names = self._session.input_names(training=False)
-        return self._session.run([feeds[n] for n in names], training=False)[1]
+        with _ort.translated("predict"):
+            names = self._session.input_names(training=False)
+            return self._session.run([feeds[n] for n in names], training=False)[1]
 
     def evaluate(self, batches: Iterable[Any], task_id: int | None = None) -> float:
         """Accuracy of head `task_id` on `(x, y)` batches."""
@@ -369,40 +419,101 @@ class EdgeLearner:
     def save(self, directory: str | os.PathLike | None = None) -> Path:
         """Write weights and importance as a new generation, then switch the manifest to it.
 
-        The manifest is replaced last and atomically, so a crash at any point leaves the
-        previous generation loadable; older generation files are removed afterwards.
+        One writer per folder. Files the current manifest names are never overwritten: the new
+        generation gets new file names, the manifest is replaced last and atomically, and the
+        previous generation's files are removed afterwards, so a crash at any point leaves a
+        loadable folder. A learner whose loaded generation is no longer the folder's current
+        one (another writer saved since) is refused with `StaleWriterError`. A failed write
+        (disk full, read-only) raises `SaveLocationError` and leaves no new file behind.
         """
         target = self.directory if directory is None else Path(directory)
         if target.exists() and not target.is_dir():
-            raise ArtifactMismatchError(f"cannot save into {str(target)!r}: not a directory")
-        target.mkdir(parents=True, exist_ok=True)
-        if target.resolve() != self.directory.resolve():
-            for name in STATIC_FILES:
-                src = self.directory / name
-                atomic_write(target / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
-        generation = self.manifest.generation + 1
+            raise SaveLocationError(f"cannot save into {str(target)!r}: not a directory")
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            same = target.resolve() == self.directory.resolve()
+            recover_directory(target, drop_uncommitted=True)  # leftovers of a killed export
+        except OSError as e:
+            raise SaveLocationError(f"cannot save into {str(target)!r}: {e.strerror or e}") from e
+        generation = self._next_generation(target, same)
         ckpt, hist = target / checkpoint_name(generation), target / history_name(generation)
-        atomic_write(ckpt, lambda tmp: _ort.save_checkpoint(self._session.state, tmp))
-        write_history(hist, self._history)
-        manifest = replace(
-            self.manifest,
-            generation=generation,
-            checkpoint=ckpt.name,
-            checkpoint_sha256=sha256(ckpt),
-            history=hist.name,
-            history_sha256=sha256(hist),
-        )
-        manifest.save(target)
+        switched = False
+        try:
+            if not same and Manifest.peek(target) is None:
+                for name in STATIC_FILES:
+                    src = self.directory / name
+                    with _writing(target / name):
+                        atomic_write(target / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+            with _writing(ckpt):
+                atomic_write(ckpt, lambda tmp: _ort.save_checkpoint(self._session.state, tmp))
+            with _writing(hist):
+                write_history(hist, self._history)
+            with _writing(target / MANIFEST_NAME):
+                manifest = replace(
+                    self.manifest,
+                    generation=generation,
+                    checkpoint=ckpt.name,
+                    checkpoint_sha256=sha256(ckpt),
+                    history=hist.name,
+                    history_sha256=sha256(hist),
+                )
+                manifest.save(target)
+            switched = True
+        finally:
+            if not switched:  # an error or an interrupt: the folder keeps its generation
+                _remove(ckpt, hist)
         self.manifest, self.directory = manifest, target
-        for item in target.iterdir():
-            stale = _GENERATION_FILE.match(item.name) and item.name not in (ckpt.name, hist.name)
-            if stale or _STALE_TEMP.match(item.name):
-                item.unlink(missing_ok=True)
+        _remove(
+            *(
+                item
+                for item in target.iterdir()
+                if _STALE_TEMP.match(item.name)
+                or (_GENERATION_FILE.match(item.name) and item.name not in (ckpt.name, hist.name))
+            )
+        )
         return target
+
+    def _next_generation(self, target: Path, same: bool) -> int:
+        """The generation a save writes; refuses a stale writer and a folder of another export.
+
+        Into its own folder a learner may only save if the folder is still at the generation
+        it loaded; into another folder holding artifacts only if that folder has the same
+        graphs, and then above that folder's generation.
+        """
+        current = Manifest.peek(target)
+        if current is None:
+            return self.manifest.generation + 1
+        if same:
+            if (current["generation"], current.get("export_id", "")) != (
+                self.manifest.generation,
+                self.manifest.export_id,
+            ):
+                raise StaleWriterError(
+                    f"{str(target)!r} is at generation {current['generation']} but this learner "
+                    f"loaded generation {self.manifest.generation}: another writer saved since. "
+                    "One writer per folder: reload the folder (EdgeLearner(folder)) and redo "
+                    "the work, or save into a new folder"
+                )
+            return self.manifest.generation + 1
+        differing = [
+            n
+            for n in STATIC_FILES
+            if not (target / n).is_file() or sha256(target / n) != sha256(self.directory / n)
+        ]
+        if differing:
+            raise ArtifactMismatchError(
+                f"cannot save into {str(target)!r}: it holds artifacts of another export "
+                f"({', '.join(differing)} differ); save into an empty folder"
+            )
+        return max(current["generation"], self.manifest.generation) + 1
 
     def export_inference(self, path: str | os.PathLike) -> Path:
         """Write an inference-only ONNX model (inputs [+ task_id] -> logits), atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: self._session.export_inference(tmp, [LOGITS_OUTPUT]))
+        with _ort.translated(f"export_inference({str(path)!r})", SaveLocationError):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, lambda tmp: self._session.export_inference(tmp, [LOGITS_OUTPUT]))
+            except OSError as e:
+                raise SaveLocationError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
         return path

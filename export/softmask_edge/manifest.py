@@ -1,9 +1,11 @@
 """The artifacts manifest: what was exported, for which model, and which checkpoint is current.
 
 `manifest.json` is the only file a save rewrites in place (atomically, last): it names the
-current checkpoint and importance-history files by generation and carries their SHA-256, so a
-reader sees either the old or the new generation, never a mix, and detects a damaged file
-before onnxruntime parses it.
+current checkpoint and importance-history files by generation and carries their SHA-256 (and,
+from format 3, the graphs' SHA-256 and the export id stamped into every graph), so a reader
+sees either the old or the new generation, never a mix, and detects a damaged or foreign file
+before onnxruntime parses it. Every field is type- and range-checked before anything is
+allocated from it: shapes and the task count must fit in the bytes of the files they describe.
 """
 
 from __future__ import annotations
@@ -11,23 +13,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from softmask_format.atomic import atomic_write_text
+import numpy as np
+from softmask_format.atomic import atomic_write_text, recover_directory
 from softmask_format.names import DEVICE_FORMAT_VERSION as FORMAT_VERSION
 from softmask_format.names import (
     EVAL_MODEL_NAME,
     IMPORTANCE_DTYPES,
     IMPORTANCE_MODEL_NAME,
+    LOG_UINT8_SINCE,
     MANIFEST_NAME,
     OPTIMIZER_MODEL_NAME,
     TRAINING_MODEL_NAME,
 )
-from softmask_format.names import LOG_UINT8_SINCE
 from softmask_format.names import READABLE_DEVICE_FORMAT_VERSIONS as READABLE_FORMATS
 
-from .errors import CorruptArtifactError, MissingArtifactError, UnsupportedFormatError
+from .errors import (
+    ArtifactMismatchError,
+    CorruptArtifactError,
+    MissingArtifactError,
+    UnsupportedFormatError,
+)
+from .storage import NUMPY_DTYPES
 
 STATIC_FILES = (TRAINING_MODEL_NAME, EVAL_MODEL_NAME, OPTIMIZER_MODEL_NAME, IMPORTANCE_MODEL_NAME)
 IMPORTANCE_SUFFIX = ".softmask_importance"
@@ -40,9 +52,16 @@ LOGITS_OUTPUT = "logits"
 LOSS_OUTPUT = "loss"
 GRADIENT_SUFFIX = ".softmask_gradient"  # training-graph output: P's accumulated gradient
 LEARNING_RATE_INITIALIZER = "softmask.learning_rate"  # optimizer graph's lr (format 2)
+EXPORT_ID_KEY = "softmask.export_id"  # graph metadata_props entry (format 3)
 TASK_MODES = ("task_incremental", "shared_head")
 LOSSES = ("cross_entropy",)
 OPTIMIZERS = ("sgd", "adamw")
+MAX_MANIFEST_BYTES = 4 << 20  # a manifest of a 10k-parameter model is ~1 MiB
+MAX_RANK = 16
+MAX_GENERATION = 999_999  # six digits in the file names
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_EXPORT_ID = re.compile(r"^[0-9a-f]{32}$")
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 def checkpoint_name(generation: int) -> str:
@@ -59,6 +78,37 @@ def sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def numel(shape: list[int]) -> int:
+    """Element count of a validated shape (Python ints: no overflow)."""
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def plain_name(name: str) -> str:
+    """`name` if it is a plain file name (no separator, no `..`, not absolute, not hidden)."""
+    if not _PLAIN_NAME.match(name) or name in (".", ".."):
+        raise CorruptArtifactError(
+            f"the manifest names {name!r}: only plain file names inside the artifacts folder"
+        )
+    return name
+
+
+def regular_file(directory: Path, name: str) -> Path:
+    """`directory / name` if `name` is a plain file name of a regular file there (no link)."""
+    path = directory / plain_name(name)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        raise MissingArtifactError(f"{str(directory)!r} lacks {name}") from None
+    except OSError as e:
+        raise CorruptArtifactError(f"cannot stat {path}: {e.strerror}") from e
+    if not stat.S_ISREG(mode):
+        raise CorruptArtifactError(f"{path} is not a regular file (links are refused)")
+    return path
 
 
 @dataclass
@@ -97,6 +147,9 @@ class Manifest:
     parameter_order: list[str] = field(default_factory=list)
     learning_rate: float = 0.0  # the lr recorded in the optimizer graph (format 2)
     heads_scaled: bool = True  # False: head gradients train unscaled (head_scaling="except_new")
+    # format 3: a random id per export, stamped into every graph, and the graphs' SHA-256
+    export_id: str = ""
+    graphs_sha256: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def declared_tasks(self) -> int:
@@ -117,30 +170,32 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Manifest:
-        """Read and validate `manifest.json`; every referenced file must exist."""
+        """Read and validate `manifest.json`; every named file must be a regular file there
+        whose size can hold what the manifest says it holds."""
         directory = Path(directory)
         if not directory.is_dir():
             raise MissingArtifactError(f"artifacts directory {str(directory)!r} does not exist")
-        path = directory / MANIFEST_NAME
-        if not path.is_file():
-            raise MissingArtifactError(f"{str(directory)!r} has no {MANIFEST_NAME}")
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorruptArtifactError(f"cannot parse {path}: {e}") from e
-        if not isinstance(raw, dict):
-            raise CorruptArtifactError(f"{path}: expected a JSON object")
+            recover_directory(directory)  # finish a committed export a kill interrupted
+        except OSError as e:
+            raise CorruptArtifactError(f"cannot recover {str(directory)!r}: {e}") from e
+        path = directory / MANIFEST_NAME
+        if not path.exists():
+            raise MissingArtifactError(f"{str(directory)!r} has no {MANIFEST_NAME}")
+        raw = _read_json(regular_file(directory, MANIFEST_NAME))
         version = raw.get("format_version")
-        if version not in READABLE_FORMATS:
+        if type(version) is not int or version not in READABLE_FORMATS:
             raise UnsupportedFormatError(
                 f"{path}: format_version {version!r} is not supported (this release reads "
                 f"{', '.join(map(str, READABLE_FORMATS))})"
             )
-        try:
-            raw["inputs"] = [InputSpec(**spec) for spec in raw["inputs"]]
-            manifest = cls(**raw)
-        except (KeyError, TypeError) as e:
-            raise CorruptArtifactError(f"{path}: malformed manifest ({e})") from e
+        problems = _check_schema(raw)
+        if problems:
+            raise CorruptArtifactError(f"{path}: malformed manifest: " + "; ".join(problems[:10]))
+        for name in (raw["checkpoint"], raw["history"], *raw.get("graphs_sha256", {})):
+            plain_name(name)
+        raw["inputs"] = [InputSpec(**spec) for spec in raw["inputs"]]
+        manifest = cls(**raw)
         manifest._check_values(path)
         if manifest.importance_dtype == "uint8" and manifest.format_version < LOG_UINT8_SINCE:
             raise UnsupportedFormatError(
@@ -148,14 +203,27 @@ class Manifest:
                 f"linear code, which this release no longer decodes on the device: export the "
                 "model again (its torch checkpoint still loads)"
             )
-        missing = [
-            n
-            for n in (*STATIC_FILES, manifest.checkpoint, manifest.history)
-            if not (directory / n).is_file()
-        ]
-        if missing:
-            raise MissingArtifactError(f"{str(directory)!r} lacks {', '.join(missing)}")
+        sizes = {n: regular_file(directory, n).lstat().st_size for n in manifest.files()}
+        manifest._check_sizes(path, sizes)
         return manifest
+
+    @staticmethod
+    def peek(directory: Path) -> dict[str, Any] | None:
+        """The type-checked raw manifest of `directory` (None if it has none), without
+        checking its files: what a writer needs to detect that the folder moved on."""
+        if not (directory / MANIFEST_NAME).exists():
+            return None
+        raw = _read_json(regular_file(directory, MANIFEST_NAME))
+        problems = _check_schema(raw)
+        if problems:
+            raise CorruptArtifactError(
+                f"{directory / MANIFEST_NAME}: malformed manifest: " + "; ".join(problems[:10])
+            )
+        return raw
+
+    def files(self) -> list[str]:
+        """Every file the manifest names: graphs, checkpoint, history."""
+        return [*STATIC_FILES, self.checkpoint, self.history]
 
     def _check_values(self, path: Path) -> None:
         problems = []
@@ -167,26 +235,190 @@ class Manifest:
         ):
             if value not in allowed:
                 problems.append(f"{name} {value!r} not in {allowed}")
+        stored = {n + IMPORTANCE_SUFFIX for n in self.masked} | {MEAN_IMPORTANCE}
         unknown = sorted(set(self.masked + self.heads) - set(self.params))
+        unknown += sorted(set(self.parameter_order) - set(self.params) - stored)
         if unknown:
-            problems.append(f"masked/head names without a parameter: {unknown}")
+            problems.append(f"names without a parameter: {unknown[:5]}")
+        if len(set(self.masked)) != len(self.masked) or set(self.masked) & set(self.heads):
+            problems.append("masked and heads must be distinct names")
         if self.format_version >= 2 and not (self.parameter_order and self.learning_rate > 0):
             problems.append("format >= 2 needs parameter_order and a positive learning_rate")
-        if not self.checkpoint or not self.history:
-            problems.append("no checkpoint recorded")
+        hashed = sorted(self.graphs_sha256)
+        if self.format_version >= 3 and not _EXPORT_ID.match(self.export_id):
+            problems.append("format 3 needs a 32-hex-digit export_id")
+        if (self.format_version >= 3 or hashed) and hashed != sorted(STATIC_FILES):
+            problems.append(f"graphs_sha256 must cover exactly {list(STATIC_FILES)}")
+        if not self.head_classes:
+            problems.append("head_classes is empty")
+        declared = self.declared_tasks()
+        if declared >= 0 and self.num_tasks > declared:
+            problems.append(f"num_tasks {self.num_tasks} exceeds the {declared} declared heads")
+        if len(self.task_names) > self.num_tasks + 1:
+            problems.append(f"{len(self.task_names)} task_names for {self.num_tasks} task(s)")
+        if (self.checkpoint, self.history) != (
+            checkpoint_name(self.generation),
+            history_name(self.generation),
+        ):
+            problems.append(
+                f"generation {self.generation} must name {checkpoint_name(self.generation)} "
+                f"and {history_name(self.generation)}"
+            )
         if problems:
             raise CorruptArtifactError(f"{path}: " + "; ".join(problems))
 
+    def _check_sizes(self, path: Path, sizes: dict[str, int]) -> None:
+        """Shapes and the task count may only claim what the files' bytes can hold."""
+        itemsize = np.dtype(NUMPY_DTYPES[self.importance_dtype]).itemsize
+        weights = sum(numel(s) for s in self.params.values())
+        masked = sum(numel(self.params[n]) for n in self.masked)
+        if 4 * weights + itemsize * masked > sizes[self.checkpoint]:
+            raise ArtifactMismatchError(
+                f"{path}: the parameter shapes claim {4 * weights + itemsize * masked} bytes, "
+                f"more than {self.checkpoint} holds ({sizes[self.checkpoint]})"
+            )
+        if self.num_tasks * itemsize * masked > sizes[self.history]:
+            raise ArtifactMismatchError(
+                f"{path}: {self.num_tasks} task(s) of importance need more bytes than "
+                f"{self.history} holds ({sizes[self.history]})"
+            )
+
     def verify_files(self, directory: str | os.PathLike) -> None:
-        """Compare the checkpoint and history files with their recorded SHA-256."""
-        for name, expected in (
-            (self.checkpoint, self.checkpoint_sha256),
-            (self.history, self.history_sha256),
-        ):
-            if sha256(Path(directory) / name) != expected:
-                raise CorruptArtifactError(
-                    f"{Path(directory) / name} is damaged: its SHA-256 differs from the manifest"
+        """Compare every named file with its recorded SHA-256, before anything parses it.
+
+        Formats 1 and 2 record no graph hashes: there only checkpoint and history are checked.
+        """
+        directory = Path(directory)
+        expected = {self.checkpoint: self.checkpoint_sha256, self.history: self.history_sha256}
+        expected.update(self.graphs_sha256)
+        for name, digest in expected.items():
+            path = regular_file(directory, name)
+            try:
+                actual = sha256(path)
+            except OSError as e:
+                raise CorruptArtifactError(f"cannot read {path}: {e.strerror}") from e
+            if actual == digest:
+                continue
+            foreign = graph_export_id(path) if name in STATIC_FILES else None
+            if foreign and foreign != self.export_id:
+                raise ArtifactMismatchError(
+                    f"{path} belongs to another export ({foreign}); the manifest is export "
+                    f"{self.export_id}: copy the whole artifacts folder of one export"
                 )
+            raise CorruptArtifactError(
+                f"{path} is damaged or belongs to another export: its SHA-256 differs from "
+                "the manifest's"
+            )
+
+
+def graph_export_id(path: Path) -> str | None:
+    """The export id stamped into an ONNX graph's metadata, None if unreadable or absent."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except (DecodeError, OSError, ValueError):
+        return None
+    return next((p.value for p in model.metadata_props if p.key == EXPORT_ID_KEY), None)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object of at most MAX_MANIFEST_BYTES; nesting too deep is a corrupt file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise CorruptArtifactError(f"cannot read {path}: {e.strerror}") from e
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise CorruptArtifactError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CorruptArtifactError(f"cannot parse {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(raw, dict):
+        raise CorruptArtifactError(f"{path}: expected a JSON object")
+    return raw
+
+
+def _is_int(v: Any, low: int = 0, high: int = 1 << 40) -> bool:
+    return type(v) is int and low <= v <= high
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_shape(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_RANK and all(_is_int(d) for d in v)
+
+
+def _is_input(v: Any) -> bool:
+    if not (isinstance(v, dict) and set(v) == {"name", "dtype", "shape"}):
+        return False
+    shape = v["shape"]
+    return (
+        isinstance(v["name"], str)
+        and _is_dtype(v["dtype"])
+        and isinstance(shape, list)
+        and len(shape) <= MAX_RANK
+        and all(d is None or _is_int(d) for d in shape)
+    )
+
+
+def _is_dtype(v: Any) -> bool:
+    """A numpy dtype name a batch can be compared with (`float32`, `int64`, ...)."""
+    if not isinstance(v, str):
+        return False
+    try:
+        return np.dtype(v).kind in "biuf"
+    except TypeError:
+        return False
+
+
+def _is_str_map(v: Any, value: Any = str) -> bool:
+    return isinstance(v, dict) and all(isinstance(x, value) for x in v.values())
+
+
+_FIELDS: dict[str, Any] = {
+    "task_mode": lambda v: isinstance(v, str),
+    "inputs": lambda v: isinstance(v, list) and v and all(_is_input(s) for s in v),
+    "params": lambda v: isinstance(v, dict) and all(_is_shape(s) for s in v.values()),
+    "masked": _is_str_list,
+    "heads": _is_str_list,
+    "head_classes": lambda v: isinstance(v, list) and all(_is_int(c, 1, 1 << 31) for c in v),
+    "num_classes": lambda v: _is_int(v, 0, 1 << 31),
+    "importance_dtype": lambda v: isinstance(v, str),
+    "loss": lambda v: isinstance(v, str),
+    "optimizer": lambda v: isinstance(v, str),
+    "num_tasks": lambda v: _is_int(v, 0, 1 << 31),
+    "versions": _is_str_map,
+    "generation": lambda v: _is_int(v, 0, MAX_GENERATION),
+    "checkpoint": lambda v: isinstance(v, str),
+    "checkpoint_sha256": lambda v: isinstance(v, str) and bool(_HEX64.match(v)),
+    "history": lambda v: isinstance(v, str),
+    "history_sha256": lambda v: isinstance(v, str) and bool(_HEX64.match(v)),
+    "task_names": _is_str_list,
+    "parameter_order": _is_str_list,
+    "learning_rate": lambda v: type(v) in (int, float) and 0 <= v < float("inf"),
+    "heads_scaled": lambda v: isinstance(v, bool),
+    "export_id": lambda v: isinstance(v, str),
+    "graphs_sha256": lambda v: _is_str_map(v) and all(_HEX64.match(h) for h in v.values()),
+    "format_version": lambda v: True,  # checked first
+}
+_REQUIRED = (
+    "task_mode", "inputs", "params", "masked", "heads", "head_classes", "num_classes",
+    "importance_dtype", "loss", "optimizer", "num_tasks", "versions", "generation",
+    "checkpoint", "checkpoint_sha256", "history", "history_sha256",
+)  # fmt: skip
+
+
+def _check_schema(raw: dict[str, Any]) -> list[str]:
+    """Type and range problems of the raw manifest fields (nothing is built from them yet)."""
+    problems = [f"missing {k!r}" for k in _REQUIRED if k not in raw]
+    problems += [f"unknown field {k!r}" for k in sorted(set(raw) - set(_FIELDS))]
+    problems += [f"bad {k!r}" for k, ok in _FIELDS.items() if k in raw and not ok(raw[k])]
+    return problems
 
 
 def package_versions(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -43,9 +43,22 @@ def write_history(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) ->
 
 
 def read_history(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a history file (object arrays refused: allow_pickle=False)."""
+    """Read a history file (object arrays refused: allow_pickle=False).
+
+    Only stored (uncompressed) members are accepted, so the arrays can never take more memory
+    than the file's own bytes (no zip bomb).
+    """
     try:
+        with zipfile.ZipFile(path) as archive:
+            packed = [
+                i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED
+            ]
+        if packed:
+            raise CorruptArtifactError(
+                f"importance history {str(path)!r}: compressed members {packed[:3]} "
+                "(softmask_edge writes uncompressed .npz files)"
+            )
         with np.load(Path(path), allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise CorruptArtifactError(f"cannot read importance history {str(path)!r}: {e}") from e

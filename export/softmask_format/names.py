@@ -20,7 +20,9 @@ OPTIMIZER_MODEL_NAME = "optimizer_model.onnx"
 IMPORTANCE_MODEL_NAME = "importance_update.onnx"
 # 2: SGD flag output of rank 0, the learning rate as an optimizer-graph initializer, gradient
 #    outputs of the training graph, `parameter_order` (what onnxruntime-web needs);
-# 3: uint8 importance on the log-keep code (codec.py). 1 and 2 load unless their importance
-#    is uint8 (the old linear code): re-export those.
+# 3: the manifest hashes the graphs too (`graphs_sha256`) and records an `export_id` stamped
+#    into every graph's metadata; uint8 importance is the log-keep code (codec.py).
+#    1 and 2 still load (their graphs are not hashed) unless their importance is uint8 (the
+#    old linear code): re-export those.
 DEVICE_FORMAT_VERSION = 3
 READABLE_DEVICE_FORMAT_VERSIONS = (1, 2, 3)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from softmask_edge.manifest import STATIC_FILES, sha256
 from torch import Tensor, nn
 
 from softmask_peft import SoftMaskConfig, SoftMaskModel, SoftMaskOptimizer, get_softmask_model
@@ -115,3 +117,21 @@ def max_diff(a: dict[str, np.ndarray], b: dict[str, Tensor | np.ndarray]) -> flo
 
 def torch_weights(model: SoftMaskModel) -> dict[str, np.ndarray]:
     return {n: p.detach().numpy().copy() for n, p in model.base_model.named_parameters()}
+
+
+def read_manifest(artifacts: Path) -> dict:
+    """The raw manifest of an artifacts folder."""
+    return json.loads((artifacts / "manifest.json").read_text())
+
+
+def write_manifest(artifacts: Path, raw: dict) -> None:
+    (artifacts / "manifest.json").write_text(json.dumps(raw))
+
+
+def rehash(artifacts: Path) -> None:
+    """Make the manifest's hashes match the files again (a consistent, deliberate edit)."""
+    raw = read_manifest(artifacts)
+    raw["checkpoint_sha256"] = sha256(artifacts / raw["checkpoint"])
+    raw["history_sha256"] = sha256(artifacts / raw["history"])
+    raw["graphs_sha256"] = {n: sha256(artifacts / n) for n in STATIC_FILES}
+    write_manifest(artifacts, raw)

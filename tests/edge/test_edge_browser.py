@@ -33,6 +33,7 @@ from edge_helpers import (
     torch_weights,
 )
 from softmask_edge import EarlyStopping, EdgeLearner, read_device_checkpoint
+from softmask_edge.manifest import sha256
 
 from softmask_peft.device import load_device_checkpoint
 
@@ -138,17 +139,31 @@ def _js_load(directory) -> str:
 
 
 def test_js_learner_checks_the_manifest_and_hashes(mlp_case, tmp_path):
-    """Format 1 artifacts (0.1.0) and a damaged checkpoint are refused before ORT sees them."""
-    _, artifacts = mlp_case
+    """Format 1 artifacts (0.1.0), another export's graph and a damaged checkpoint are refused
+    before ORT sees them; format 2 (no graph hashes) still loads."""
+    model, artifacts = mlp_case
     assert "format_version 1 is not supported" in _js_load(FIXTURE_V010)
     manifest = json.loads((artifacts / "manifest.json").read_text())
+    format_2 = tmp_path / "format_2"
+    shutil.copytree(artifacts, format_2)
+    old = {k: v for k, v in manifest.items() if k not in ("export_id", "graphs_sha256")}
+    (format_2 / "manifest.json").write_text(json.dumps({**old, "format_version": 2}))
+    assert _js_load(format_2) == "loaded"
+    other = export_copy(model, tmp_path / "other")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(artifacts, mixed)
+    shutil.copy(other / "eval_model.onnx", mixed / "eval_model.onnx")
+    assert _js_load(mixed) == (
+        "EdgeError: eval_model.onnx is damaged or belongs to another export: its SHA-256 "
+        "differs from the manifest"
+    )
     checkpoint = artifacts / manifest["checkpoint"]
     data = bytearray(checkpoint.read_bytes())
     data[len(data) // 2] ^= 0xFF
     checkpoint.write_bytes(bytes(data))
-    assert (
-        _js_load(artifacts)
-        == f"EdgeError: {manifest['checkpoint']} is damaged: its SHA-256 differs from the manifest"
+    assert _js_load(artifacts) == (
+        f"EdgeError: {manifest['checkpoint']} is damaged or belongs to another export: its "
+        "SHA-256 differs from the manifest"
     )
 
 
@@ -179,6 +194,9 @@ def test_bare_number_rejection_restarts_the_worker(mlp_case, tmp_path):
     flag = optimizer.graph.output[0]
     flag.type.tensor_type.shape.dim.add().dim_value = 1
     onnx.save(optimizer, artifacts / "optimizer_model.onnx")
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    manifest["graphs_sha256"]["optimizer_model.onnx"] = sha256(artifacts / "optimizer_model.onnx")
+    (artifacts / "manifest.json").write_text(json.dumps(manifest))
     root = site(tmp_path / "site")
     write_case(root / "case", artifacts, numpy_batches(batches(2, n=1)), epochs=1, lr=LR)
     with serve(root) as base:
@@ -187,3 +205,31 @@ def test_bare_number_rejection_restarts_the_worker(mlp_case, tmp_path):
     assert "bare code" in result["message"] and result["restarts"] == 1
     shapes = EdgeLearner(artifacts).manifest.params
     assert max_diff(EdgeLearner(artifacts).parameters(), _arrays(result["weights"], shapes)) == 0.0
+
+
+def test_js_learner_checks_importance_like_the_python_learner(mlp_case, tmp_path):
+    """NaN or 1.5 in the history, or another storage dtype: refused by both learners."""
+    from edge_helpers import rehash
+    from softmask_edge import ArtifactMismatchError
+    from softmask_edge.storage import write_history
+
+    _, artifacts = mlp_case
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    with np.load(artifacts / manifest["history"]) as data:
+        history = {k: data[k] for k in data.files}
+    key = sorted(history)[0]
+    for value, dtype, problem in (
+        (np.nan, np.float32, "importance outside [0, 1] or not finite"),
+        (1.5, np.float32, "importance outside [0, 1] or not finite"),
+        (0.5, np.uint8, "Uint8Array, the manifest's importance dtype stores float32"),
+    ):
+        case = tmp_path / f"case_{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(artifacts, case)
+        bad = history[key].astype(dtype)
+        bad.flat[0] = value
+        write_history(case / manifest["history"], {**history, key: bad})
+        rehash(case)
+        assert _js_load(case) == f"EdgeError: {key}: {problem}"
+        with pytest.raises(ArtifactMismatchError, match=key):
+            EdgeLearner(case)
+    assert _js_load(artifacts) == "loaded"
