@@ -59,7 +59,8 @@ def bench(hidden: int, root: Path, args: argparse.Namespace) -> dict[str, object
     net = _mlp(hidden)
     model = get_softmask_model(net, SoftMaskConfig(head_modules=["4"]))
     params = dict(net.named_parameters())
-    model.store.add_task({n: torch.rand_like(params[n]) for n in model.masked_parameter_names})
+    model.begin_task(0)
+    model.store.close({n: torch.rand_like(params[n]) for n in model.masked_parameter_names})
     artifacts = root / "artifacts"
     export_for_device(model, torch.randn(2, IN_FEATURES), artifacts)
     rng = np.random.default_rng(0)

@@ -4,7 +4,7 @@ A config describes how to adapt, never what happened in a run: the task log live
 importance store. Method-specific options live in the method's own config (`SPGConfig`,
 `DASConfig`), chosen by `method`, the JSON's discriminator:
 
-    {"format_version": 2, "method": "das", "method_config": {"contrastive_weight": 1.0, ...}, ...}
+    {"format_version": 3, "method": "das", "method_config": {"contrastive_weight": 0.1, ...}, ...}
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ class SoftMaskConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SoftMaskConfig:
-        """Build from `to_dict()` output (format 1 or 2); unknown keys or versions raise."""
+        """Build from `to_dict()` output (any readable format); unknown keys or versions raise."""
         if not isinstance(data, dict):
             raise ConfigError(f"a config must be a dict, got {type(data).__name__}")
         data = dict(data)

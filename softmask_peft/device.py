@@ -32,7 +32,7 @@ from softmask_format.version import package_version
 from torch import Tensor, nn
 
 from .batches import logits_of
-from .errors import ConfigError, TaskOrderError
+from .errors import ConfigError, InputTypeError, TaskOrderError
 from .heads import MultiHeadClassifier
 from .selection import select_parameters
 from .store import TaskRecord
@@ -86,7 +86,7 @@ def _inputs(example_inputs: Any) -> tuple[tuple[Tensor, ...], list[str], bool]:
         tensors = tuple(example_inputs)
         names = ["input"] if len(tensors) == 1 else [f"input_{i}" for i in range(len(tensors))]
         return tensors, names, False
-    raise TypeError(
+    raise InputTypeError(
         "example_inputs must be a tensor, a tuple of tensors or a mapping name -> tensor, "
         f"got {type(example_inputs).__name__}"
     )
@@ -167,7 +167,7 @@ def export_for_device(
     from softmask_edge import build_artifacts  # the optional `onnx` extra: only when exporting
 
     if not hasattr(model, "softmask_config") or not hasattr(model, "store"):
-        raise TypeError(f"model must be a SoftMaskModel, got {type(model).__name__}")
+        raise InputTypeError(f"model must be a SoftMaskModel, got {type(model).__name__}")
     cfg = model.softmask_config
     if cfg.method != "spg":
         raise ConfigError(
@@ -228,7 +228,10 @@ def export_for_device(
         head_classes=head_classes,
         task_mode="task_incremental" if multi_head else "shared_head",
         importance=importance,
-        history=[{n: t[n].cpu().numpy() for n in masked} for t in model.store.history],
+        history=[
+            {n: t[n].cpu().numpy() if n in t else np.zeros(tuple(params[n].shape), np.float32) for n in masked}
+            for t in model.store.history
+        ],
         importance_dtype=importance_dtype or cfg.importance_dtype,
         loss=loss,
         optimizer=optimizer,

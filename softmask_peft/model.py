@@ -21,7 +21,7 @@ from .errors import ConfigError, ImportanceMismatchError, InputTypeError, TaskOr
 from .heads import MultiHeadClassifier, expand_heads
 from .importance import ImportanceMethod, method_spec
 from .masking import KeepMasks, build_keep_masks
-from .persistence import load_checkpoint, save_checkpoint
+from .persistence import importance_problem, load_checkpoint, save_checkpoint
 from .selection import select_parameters
 from .store import ImportanceStore, TaskRecord
 from .weights import load_weights
@@ -148,8 +148,13 @@ class SoftMaskModel(nn.Module):
     def refresh_masks(self, added: list[Tensor] | None = None) -> None:
         """Re-select masked and head parameters and rebuild keep = 1 - A from the store.
 
-        `begin_task` calls it (with the parameters it added, for the optimizer to adopt).
+        `begin_task` calls it (with the parameters it added, for the optimizer to adopt). While
+        the same task stays open, the parameters added at its begin stay listed, so an optimizer
+        that has not stepped yet still adopts them.
         """
+        if self.keep_masks is not None:
+            kept = self.keep_masks.added
+            added = [*kept, *(p for p in added or [] if all(p is not q for q in kept))]
         self._select()
         params = dict(self.base_model.named_parameters())
         unscaled = self._unscaled_head_parameters()
@@ -198,13 +203,22 @@ class SoftMaskModel(nn.Module):
         return self.set_general_importance(self.method.general_importance(batches))
 
     def set_general_importance(self, importance: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Keep a general importance computed elsewhere (e.g. `model.method.general_pass`)."""
+        """Keep a general importance computed elsewhere: unit tensors in [0, 1], as
+        `general_importance` returns them (for DAS, `model.method.general_pass` also returns
+        the unit-dropout rate it used)."""
+        if not isinstance(importance, Mapping) or not all(
+            isinstance(v, Tensor) for v in importance.values()
+        ):
+            raise InputTypeError("general importance must be a mapping of names to tensors")
         shapes = self.method.importance_shapes()
-        bad = sorted(k for k in shapes if k not in importance or importance[k].shape != shapes[k])
-        bad += sorted(set(importance) - set(shapes))
+        bad = [
+            f"{k}: {problem}"
+            for k in sorted(set(shapes) | set(importance))
+            if (problem := importance_problem(importance.get(k), shapes.get(k)))
+        ]
         if bad:
             raise ImportanceMismatchError(
-                f"general importance does not fit this model's units: {', '.join(bad[:5])}"
+                "general importance does not fit this model's units:\n  " + "\n  ".join(bad[:10])
             )
         self.store.set_general(importance)
         if self.store.open_task is not None:
@@ -256,6 +270,7 @@ class SoftMaskModel(nn.Module):
             )
         for record in new_heads:
             base.add_head(record.num_classes)
+        self._select()  # the new heads are head parameters
         with torch.no_grad():
             for n, p in base.named_parameters():
                 p.copy_(state.weights[n])
@@ -281,11 +296,11 @@ def _device_problems(model: SoftMaskModel, state: Any, shapes: dict[str, tuple])
     ]
     for k, task in enumerate([state.accumulated, *state.history]):
         what = "accumulated importance" if k == 0 else f"importance of task {k - 1}"
-        for n, a in sorted(task.items()):
-            if n not in shapes or tuple(a.shape) != shapes[n] or a.dtype != torch.float32:
-                problems.append(f"{what} of {n!r}: {a.dtype} {tuple(a.shape)} does not fit")
-            elif a.numel() and not (bool(torch.isfinite(a).all()) and a.min() >= 0 and a.max() <= 1):
-                problems.append(f"{what} of {n!r}: values outside [0, 1] (or NaN)")
+        problems += [
+            f"{what} of {n!r}: {problem}"
+            for n, a in sorted(task.items())
+            if (problem := importance_problem(a, shapes.get(n)))
+        ]
     if set(state.masked) != set(model.masked_parameter_names):
         problems.append(
             f"masked parameters differ: device {sorted(state.masked)} vs model "

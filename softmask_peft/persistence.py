@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from .config import LEGACY_TASK_KEYS, SoftMaskConfig, read_config_json
 from .errors import (
+    ConfigError,
     CorruptFileError,
     ImportanceMismatchError,
     MissingFileError,
@@ -84,7 +85,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": to
 def importance_tensors(store: ImportanceStore, dtype: str) -> dict[str, Tensor]:
     """Flat `{name: A, task.{k}.{name}: γ^k, general.{name}: G}` dict in the storage dtype."""
     if dtype not in IMPORTANCE_DTYPES:
-        raise ValueError(f"dtype must be one of {IMPORTANCE_DTYPES}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {IMPORTANCE_DTYPES}, got {dtype!r}")
     out = {name: encode(v, dtype) for name, v in store.accumulated.items()}
     for k, task in enumerate(store.history):
         out.update({task_key(k, name): encode(v, dtype) for name, v in task.items()})
@@ -219,14 +220,38 @@ def read_task_log(path: Path, raw_config: Mapping[str, Any]) -> list[TaskRecord]
     return _parse_tasks(raw, path.name)
 
 
+def importance_problem(value: Any, shape: tuple[int, ...] | torch.Size | None) -> str | None:
+    """What is wrong with a decoded importance tensor for a slot of `shape` (None: fine)."""
+    if shape is None:
+        return "no such parameter or unit in this model"
+    if not isinstance(value, Tensor):
+        return "missing" if value is None else f"a {type(value).__name__}, not a tensor"
+    if tuple(value.shape) != tuple(shape):
+        return f"shape {tuple(value.shape)} != expected {tuple(shape)}"
+    if value.dtype != torch.float32:
+        return f"dtype {value.dtype}, not float32"
+    if value.numel() and not (
+        bool(torch.isfinite(value).all()) and float(value.min()) >= 0 and float(value.max()) <= 1
+    ):
+        return "values outside [0, 1]"
+    return None
+
+
 def load_importance(
-    path: Path, expected: Mapping[str, torch.Size], tasks: list[TaskRecord] | None = None
+    path: Path,
+    allowed: Mapping[str, torch.Size],
+    tasks: list[TaskRecord] | None = None,
+    required: Collection[str] | None = None,
 ) -> ImportanceStore:
     """Read and validate an importance file; raise before building anything if it does not fit.
 
-    `expected` maps every accumulated-importance name to its shape. Every problem (missing or
+    `allowed` maps every name the file may hold to its shape (SPG: every parameter of the
+    model, since the masked set may change between tasks; DAS: the units). `required` names
+    must be in the accumulated (and general) importance; default: all of `allowed`. Each task
+    covers at least one name (a task that trained only its own PEFT adapter covers a subset),
+    and the accumulated importance covers every name a task does. Every problem (missing or
     unexpected key, shape, dtype other than the metadata's, value outside [0, 1]) is listed in
-    one error. `tasks` defaults to the file's own task log (format 2).
+    one error. `tasks` defaults to the file's own task log (format 2+).
     """
     path = Path(path)
     if not path.is_file():
@@ -234,13 +259,13 @@ def load_importance(
     version = importance_version(path)
     if tasks is None:
         tasks = read_task_log(path, {})
+    required = set(allowed if required is None else required)
     tensors, metadata = _open_safetensors(path)
     try:
         num_tasks = int(metadata.get("num_tasks", ""))
     except ValueError as e:
         raise CorruptFileError(f"{path.name}: metadata num_tasks is missing or invalid") from e
-    per_task = max(1, len(expected))
-    if not 0 <= num_tasks <= len(tensors) // per_task:
+    if not 0 <= num_tasks <= len(tensors):
         raise CorruptFileError(
             f"{path.name}: metadata says {num_tasks} task(s) but the file holds {len(tensors)} "
             "tensor(s)"
@@ -248,31 +273,38 @@ def load_importance(
     dtype = metadata.get("dtype", "float32")
     if dtype not in IMPORTANCE_DTYPES:
         raise CorruptFileError(f"{path.name}: metadata dtype {dtype!r} is not one of {IMPORTANCE_DTYPES}")
-    has_general = version >= 2 and any(k.startswith(GENERAL_PREFIX) for k in tensors)
-    # a store saved before its first task ends has no accumulated importance yet
-    has_accumulated = num_tasks > 0 or any(n in tensors for n in expected)
-    prefixes = [""] * has_accumulated + [f"{TASK_PREFIX}{k}." for k in range(num_tasks)]
-    prefixes += [GENERAL_PREFIX] * has_general
-    wanted = {p + n: s for p in prefixes for n, s in expected.items()}
-    # a task may cover a subset of the names (it trained its own PEFT adapter), never none
-    absent = sorted(set(wanted) - set(tensors))
-    problems = [f"missing key {k!r}" for k in absent if not k.startswith(TASK_PREFIX)]
-    problems += [
-        f"task {k} has no importance"
-        for k in range(num_tasks)
-        if not any(task_key(k, n) in tensors for n in expected)
-    ]
-    problems += [f"unexpected key {k!r}" for k in sorted(set(tensors) - set(wanted))]
-    for key in sorted(set(wanted) & set(tensors)):
-        t = tensors[key]
-        if tuple(t.shape) != tuple(wanted[key]):
-            problems.append(f"{key}: shape {tuple(t.shape)} != expected {tuple(wanted[key])}")
-        elif t.dtype != _TORCH_DTYPES[dtype]:
-            problems.append(f"{key}: dtype {t.dtype} but the file's metadata says {dtype}")
+    groups: dict[str, dict[str, Tensor]] = {"": {}, GENERAL_PREFIX: {}}
+    groups.update({f"{TASK_PREFIX}{k}.": {} for k in range(num_tasks)})
+    problems = []
+    for key in sorted(tensors):
+        prefix = next(
+            (p for p in groups if p and key.startswith(p) and key[len(p) :] in allowed), ""
+        )
+        name = key[len(prefix) :]
+        if name not in allowed or (prefix == GENERAL_PREFIX and version < 2):
+            problems.append(f"unexpected key {key!r}")
+        elif tensors[key].dtype != _TORCH_DTYPES[dtype]:
+            problems.append(f"{key}: dtype {tensors[key].dtype} but the file's metadata says {dtype}")
         else:
-            v = decode(t, version)
-            if not bool(torch.isfinite(v).all()) or (v.numel() and (v.min() < 0 or v.max() > 1)):
-                problems.append(f"{key}: values outside [0, 1]")
+            groups[prefix][name] = tensors[key]
+    accumulated, general = groups.pop(""), groups.pop(GENERAL_PREFIX)
+    covered = {n for task in groups.values() for n in task}
+    # a store saved before its first task ends has no accumulated importance yet
+    if num_tasks or accumulated:
+        problems += [f"missing key {n!r}" for n in sorted((required | covered) - set(accumulated))]
+    if general:
+        problems += [f"missing key {GENERAL_PREFIX + n!r}" for n in sorted(required - set(general))]
+    problems += [f"task {k} has no importance" for k in range(num_tasks) if not groups[f"{TASK_PREFIX}{k}."]]
+    decoded = {
+        prefix: {n: decode(t, version) for n, t in group.items()}
+        for prefix, group in [("", accumulated), (GENERAL_PREFIX, general), *groups.items()]
+    }
+    problems += [
+        f"{prefix + n}: {problem}"
+        for prefix, group in decoded.items()
+        for n, v in group.items()
+        if (problem := importance_problem(v, allowed[n]))
+    ]
     if not num_tasks <= len(tasks) <= num_tasks + 1:
         problems.append(f"the task log names {len(tasks)} task(s) but the file holds {num_tasks}")
     if problems:
@@ -280,19 +312,11 @@ def load_importance(
         raise ImportanceMismatchError(
             f"cannot load importance from {str(path)!r}:\n  " + "\n  ".join(shown)
         )
-    names = list(expected)
-
-    def read(key: str) -> Tensor:
-        return decode(tensors[key], version)
-
     return ImportanceStore.from_parts(
-        [
-            {n: read(task_key(k, n)) for n in names if task_key(k, n) in tensors}
-            for k in range(num_tasks)
-        ],
+        [decoded[f"{TASK_PREFIX}{k}."] for k in range(num_tasks)],
         tasks,
-        accumulated={n: read(n) for n in names} if has_accumulated else {},
-        general={n: read(GENERAL_PREFIX + n) for n in names} if has_general else None,
+        accumulated=decoded[""],
+        general=decoded[GENERAL_PREFIX] or None,
         save_id=metadata.get("save_id", ""),
     )
 
@@ -323,7 +347,9 @@ def load_checkpoint(base_model: nn.Module, directory: str | os.PathLike) -> Chec
     weights_id = check_weights(base_model, directory, head_shapes(base_model, tasks))
     masked, _ = select_parameters(base_model, config)
     method = method_spec(config.method).method_class(base_model, masked, config.method_config)
-    store = load_importance(directory / IMPORTANCE_NAME, method.importance_shapes(), tasks)
+    store = load_importance(
+        directory / IMPORTANCE_NAME, method.storable_shapes(), tasks, method.required_importance()
+    )
     if weights_id != store.save_id:
         raise CorruptFileError(
             f"the weights and {IMPORTANCE_NAME} in {str(directory)!r} come from different "

@@ -33,8 +33,8 @@ def _own(importance: Mapping[str, Tensor]) -> dict[str, Tensor]:
 class ImportanceStore:
     """Accumulated importance, per-task history, task log and general importance.
 
-    A task is *open* between `open_task` and `close_task`: the log then holds one more
-    record than the history.
+    A task is *open* between `open` and `close`: the log then holds one more record than the
+    history.
     """
 
     def __init__(self) -> None:
@@ -55,9 +55,14 @@ class ImportanceStore:
         return len(self.history) if len(self.tasks) > len(self.history) else None
 
     def open(self, record: TaskRecord) -> int:
-        """Begin the next task (re-opening a task already in the log keeps its record)."""
+        """Begin the next task; re-opening the open task must not change its class count."""
         if self.open_task is None:
             self.tasks.append(record)
+        elif self.tasks[-1].num_classes != record.num_classes:
+            raise TaskOrderError(
+                f"task {len(self.history)} is open with {self.tasks[-1].num_classes} classes; "
+                f"it cannot begin again with {record.num_classes}"
+            )
         return len(self.history)
 
     def close(self, importance: Mapping[str, Tensor]) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import (
     classification_batches,
     linear_model,
+    multi_head,
     run_tasks,
     small_mlp,
     text_batches,
@@ -15,8 +17,10 @@ from helpers import (
 from torch import nn
 
 from softmask_peft import (
+    ImportanceMismatchError,
     SoftMaskConfig,
     SoftMaskModel,
+    SoftMaskOptimizer,
     TaskOrderError,
     get_softmask_model,
 )
@@ -101,3 +105,47 @@ def test_attribute_lookup_on_an_uninitialised_wrapper_does_not_recurse():
     with pytest.raises(AttributeError):
         _ = bare.config
 
+
+
+def test_a_new_head_is_adopted_even_if_the_masks_are_rebuilt_before_the_first_step():
+    net = multi_head()
+    model = get_softmask_model(net, SoftMaskConfig())
+    opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    model.begin_task(0, num_classes=3)
+    model.end_task(classification_batches())
+    model.begin_task(1, num_classes=2)
+    model.refresh_masks()  # e.g. a callback, or begin_task(1) called twice
+    model.begin_task(1, num_classes=2)
+    before = net.heads[1].weight.detach().clone()
+    opt.zero_grad()
+    x, y = classification_batches(num_classes=2)[0]
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert not torch.equal(net.heads[1].weight, before)
+
+
+def test_a_checkpoint_reloads_after_the_masked_set_changed_between_tasks(tmp_path):
+    net = small_mlp(in_features=6)
+    model = run_tasks(get_softmask_model(net, SoftMaskConfig()), 1)
+    net.fc1.requires_grad_(False)  # task 1 trains only fc2
+    model.begin_task(1)
+    model.end_task(classification_batches(n=12, in_features=6, seed=30))
+    model.save_pretrained(tmp_path)
+    fresh = small_mlp(seed=3, in_features=6)
+    fresh.fc1.requires_grad_(False)
+    loaded = SoftMaskModel.from_pretrained(fresh, tmp_path)
+    assert set(loaded.task_importance(0)) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    assert set(loaded.task_importance(1)) == {"fc2.weight", "fc2.bias"}
+    assert set(loaded.parameter_importance()) == {"fc2.weight", "fc2.bias"}  # masked now
+    assert torch.equal(loaded.importance["fc1.weight"], model.importance["fc1.weight"])
+
+
+def test_general_importance_from_elsewhere_is_checked():
+    model = get_softmask_model(tiny_bert(dropout=0.1), SoftMaskConfig(method="das"))
+    good = {k: torch.full(s, 0.5) for k, s in model.method.importance_shapes().items()}
+    bad = dict(good, **{next(iter(good)): torch.full(next(iter(good.values())).shape, 2.0)})
+    with pytest.raises(ImportanceMismatchError, match=r"values outside \[0, 1\]"):
+        model.set_general_importance(bad)
+    assert model.store.general is None
+    model.set_general_importance(good)
+    assert model.store.general.keys() == good.keys()

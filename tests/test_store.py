@@ -29,8 +29,10 @@ def test_the_task_log_runs_one_ahead_while_a_task_is_open():
     store = ImportanceStore()
     store.open(TaskRecord("a", 3))
     assert store.open_task == 0 and store.num_tasks == 0
-    store.open(TaskRecord("ignored", 5))  # re-opening the open task keeps its record
+    store.open(TaskRecord("task_0", 3))  # re-opening the open task keeps its record
     assert store.tasks == [TaskRecord("a", 3)]
+    with pytest.raises(TaskOrderError, match="cannot begin again with 5"):
+        store.open(TaskRecord("a", 5))
     with pytest.raises(TaskOrderError):
         ImportanceStore().close({"w": torch.zeros(1)})
 

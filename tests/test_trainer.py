@@ -160,9 +160,11 @@ def test_resume_from_checkpoint_keeps_protection_and_matches_an_unbroken_run(tmp
     ckpt = tmp_path / "a" / "task1" / "checkpoint-2"
     bare = get_softmask_model(tiny_bert(seed=7), SoftMaskConfig(mask_mode="update"))
     bare.begin_task(0)
+    untouched = {k: v.clone() for k, v in bare.base_model.state_dict().items()}
     refused = SoftMaskTrainer(bare, args(tmp_path / "b"), train_dataset=examples(8, seed=3))
     with pytest.raises(TaskOrderError, match="protection"):
         refused.train(resume_from_checkpoint=str(ckpt))
+    assert all(torch.equal(v, untouched[k]) for k, v in bare.base_model.state_dict().items())
 
     resumed = SoftMaskModel.from_pretrained(tiny_bert(seed=7), ckpt)
     resumed.begin_task(resumed.num_tasks)

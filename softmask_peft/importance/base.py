@@ -54,6 +54,15 @@ class ImportanceMethod(ABC):
         params = dict(self.base_model.named_parameters())
         return {name: params[name].shape for name in self.masked}
 
+    def storable_shapes(self) -> dict[str, torch.Size]:
+        """Names a saved importance may hold, with their shapes: every parameter of the model,
+        since the masked set may change between tasks (a new adapter, a frozen layer)."""
+        return {name: p.shape for name, p in self.base_model.named_parameters()}
+
+    def required_importance(self) -> set[str]:
+        """Names a saved accumulated importance must hold (parameter-level: none)."""
+        return set()
+
     def parameter_importance(
         self, accumulated: Mapping[str, Tensor], general: Mapping[str, Tensor] | None
     ) -> Importance:

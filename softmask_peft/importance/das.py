@@ -167,6 +167,12 @@ class DAS(ImportanceMethod):
             b.key(kind): torch.Size([n]) for b in self.blocks for kind, n in b.unit_counts().items()
         }
 
+    def storable_shapes(self) -> dict[str, torch.Size]:
+        return self.importance_shapes()
+
+    def required_importance(self) -> set[str]:
+        return set(self.importance_shapes())
+
     def parameter_importance(
         self, accumulated: Mapping[str, Tensor], general: Mapping[str, Tensor] | None
     ) -> Importance:

@@ -61,6 +61,13 @@ class SPG(ImportanceMethod):
         named = dict(self.base_model.named_parameters())
         return SPGState(task_id, [named[n] for n in self.masked])
 
+    def parameter_importance(
+        self, accumulated: Mapping[str, Tensor], general: Mapping[str, Tensor] | None
+    ) -> Importance:
+        """A of the parameters masked now (ā averages exactly those; a parameter no longer
+        masked, e.g. a frozen adapter, keeps its stored importance but is not masked)."""
+        return {k: accumulated[k] for k in self.masked if k in accumulated}
+
     def training_loss(
         self, batch: Any, accumulated: Mapping[str, Tensor], general: Mapping[str, Tensor] | None
     ) -> Tensor:

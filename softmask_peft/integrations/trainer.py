@@ -36,10 +36,13 @@ from torch import nn
 from transformers import Trainer
 from transformers.utils.generic import can_return_loss, find_labels
 
-from ..errors import ConfigError, TaskOrderError
+from ..errors import ConfigError, InputTypeError, TaskOrderError
+from ..heads import expand_heads
 from ..model import SoftMaskModel
 from ..optim import SoftMaskOptimizer
+from ..persistence import load_checkpoint
 from ..store import ImportanceStore
+from ..weights import load_weights
 
 
 def task_model(model: SoftMaskModel) -> nn.Module:
@@ -60,7 +63,7 @@ class SoftMaskTrainer(Trainer):
         self, model: SoftMaskModel, *args: Any, mask_mode: str | None = None, **kwargs: Any
     ):
         if not isinstance(model, SoftMaskModel):
-            raise TypeError(
+            raise InputTypeError(
                 f"SoftMaskTrainer trains a SoftMaskModel, got {type(model).__name__}: wrap it with "
                 "get_softmask_model(model, SoftMaskConfig(...)) first"
             )
@@ -157,13 +160,18 @@ class SoftMaskTrainer(Trainer):
         `train(resume_from_checkpoint=checkpoint)`.
         """
         directory = Path(resume_from_checkpoint)
-        loaded = SoftMaskModel.from_pretrained(self.model.base_model, directory)
-        self._check_same_importance(loaded.store, directory)
+        base = self.model.base_model
+        ckpt = load_checkpoint(base, directory)  # validates, changes nothing
+        self._check_same_importance(ckpt.store, directory)
+        expand_heads(base, [t.num_classes for t in ckpt.store.tasks])
+        load_weights(base, directory)
 
     def _check_same_importance(self, saved: ImportanceStore, directory: os.PathLike) -> None:
         mine = self.model.store
-        same = saved.num_tasks == mine.num_tasks and all(
-            torch.equal(saved.accumulated[k], mine.accumulated[k].cpu()) for k in saved.accumulated
+        same = (
+            saved.num_tasks == mine.num_tasks
+            and saved.accumulated.keys() == mine.accumulated.keys()
+            and all(torch.equal(v, mine.accumulated[k].cpu()) for k, v in saved.accumulated.items())
         )
         if not same:
             raise TaskOrderError(
