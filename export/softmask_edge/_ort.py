@@ -79,7 +79,7 @@ def get_gradient(state: C.CheckpointState, name: str) -> np.ndarray | None:
 
 
 def set_parameter(state: C.CheckpointState, name: str, value: np.ndarray) -> None:
-    """Copy `value` into the checkpoint tensor (`Parameter.data = ...` crashes, DESIGN §7)."""
+    """Copy `value` into the checkpoint tensor (`Parameter.data = ...` crashes the process)."""
     state.copy_parameter_from(
         name, OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))._ortvalue
     )

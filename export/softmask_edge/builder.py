@@ -2,7 +2,7 @@
 
 Input: a forward ONNX graph (user inputs [+ `task_id`] -> `logits`, parameters as
 initializers named like the framework's parameters), the parameter roles and the accumulated
-importance. Output directory (DESIGN §7):
+importance. Output directory:
 
     manifest.json               what was exported; names the current checkpoint generation
     training_model.onnx         forward + loss + gradients, masked before accumulation

@@ -1,4 +1,4 @@
-"""ONNX graph surgery and the importance-update graph (DESIGN §7). numpy + onnx only.
+"""ONNX graph surgery and the importance-update graph. numpy + onnx only.
 
 * `add_gradient_outputs`: torch exports LayerNormalization, MaxPool and Dropout without the
   optional outputs (mean / inv_std_dev, indices, mask) their ORT gradients read.

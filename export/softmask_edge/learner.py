@@ -103,7 +103,7 @@ def _remove(*paths: Path) -> None:
 class EdgeLearner:
     """Load artifacts, learn tasks soft-masked, measure and accumulate their importance, save.
 
-    SPG on the device (DESIGN §3): after a task, one raw-gradient pass (scale 0) per head
+    SPG on the device: after a task, one raw-gradient pass (scale 0) per head
     h <= t sums ∂L_h/∂P over the task's batches; L_t is the task's cross-entropy, L_h (h < t,
     task-incremental) the sum of head h's logits. The importance-update graph turns the
     stacked sums into γ^t = max_h |tanh(standardize(g_h))| and A <- max(A, γ^t).
