@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from softmask_peft import SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
@@ -238,3 +239,25 @@ def saved_mlp(tmp_path, dtype: str = "float32"):
     directory = tmp_path / "ckpt"
     model.save_pretrained(directory)
     return model, directory
+
+
+# byte-level fuzzing of the files the library reads (hypothesis strategies)
+byte_edits = st.lists(
+    st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255), st.sampled_from("fi")),
+    min_size=1,
+    max_size=6,
+)
+
+
+def mutate_bytes(data: bytes, changes, cut: float | None) -> bytes:
+    """Flip ("f") or insert ("i") bytes at relative positions, then optionally truncate."""
+    out = bytearray(data)
+    for where, value, kind in changes:
+        i = int(where * len(out))
+        if kind == "f":
+            out[i] = value
+        else:
+            out[i:i] = bytes([value])
+    if cut is not None:
+        del out[int(cut * len(out)) :]
+    return bytes(out)

@@ -12,7 +12,7 @@ import resource
 import shutil
 
 import pytest
-from helpers import multi_head, run_tasks
+from helpers import byte_edits, multi_head, mutate_bytes, run_tasks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from softmask_format.names import CONFIG_NAME, IMPORTANCE_NAME, WEIGHTS_NAME
@@ -31,33 +31,13 @@ def checkpoint(tmp_path_factory):
     return directory
 
 
-edits = st.lists(
-    st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255), st.sampled_from("fi")),
-    min_size=1,
-    max_size=6,
-)
-
-
-def mutate(data: bytes, changes, cut: float | None) -> bytes:
-    out = bytearray(data)
-    for where, value, kind in changes:
-        i = int(where * len(out))
-        if kind == "f":
-            out[i] = value
-        else:
-            out[i:i] = bytes([value])
-    if cut is not None:
-        del out[int(cut * len(out)) :]
-    return bytes(out)
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=st.sampled_from(FILES), changes=edits, cut=st.none() | st.floats(0, 1))
+@given(name=st.sampled_from(FILES), changes=byte_edits, cut=st.none() | st.floats(0, 1))
 def test_a_mutated_checkpoint_loads_or_raises_our_error(checkpoint, tmp_path, name, changes, cut):
     target = tmp_path / "mutated"
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(checkpoint, target)
-    (target / name).write_bytes(mutate((checkpoint / name).read_bytes(), changes, cut))
+    (target / name).write_bytes(mutate_bytes((checkpoint / name).read_bytes(), changes, cut))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
         loaded = SoftMaskModel.from_pretrained(multi_head(in_features=6, backbone="mlp"), target)

@@ -5,7 +5,7 @@ history and each ONNX graph must end in an `EdgeError` (or a load that passed ev
 never another exception type, a hang or a large allocation. The manifest hashes every other
 file, so a mutated checkpoint or graph is refused before onnxruntime parses a byte (a mutated
 graph could crash onnxruntime itself). The second test also rewrites the hashes, as someone
-who edits the manifest on purpose would, to reach the checkpoint and history parsers.
+who byte_edits the manifest on purpose would, to reach the checkpoint and history parsers.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import shutil
 
 import pytest
 from edge_helpers import read_manifest, write_manifest
+from helpers import byte_edits, mutate_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from softmask_edge import EdgeError, EdgeLearner
@@ -23,26 +24,6 @@ from test_edge_reliability import X
 
 FILES = ("manifest.json", "checkpoint-000000", "importance_history-000000.npz", *STATIC_FILES)
 PEAK_KIB = 16 * 1024
-
-edits = st.lists(
-    st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255), st.sampled_from("fi")),
-    min_size=1,
-    max_size=6,
-)
-
-
-def mutate(data: bytes, changes, cut: float | None) -> bytes:
-    out = bytearray(data)
-    for where, value, kind in changes:
-        i = int(where * len(out))
-        if kind == "f":
-            out[i] = value
-        else:
-            out[i:i] = bytes([value])
-    if cut is not None:
-        del out[int(cut * len(out)) :]
-    return bytes(out)
-
 
 def _load_or_refuse(folder) -> None:
     """Load, and if that works, use the learner once: a load must be a usable load."""
@@ -67,26 +48,26 @@ def pristine(mlp_source):
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(name=st.sampled_from(FILES), changes=edits, cut=st.none() | st.floats(0, 1))
+@given(name=st.sampled_from(FILES), changes=byte_edits, cut=st.none() | st.floats(0, 1))
 def test_a_mutated_artifact_loads_or_raises_our_error(pristine, tmp_path, name, changes, cut):
     target = tmp_path / "mutated"
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(pristine, target)
-    (target / name).write_bytes(mutate((pristine / name).read_bytes(), changes, cut))
+    (target / name).write_bytes(mutate_bytes((pristine / name).read_bytes(), changes, cut))
     _load_or_refuse(target)
 
 
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(name=st.sampled_from(FILES[1:3]), changes=edits, cut=st.none() | st.floats(0.05, 1))
+@given(name=st.sampled_from(FILES[1:3]), changes=byte_edits, cut=st.none() | st.floats(0.05, 1))
 def test_a_mutated_state_with_matching_hashes_loads_or_raises_our_error(
     pristine, tmp_path, name, changes, cut
 ):
     target = tmp_path / "rehashed"
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(pristine, target)
-    (target / name).write_bytes(mutate((pristine / name).read_bytes(), changes, cut))
+    (target / name).write_bytes(mutate_bytes((pristine / name).read_bytes(), changes, cut))
     raw = read_manifest(target)
     key = "checkpoint_sha256" if name.startswith("checkpoint") else "history_sha256"
     write_manifest(target, {**raw, key: sha256(target / name)})
@@ -100,7 +81,7 @@ def test_the_fuzz_reaches_both_outcomes(pristine, tmp_path):
     text = (target / "manifest.json").read_bytes()
     at = text.index(b'"learning_rate": 0.05') + len(b'"learning_rate": 0.0')
     where = (at + 0.5) / len(text)
-    (target / "manifest.json").write_bytes(mutate(text, [(where, ord("7"), "f")], None))
+    (target / "manifest.json").write_bytes(mutate_bytes(text, [(where, ord("7"), "f")], None))
     assert EdgeLearner(target).manifest.learning_rate == 0.07
     (target / "eval_model.onnx").write_bytes(b"")
     with pytest.raises(EdgeError, match="eval_model.onnx"):
