@@ -60,5 +60,7 @@ def read_history(path: str | os.PathLike) -> dict[str, np.ndarray]:
             )
         with np.load(Path(path), allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    # zipfile refuses members it cannot read (encrypted, patched, a newer zip version) with
+    # RuntimeError or its subclass NotImplementedError: a damaged header can set those bits
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError) as e:
         raise CorruptArtifactError(f"cannot read importance history {str(path)!r}: {e}") from e
