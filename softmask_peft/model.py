@@ -21,7 +21,7 @@ from .errors import ConfigError, ImportanceMismatchError, InputTypeError, TaskOr
 from .heads import MultiHeadClassifier, expand_heads
 from .importance import ImportanceMethod, method_spec
 from .masking import KeepMasks, build_keep_masks
-from .persistence import importance_problem, load_checkpoint, save_checkpoint
+from .persistence import head_shapes, importance_problem, load_checkpoint, save_checkpoint
 from .selection import select_parameters
 from .store import ImportanceStore, TaskRecord
 from .weights import load_weights
@@ -254,22 +254,16 @@ class SoftMaskModel(nn.Module):
     def load_device_state(self, state: Any) -> None:
         """Apply what a device learned (`softmask_peft.device.read_device_checkpoint`)."""
         base = self.base_model
-        new_heads: list[TaskRecord] = []
+        learned = list(state.tasks[: len(state.history)])  # declared, untrained heads stay out
         shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
-        if isinstance(base, MultiHeadClassifier):
-            first = len(base.heads)
-            new_heads = list(state.tasks[first : len(state.history)])
-            for k, record in enumerate(new_heads, start=first):
-                shapes[f"heads.{k}.weight"] = (record.num_classes, base.feature_dim)
-                shapes[f"heads.{k}.bias"] = (record.num_classes,)
+        shapes |= head_shapes(base, learned)
         problems = _device_problems(self, state, shapes)
         if problems:
             raise ImportanceMismatchError(
                 f"device checkpoint {state.source!r} does not fit this model:\n  "
                 + "\n  ".join(problems)
             )
-        for record in new_heads:
-            base.add_head(record.num_classes)
+        expand_heads(base, [t.num_classes for t in learned])
         self._select()  # the new heads are head parameters
         with torch.no_grad():
             for n, p in base.named_parameters():
