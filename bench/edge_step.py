@@ -1,28 +1,32 @@
 """On-device training step: masked ORT step vs unmasked ORT step vs PyTorch eager, and checkpoint size.
 
 For each model (digits-sized MLP and CNN with a shared 10-class head, two small BERT classifiers):
-* `ort_masked`: one step of the exported artifacts (gradient reset, forward + backward with
-  the soft-mask before each gradient accumulator, plain SGD step), importance random in [0, 1];
-* `ort_plain`: the same forward graph and loss through ORT's generate_artifacts without our
-  surgery (no importance inputs, no masking nodes);
+* `ort_masked`: one step of `EdgeLearner`'s session on the exported artifacts (gradient reset,
+  forward + backward with the soft-mask before each gradient accumulator, plain SGD step),
+  importance random in [0, 1]; the learner folds s, A and ā into its graph, so a step runs
+  one Mul per masked tensor;
+* `ort_as_written`: the same artifacts' training graph run as written (s, A and ā fed every
+  step, keep = 1 − s·A computed every step, gradient outputs fetched): the step before the
+  learners folded it;
+* `ort_plain`: the same forward graph (`export_for_device`'s trace, same dynamic axes) and
+  loss through ORT's generate_artifacts without our surgery (no importance, no masking);
 * `torch_masked` / `torch_plain`: eager zero_grad + forward + backward + SoftMaskOptimizer(SGD)
   step (grad mode) / plain SGD step, same batch, same thread count.
-Medians over repeats, the compared steps run alternately; target: ort_masked <= 1.10x ort_plain. Checkpoint sizes are the artifacts'
-checkpoint file with importance stored as float32, float16 and uint8.
+Medians over repeats, the compared steps run alternately; target: ort_masked <= 1.05x ort_plain.
+Checkpoint sizes are the artifacts' checkpoint file with importance stored as float32,
+float16 and uint8; the step is timed with each storage.
 Run: python bench/edge_step.py --out results/bench_edge_step.json
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
@@ -35,7 +39,7 @@ from softmask_edge.graphs import add_classification_loss, add_gradient_outputs
 from torch import nn
 
 from softmask_peft import SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
-from softmask_peft.device import export_for_device
+from softmask_peft.device import _forward_graph, export_for_device
 
 THREADS = 2  # default of --threads
 
@@ -98,70 +102,62 @@ def _models() -> dict[str, tuple[nn.Module, list[str], torch.Tensor, torch.Tenso
     return out
 
 
-def _feeds_for(session: _ort.TrainingSession, x, y, scale: float | None) -> list[np.ndarray]:
+def _feeds(x, y) -> dict[str, np.ndarray]:
     values = {k: v.numpy() for k, v in (x.items() if isinstance(x, dict) else {"input": x}.items())}
-    values.update(
-        labels=y.numpy(),
-        softmask_cross_head=np.array(0.0, np.float32),
-        softmask_scale=np.array(scale if scale is not None else 1.0, np.float32),
-    )
-    return [values[n] for n in session.input_names(training=True)]
+    values.update(labels=y.numpy(), softmask_cross_head=np.array(0.0, np.float32))
+    values["softmask_scale"] = np.array(1.0, np.float32)  # fed only to the graph as written
+    return values
 
 
-def _ort_step(session: _ort.TrainingSession, feeds: list[np.ndarray]) -> None:
+def _ort_step(session: _ort.TrainingSession, feeds: dict[str, np.ndarray]) -> None:
     session.reset_gradients()
     session.run(feeds, training=True)
     session.optimizer_step()
 
 
-def _plain_artifacts(net: nn.Module, x, directory: Path, threads: int) -> _ort.TrainingSession:
-    """The same forward graph + loss, through generate_artifacts without the masking surgery."""
-    names = list(x) if isinstance(x, dict) else ["input"]
-    args = tuple(x.values()) if isinstance(x, dict) else (x,)
+def _options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
-    class Logits(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
 
-        def forward(self, *inputs):
-            out = self.net(**dict(zip(names, inputs))) if isinstance(x, dict) else self.net(*inputs)
-            return out.logits if hasattr(out, "logits") else out
-
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        Logits(),
-        args,
-        buffer,
-        input_names=names,
-        output_names=["logits"],
-        opset_version=17,
-        training=torch.onnx.TrainingMode.TRAINING,
-        do_constant_folding=False,
-        dynamo=False,
+def _as_written(directory: Path, threads: int) -> _ort.TrainingSession:
+    """The artifacts' training graph as written: s, A and ā are fed, gradients fetched."""
+    manifest = EdgeLearner(directory).manifest
+    session = _ort.TrainingSession(
+        directory / "training_model.onnx",
+        directory / "eval_model.onnx",
+        directory / "optimizer_model.onnx",
+        _ort.load_checkpoint(directory / manifest.checkpoint),
+        _options(threads),
+        lr_in_graph=True,
     )
-    model = onnx.load_from_string(buffer.getvalue())
-    add_gradient_outputs(model)
-    add_classification_loss(model)
-    params = [n for n, p in Logits().named_parameters() if p.requires_grad]
+    session.specialize({}, gradient_outputs=True)
+    session.new_optimizer(0.01)
+    return session
+
+
+def _plain_artifacts(model, x, directory: Path, threads: int) -> _ort.TrainingSession:
+    """export_for_device's forward graph + loss, through generate_artifacts without masking."""
+    forward, net, _ = _forward_graph(model, x, (), 17)
+    add_gradient_outputs(forward)
+    add_classification_loss(forward)
     directory.mkdir(parents=True)
     with _quiet_stderr():
         ort_artifacts.generate_artifacts(
-            model,
-            requires_grad=params,
+            forward,
+            requires_grad=[n for n, p in net.named_parameters() if p.requires_grad],
             loss=None,
             optimizer=ort_artifacts.OptimType.SGD,
             artifact_directory=directory,
         )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = _ort.TrainingSession(
         directory / "training_model.onnx",
         directory / "eval_model.onnx",
         directory / "optimizer_model.onnx",
         _ort.load_checkpoint(directory / "checkpoint"),
-        options,
+        _options(threads),
         lr_in_graph=False,
     )
     session.new_optimizer(0.01)
@@ -198,20 +194,27 @@ def bench_model(
     params = dict(net.named_parameters())
     model.begin_task(0)
     model.store.close({n: torch.rand_like(params[n]) for n in model.masked_parameter_names})
-    sizes = {}
+    feeds = _feeds(x, y)
+    plain = _plain_artifacts(model, x, root / "plain", threads)
+    sizes, ratios = {}, {}
     for dtype in ("float32", "float16", "uint8"):
-        export_for_device(model, x, root / f"{dtype}", importance_dtype=dtype)
-        manifest = EdgeLearner(root / f"{dtype}").manifest
-        sizes[dtype] = (root / dtype / manifest.checkpoint).stat().st_size
-    learner = EdgeLearner(root / "float32", threads=threads)
-    session = learner._session
-    session.new_optimizer(0.01)
-    masked_feeds = _feeds_for(session, x, y, 1.0)
-    plain = _plain_artifacts(net, x, root / "plain", threads)
-    plain_feeds = _feeds_for(plain, x, y, None)
-    t_masked, t_plain = _paired_medians(
-        [lambda: _ort_step(session, masked_feeds), lambda: _ort_step(plain, plain_feeds)], repeats
-    )
+        export_for_device(model, x, root / dtype, importance_dtype=dtype)
+        learner = EdgeLearner(root / dtype, threads=threads)
+        sizes[dtype] = (root / dtype / learner.manifest.checkpoint).stat().st_size
+        session = learner._session
+        session.new_optimizer(0.01)
+        written = _as_written(root / dtype, threads)
+        t_masked, t_written, t_plain = _paired_medians(
+            [
+                lambda s=session: _ort_step(s, feeds),
+                lambda s=written: _ort_step(s, feeds),
+                lambda: _ort_step(plain, feeds),
+            ],
+            repeats,
+        )
+        ratios[dtype] = (t_masked / t_plain, t_written / t_plain)
+        if dtype == "float32":
+            times = t_masked, t_written, t_plain
 
     model.begin_task(1)
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -224,12 +227,16 @@ def bench_model(
     return {
         "model": name,
         "params": sum(p.numel() for p in trainable),
-        "ort_masked_ms": 1e3 * t_masked,
-        "ort_plain_ms": 1e3 * t_plain,
-        "masked/plain": t_masked / t_plain,
+        "ort_masked_ms": 1e3 * times[0],
+        "ort_plain_ms": 1e3 * times[2],
+        "masked/plain": ratios["float32"][0],
+        "as_written/plain": ratios["float32"][1],
+        "f16 masked/plain": ratios["float16"][0],
+        "u8 masked/plain": ratios["uint8"][0],
+        "u8 as_written/plain": ratios["uint8"][1],
         "torch_masked_ms": 1e3 * t_torch_masked,
         "torch_plain_ms": 1e3 * t_torch_plain,
-        "ort/torch (masked)": t_masked / t_torch_masked,
+        "ort/torch (masked)": times[0] / t_torch_masked,
         "ckpt_f32_kb": sizes["float32"] / 1024,
         "ckpt_f16_kb": sizes["float16"] / 1024,
         "ckpt_u8_kb": sizes["uint8"] / 1024,

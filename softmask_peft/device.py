@@ -141,6 +141,50 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "softmask-peft": package_version()}
 
 
+def _forward_graph(
+    model: Any, example_inputs: Any, future_heads: Sequence[int], opset: int
+) -> tuple[Any, nn.Module, list[int]]:
+    """(forward ONNX graph, the traced copy of the base model, class count of every head).
+
+    The graph takes the example inputs' names (dim 0 dynamic, and dim 1 of integer rank-2
+    mapping inputs) [+ `task_id`], returns `logits`, and names its initializers like the
+    base model's parameters.
+    """
+    tensors, names, by_keyword = _inputs(example_inputs)
+    net = copy.deepcopy(model.base_model)
+    multi_head = isinstance(net, MultiHeadClassifier)
+    if future_heads and not multi_head:
+        raise ConfigError("future_heads needs a MultiHeadClassifier (task-incremental) model")
+    for classes in future_heads:
+        net.add_head(int(classes))
+    if multi_head:
+        if len(net.heads) <= model.num_tasks:
+            raise ConfigError(
+                f"{model.num_tasks} tasks are learned and the model has {len(net.heads)} heads: "
+                "declare the device's tasks with future_heads=[num_classes, ...]"
+            )
+        if by_keyword or len(tensors) != 1:
+            raise ConfigError("a MultiHeadClassifier takes exactly one input tensor")
+        head_classes = [h.out_features for h in net.heads]
+        graph: nn.Module = _MultiHeadGraph(net, max(head_classes))
+        args = (*tensors, torch.tensor(0, dtype=torch.int64))
+        input_names = [*names, "task_id"]
+    else:
+        graph = _SharedHeadGraph(net, names if by_keyword else None)
+        args = tensors
+        input_names = names
+    dynamic = {n: {0: "batch"} for n in names}
+    for n, t in zip(names, tensors):
+        if by_keyword and t.dim() == 2 and not t.is_floating_point():
+            dynamic[n][1] = "sequence"
+    dynamic["logits"] = {0: "batch"}
+    forward = _trace(graph, args, input_names, dynamic, opset)
+    _strip_prefix(forward, _PREFIX)
+    if not multi_head:
+        head_classes = [forward.graph.output[0].type.tensor_type.shape.dim[-1].dim_value]
+    return forward, net, head_classes
+
+
 def export_for_device(
     model: Any,
     example_inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
@@ -177,39 +221,9 @@ def export_for_device(
         raise TaskOrderError(
             f"task {model.current_task} is still open: call end_task() before exporting"
         )
-    tensors, names, by_keyword = _inputs(example_inputs)
-    net = copy.deepcopy(model.base_model)
+    forward, net, head_classes = _forward_graph(model, example_inputs, future_heads, opset)
     multi_head = isinstance(net, MultiHeadClassifier)
-    if future_heads and not multi_head:
-        raise ConfigError("future_heads needs a MultiHeadClassifier (task-incremental) model")
-    for classes in future_heads:
-        net.add_head(int(classes))
-    if multi_head:
-        if len(net.heads) <= model.num_tasks:
-            raise ConfigError(
-                f"{model.num_tasks} tasks are learned and the model has {len(net.heads)} heads: "
-                "declare the device's tasks with future_heads=[num_classes, ...]"
-            )
-        if by_keyword or len(tensors) != 1:
-            raise ConfigError("a MultiHeadClassifier takes exactly one input tensor")
-        head_classes = [h.out_features for h in net.heads]
-        graph: nn.Module = _MultiHeadGraph(net, max(head_classes))
-        args = (*tensors, torch.tensor(0, dtype=torch.int64))
-        input_names = [*names, "task_id"]
-    else:
-        graph = _SharedHeadGraph(net, names if by_keyword else None)
-        args = tensors
-        input_names = names
-    dynamic = {n: {0: "batch"} for n in names}
-    for n, t in zip(names, tensors):
-        if by_keyword and t.dim() == 2 and not t.is_floating_point():
-            dynamic[n][1] = "sequence"
-    dynamic["logits"] = {0: "batch"}
-    forward = _trace(graph, args, input_names, dynamic, opset)
-    _strip_prefix(forward, _PREFIX)
     masked, heads = select_parameters(net, cfg)
-    if not multi_head:
-        head_classes = [forward.graph.output[0].type.tensor_type.shape.dim[-1].dim_value]
     params = dict(net.named_parameters())
     trainable = [n for n, p in params.items() if p.requires_grad]
     accumulated = model.parameter_importance()

@@ -1,6 +1,7 @@
 // The file formats the browser learner reads and writes, without a protobuf, flatbuffer or
 // zip library: ORT checkpoints (flatbuffer, patched in place), the optimizer graph's recorded
-// learning rate (protobuf, patched in place), .npz importance histories, SHA-256.
+// learning rate (protobuf, patched in place), graph inputs turned into constants (protobuf,
+// rewritten), .npz importance histories, SHA-256.
 
 const TEXT = new TextDecoder();
 
@@ -108,24 +109,100 @@ function readVarint(bytes, pos) {
   }
 }
 
-/** [fieldNumber, start, end] of each length-delimited field of one message. */
-function* lengthDelimited(bytes, start, end) {
-  let pos = start;
-  while (pos < end) {
+/** {field, wire, at, start, end} of each field of one message (`at`: its key, `start`: its value). */
+function* fields(bytes, begin, finish) {
+  let pos = begin;
+  while (pos < finish) {
+    const at = pos;
     let key;
     [key, pos] = readVarint(bytes, pos);
     const wire = key % 8;
     const field = Math.floor(key / 8);
+    let start = pos;
     if (wire === 0) [, pos] = readVarint(bytes, pos);
     else if (wire === 1) pos += 8;
     else if (wire === 5) pos += 4;
     else if (wire === 2) {
       let length;
-      [length, pos] = readVarint(bytes, pos);
-      yield [field, pos, pos + length];
-      pos += length;
+      [length, start] = readVarint(bytes, pos);
+      pos = start + length;
     } else throw new Error(`unsupported protobuf wire type ${wire}`);
+    if (pos > finish) throw new Error('truncated protobuf message');
+    yield { field, wire, at, start, end: pos };
   }
+}
+
+/** [fieldNumber, start, end] of each length-delimited field of one message. */
+function* lengthDelimited(bytes, start, end) {
+  for (const f of fields(bytes, start, end)) if (f.wire === 2) yield [f.field, f.start, f.end];
+}
+
+function varint(value) {
+  const out = [];
+  let v = value;
+  while (v >= 0x80) {
+    out.push((v % 0x80) | 0x80);
+    v = Math.floor(v / 0x80);
+  }
+  out.push(v);
+  return Uint8Array.from(out);
+}
+
+function concat(parts) {
+  const out = new Uint8Array(parts.reduce((s, p) => s + p.length, 0));
+  let at = 0;
+  for (const p of parts) { out.set(p, at); at += p.length; }
+  return out;
+}
+
+const ENCODER = new TextEncoder();
+const delimited = (field, bytes) => concat([varint(field * 8 + 2), varint(bytes.length), bytes]);
+// TensorProto.DataType of the typed arrays constants are given as
+const ONNX_TYPES = [[Float32Array, 1], [Uint8Array, 2], [Uint16Array, 4]];
+
+/** TensorProto {dims = 1, data_type = 2, name = 8, raw_data = 9} (little-endian raw data). */
+function tensorProto(name, { data, dims }) {
+  const type = ONNX_TYPES.find(([Type]) => data instanceof Type);
+  if (!type) throw new Error(`${name}: no ONNX type for ${data.constructor.name}`);
+  if (data.length !== dims.reduce((a, b) => a * b, 1)) throw new Error(`${name}: ${data.length} values for dims ${dims}`);
+  return concat([
+    ...dims.map((d) => concat([varint(1 * 8), varint(d)])),
+    varint(2 * 8), varint(type[1]),
+    delimited(8, ENCODER.encode(name)),
+    delimited(9, new Uint8Array(data.buffer, data.byteOffset, data.byteLength)),
+  ]);
+}
+
+function valueName(bytes, start, end) {
+  for (const [f, s, e] of lengthDelimited(bytes, start, end)) if (f === 1) return TEXT.decode(bytes.subarray(s, e));
+  return '';
+}
+
+// ModelProto.graph = 7; GraphProto.initializer = 5, .input = 11, .output = 12; ValueInfoProto.name = 1
+/**
+ * A copy of an ONNX model whose graph inputs named in `constants` ({name: {data, dims}}) are
+ * initializers, as softmask_edge.graphs.specialize: onnxruntime folds what only depends on
+ * them once, when it creates the session. `dropOutputs(name)` removes graph outputs.
+ * Returns {model, folded}: the names that were inputs (others are left out).
+ */
+export function specializeGraph(model, constants, dropOutputs = () => false) {
+  const parts = [];
+  const folded = [];
+  for (const f of fields(model, 0, model.length)) {
+    if (f.field !== 7 || f.wire !== 2) {
+      parts.push(model.subarray(f.at, f.end));
+      continue;
+    }
+    const graph = [];
+    for (const g of fields(model, f.start, f.end)) {
+      const name = g.wire === 2 && (g.field === 11 || g.field === 12) ? valueName(model, g.start, g.end) : null;
+      if (g.field === 11 && Object.hasOwn(constants, name)) folded.push(name);
+      else if (!(g.field === 12 && dropOutputs(name))) graph.push(model.subarray(g.at, g.end));
+    }
+    for (const name of folded) graph.push(delimited(5, tensorProto(name, constants[name])));
+    parts.push(delimited(7, concat(graph)));
+  }
+  return { model: concat(parts), folded };
 }
 
 // ModelProto.graph = 7, GraphProto.initializer = 5, TensorProto.name = 8, .raw_data = 9
@@ -282,11 +359,7 @@ export function writeNpz(arrays) {
   ev.setUint16(10, centrals.length, true);
   ev.setUint32(12, centralSize, true);
   ev.setUint32(16, offset, true);
-  const parts = [...locals, ...centrals, end];
-  const out = new Uint8Array(parts.reduce((s, p) => s + p.length, 0));
-  let at = 0;
-  for (const p of parts) { out.set(p, at); at += p.length; }
-  return out;
+  return concat([...locals, ...centrals, end]);
 }
 
 /** Hex SHA-256 (WebCrypto: browsers and workers on a secure origin such as 127.0.0.1; Node). */

@@ -1,8 +1,9 @@
 // softmask_edge for the browser: the Python EdgeLearner's life cycle on onnxruntime-web 1.19.2.
 //
 // Same artifacts (manifest format 2 or 3), same steps: learnTask trains the next task soft-masked
-// (the training graph scales each gradient by 1 - s*A, heads by 1 - s*ā); endTask runs one
-// raw-gradient pass (s = 0) per head h <= t, feeds the stacked gradient sums to the
+// (the training graph scales each gradient by 1 - s*A, heads by 1 - s*ā, with s, A and ā
+// folded into the session's graph as constants); endTask runs one raw-gradient pass (s = 0)
+// per head h <= t, feeds the stacked gradient sums to the
 // importance-update graph (γ = max_h |tanh(standardize(g_h))|, A <- max(A, γ)) in a plain
 // InferenceSession and keeps the result; save returns a new checkpoint generation (the
 // original ORT checkpoint with its tensors overwritten), the history .npz and the manifest.
@@ -17,6 +18,7 @@ import {
   readNpz,
   setScalarInitializer,
   sha256Hex,
+  specializeGraph,
   writeNpz,
 } from './formats.mjs';
 
@@ -28,6 +30,7 @@ const PLAIN_NAME = /^[A-Za-z0-9_][A-Za-z0-9_.-]*$/;
 const IMPORTANCE_SUFFIX = '.softmask_importance';
 const GRADIENT_SUFFIX = '.softmask_gradient';
 const MEAN_IMPORTANCE = 'softmask.mean_importance';
+const SCALE = 'softmask_scale';
 const LEARNING_RATE = 'softmask.learning_rate';
 const STATIC_FILES = ['training_model.onnx', 'eval_model.onnx', 'optimizer_model.onnx', 'importance_update.onnx'];
 const STORAGE = { float32: Float32Array, float16: Uint16Array, uint8: Uint8Array };
@@ -167,8 +170,7 @@ export class EdgeLearner {
     EdgeLearner._checkImportance(manifest, this.state, history);
     this.trainableOrder = manifest.parameter_order.filter((n) => n in manifest.params);
     this.session = null;
-    this.sessionTask = null;
-    this.sessionLr = null;
+    this.sessionKey = null;
   }
 
   /** Importance as the Python learner checks it: the storage dtype, finite, in [0, 1]. */
@@ -216,20 +218,37 @@ export class EdgeLearner {
     return this.manifest.task_mode === 'shared_head' ? this.manifest.head_classes[0] : this.manifest.head_classes[head];
   }
 
+  /**
+   * The graphs of a session that trains with scale `scale`: s, the stored A and ā become
+   * constants, so onnxruntime folds keep = 1 - s*A once (the Python learner's
+   * graphs.specialize); only the raw-gradient pass (`gradients`) keeps the gradient outputs.
+   */
+  _graphsFor(scale, gradients) {
+    const constants = { [SCALE]: { data: Float32Array.of(scale), dims: [] } };
+    constants[MEAN_IMPORTANCE] = { data: this.state[MEAN_IMPORTANCE], dims: [1] };
+    for (const n of this.manifest.masked) {
+      constants[n + IMPORTANCE_SUFFIX] = { data: this.state[n + IMPORTANCE_SUFFIX], dims: this.manifest.params[n] };
+    }
+    const drop = (name) => !gradients && name.endsWith(GRADIENT_SUFFIX);
+    const train = specializeGraph(this.graphs['training_model.onnx'], constants, drop);
+    const missing = Object.keys(constants).filter((n) => !train.folded.includes(n));
+    if (missing.length) throw new EdgeError(`the training graph does not take ${missing.join(', ')}: it does not fit its checkpoint`);
+    return { trainModel: train.model, evalModel: specializeGraph(this.graphs['eval_model.onnx'], constants).model };
+  }
+
   /** A training session on the current state; the optimizer graph carries `lr`. */
-  async _openSession(task, lr) {
-    if (this.session && this.sessionTask === task && this.sessionLr === lr) return this.session;
+  async _openSession(task, lr, { scale = 1, gradients = false } = {}) {
+    const key = JSON.stringify([task, lr, scale, gradients]);
+    if (this.session && this.sessionKey === key) return this.session;
     await this._closeSession();
     const values = Object.fromEntries(Object.entries(this.state));
     const optimizer = setScalarInitializer(this.graphs['optimizer_model.onnx'], LEARNING_RATE, lr ?? this.manifest.learning_rate);
     this.session = await this.ort.TrainingSession.create({
       checkpointState: patchCheckpoint(this.checkpoint, values),
-      trainModel: this.graphs['training_model.onnx'],
-      evalModel: this.graphs['eval_model.onnx'],
+      ...this._graphsFor(scale, gradients),
       optimizerModel: optimizer,
     });
-    this.sessionTask = task;
-    this.sessionLr = lr;
+    this.sessionKey = key;
     return this.session;
   }
 
@@ -250,7 +269,7 @@ export class EdgeLearner {
     if (at !== flat.length) throw new EdgeError(`flat parameter buffer holds ${flat.length} values, the manifest ${at}`);
   }
 
-  _feeds(batch, head, { scale, crossHead, training }) {
+  _feeds(batch, head, { crossHead }) {
     const T = this.ort.Tensor;
     const feeds = {};
     for (const spec of this.manifest.inputs) {
@@ -272,7 +291,6 @@ export class EdgeLearner {
     }
     feeds.labels = new T('int64', labels, [n]);
     feeds.softmask_cross_head = new T('float32', Float32Array.of(crossHead ? 1 : 0), []);
-    if (training) feeds.softmask_scale = new T('float32', Float32Array.of(scale), []);
     if (this.manifest.task_mode === 'task_incremental') feeds.task_id = new T('int64', BigInt64Array.of(BigInt(head)), []);
     return feeds;
   }
@@ -287,7 +305,7 @@ export class EdgeLearner {
 
   /**
    * Train the next task soft-masked; returns the mean loss per epoch.
-   * `masked: false` feeds scale 0: plain fine-tuning, the baseline. With `validation`
+   * `masked: false` trains with scale 0: plain fine-tuning, the baseline. With `validation`
    * batches, `epochs` is a maximum: the lr decays on validation-loss plateaus, training stops
    * early and the best weights are kept (`earlyStopping`: {patience, lrPatience, lrFactor,
    * lrMin}, the Python learner's EarlyStopping); `validationLosses` lists the losses.
@@ -297,14 +315,15 @@ export class EdgeLearner {
     if (!batches.length) throw new EdgeError(`learnTask(${t}) got no batches`);
     if (!(epochs >= 1 && lr > 0)) throw new EdgeError(`epochs must be >= 1 and lr > 0, got epochs=${epochs}, lr=${lr}`);
     if (validation && !validation.length) throw new EdgeError(`learnTask(${t}) got an empty validation set`);
-    const prepared = batches.map((b) => this._feeds(b, t, { scale: masked ? 1 : 0, crossHead: false, training: true }));
-    const val = validation && validation.map((b) => this._feeds(b, t, { crossHead: false, training: false }));
+    const prepared = batches.map((b) => this._feeds(b, t, { crossHead: false }));
+    const val = validation && validation.map((b) => this._feeds(b, t, { crossHead: false }));
+    const scale = masked ? 1 : 0;
     const plateau = new Plateau(earlyStopping, lr);
     let best = null;
     const losses = [];
     this.validationLosses = [];
     for (let e = 0; e < epochs; e++) {
-      const session = await this._openSession(t, plateau.lr);
+      const session = await this._openSession(t, plateau.lr, { scale });
       let total = 0;
       for (const f of prepared) {
         await session.lazyResetGrad();
@@ -335,7 +354,7 @@ export class EdgeLearner {
   async endTask(batches, { name } = {}) {
     const t = this._nextTask();
     if (!batches.length) throw new EdgeError(`the importance pass of task ${t} got no batches`);
-    const session = await this._openSession(t, this.sessionTask === t ? this.sessionLr : null);
+    const session = await this._openSession(t, null, { scale: 0, gradients: true });
     const heads = this.manifest.task_mode === 'task_incremental' ? [...Array(t + 1).keys()] : [t];
     const masked = this.manifest.masked;
     const sums = Object.fromEntries(masked.map((n) => [n, []]));
@@ -343,7 +362,7 @@ export class EdgeLearner {
       await session.lazyResetGrad();
       let out = null;
       for (const b of batches) {
-        const feeds = this._feeds(b, h, { scale: 0, crossHead: h !== t, training: true });
+        const feeds = this._feeds(b, h, { crossHead: h !== t });
         out = await session.runTrainStep(EdgeLearner._ordered(feeds, session.trainingInputNames));
       }
       for (const n of masked) sums[n].push(Float32Array.from(out[n + GRADIENT_SUFFIX].data));
@@ -390,8 +409,8 @@ export class EdgeLearner {
     const head = this.manifest.task_mode === 'shared_head' ? 0 : taskId ?? Math.max(this.numTasks - 1, 0);
     const first = inputs[this.manifest.inputs[0].name];
     const batch = { inputs, labels: new Array(first.dims[0]).fill(0) };
-    const session = await this._openSession(this.sessionTask, this.sessionLr);
-    const feeds = this._feeds(batch, head, { crossHead: false, training: false });
+    const session = this.session ?? (await this._openSession(null, null));
+    const feeds = this._feeds(batch, head, { crossHead: false });
     const out = await session.runEvalStep(EdgeLearner._ordered(feeds, session.evalInputNames));
     return { data: Float32Array.from(out.logits.data), dims: out.logits.dims };
   }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -22,7 +22,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _errors
 from onnxruntime.capi.onnxruntime_inference_collection import OrtValue, get_ort_device_type
 
 from .errors import ArtifactMismatchError, EdgeError, OnnxRuntimeError
-from .graphs import set_learning_rate
+from .graphs import set_learning_rate, specialize
 
 # onnxruntime's own exception types subclass Exception directly, not RuntimeError; pybind11
 # raises UnicodeDecodeError for a name in a damaged graph or checkpoint that is not UTF-8
@@ -86,7 +86,12 @@ def set_parameter(state: C.CheckpointState, name: str, value: np.ndarray) -> Non
 
 
 class TrainingSession:
-    """Training and eval graphs bound to one checkpoint state, plus a replaceable optimizer."""
+    """Training and eval graphs bound to one checkpoint state, plus a replaceable optimizer.
+
+    The training graph is specialized per session (`specialize`): the tensors named in
+    `constants` stop being graph inputs and become constants ONNX Runtime folds when it
+    builds the session (see `graphs.specialize_training`).
+    """
 
     def __init__(
         self,
@@ -96,14 +101,39 @@ class TrainingSession:
         state: C.CheckpointState,
         options: SessionOptions,
         lr_in_graph: bool,
+        constants: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self._options = options
         self._lr_in_graph = lr_in_graph
         self.learning_rate: float | None = None
         self._device = C.OrtDevice(get_ort_device_type("cpu", 0), C.OrtDevice.default_memory(), 0)
-        self._models = os.fspath(training_model), os.fspath(eval_model)
+        self._graphs = onnx.load(os.fspath(training_model)), onnx.load(os.fspath(eval_model))
         self._optimizer_model = os.fspath(optimizer_model)
-        self._bind(state)
+        self._workdir = tempfile.TemporaryDirectory(prefix="softmask_edge.")
+        self._models = tuple(os.path.join(self._workdir.name, n) for n in ("train", "eval"))
+        self._module = None
+        self._optimizer_used = False  # an optimizer stepped: its state lives in `state`
+        self.state = state
+        self.specialize(constants or {}, gradient_outputs=False)
+
+    def specialize(self, constants: Mapping[str, np.ndarray], gradient_outputs: bool) -> None:
+        """Rebuild the module on graphs with `constants` folded in (see `graphs.specialize`).
+
+        Every constant must be an input of the training graph. The optimizer goes with the
+        old module: call `new_optimizer` before the next step.
+        """
+        training, evaluation = self._graphs
+        declared = [{i.name for i in g.graph.input} for g in self._graphs]
+        missing = sorted(set(constants) - declared[0])
+        if missing:
+            raise ArtifactMismatchError(
+                f"the training graph does not take {missing}: it does not fit its checkpoint"
+            )
+        self._optimizer = self._module = None  # they point into the files rewritten here
+        onnx.save(specialize(training, constants, gradient_outputs), self._models[0])
+        own = {k: v for k, v in constants.items() if k in declared[1]}
+        onnx.save(specialize(evaluation, own), self._models[1])
+        self._bind(self.state)
 
     def _bind(self, state: C.CheckpointState) -> None:
         # the C++ module and optimizer keep raw pointers into the state they were built on:
@@ -115,18 +145,18 @@ class TrainingSession:
         self._module = C.Module(training, state, evaluation, self._device, self._options)
         # read once, while loading: a damaged name fails here, not inside a later step
         self._input_names = {t: list(self._module.input_names(t)) for t in (True, False)}
-        self._optimizer_used = False
 
-    def input_names(self, training: bool) -> list[str]:
-        return self._input_names[training]
+    def run(self, feeds: Mapping[str, np.ndarray], training: bool) -> list[np.ndarray]:
+        """One forward (+ backward and gradient accumulation when training) step.
 
-    def run(self, feeds: Sequence[np.ndarray], training: bool) -> list[np.ndarray]:
-        """One forward (+ backward and gradient accumulation when training) step."""
+        `feeds` maps input names to arrays; names the graph does not take are ignored.
+        """
         fetches = C.OrtValueVector()
+        ordered = [feeds[n] for n in self._input_names[training]]
         if training:
-            self._module.train_step(list(feeds), fetches)
+            self._module.train_step(ordered, fetches)
         else:
-            self._module.eval_step(list(feeds), fetches)
+            self._module.eval_step(ordered, fetches)
         return [v.numpy() for v in fetches]
 
     def reset_gradients(self) -> None:
@@ -146,6 +176,7 @@ class TrainingSession:
                 path = os.path.join(tmp, "state")
                 save_checkpoint(self.state, path)
                 self._bind(load_checkpoint(path))
+                self._optimizer_used = False
             optimizer_model = self._optimizer_model
             if self._lr_in_graph:
                 graph = onnx.load(optimizer_model)

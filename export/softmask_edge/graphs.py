@@ -8,6 +8,7 @@
   keep_P = 1 − s · A_P for masked parameters and 1 − s · ā for heads, s = `softmask_scale`.
 * `expose_gradients`, `record_learning_rate`: what runtimes without the Python API need
   (onnxruntime-web cannot fetch gradients by name nor set the learning rate).
+* `specialize`: the graphs one training session runs, with s, A and ā as constants.
 * `importance_update_model`: γ = max_h |tanh(standardize(g_h))|, A' = max(A, γ).
 """
 
@@ -257,8 +258,8 @@ def insert_masking(
     s = `softmask_scale` is the only new user input (1 to train, 0 for the raw-gradient
     importance pass). ā, the element-weighted mean of A over all masked parameters, is the
     checkpoint scalar `softmask.mean_importance`, rewritten by the importance-update graph
-    whenever A changes, so a step costs three elementwise nodes per masked tensor (plus the
-    storage decode) and no reductions.
+    whenever A changes. As written, a step computes keep (storage decode, Mul, Sub) and masks
+    (Mul) per masked tensor; the learners run it through `specialize`, which leaves one Mul.
     """
     g = model.graph
     input_names = [i.name for i in g.input]
@@ -322,6 +323,39 @@ def expose_gradients(model: onnx.ModelProto) -> list[str]:
         out.name = param + GRADIENT_SUFFIX
         out.type.tensor_type.CopyFrom(shapes[param])
     return names
+
+
+def specialize(
+    model: onnx.ModelProto, constants: Mapping[str, np.ndarray], gradient_outputs: bool = True
+) -> onnx.ModelProto:
+    """A copy of a session's graph in which the graph inputs named in `constants` are constants.
+
+    A learner calls this when it opens a session, with s = `softmask_scale` (1 to learn,
+    0 for the raw-gradient pass) and the stored A and ā as they are at that moment (they
+    only change between tasks). ONNX Runtime then folds keep = 1 − s·decode(A) once, when the
+    session is created, and every step runs one `Mul(P_grad, keep_P)` per masked tensor
+    instead of the decode and the two scale nodes (uint8 storage: the table lookup over every
+    element, each step). The artifacts' graph stays as written (hashed, and complete for
+    runtimes that feed A themselves). `gradient_outputs=False` also drops the
+    `P + GRADIENT_SUFFIX` outputs, which only the JS raw-gradient pass reads: fetching them
+    copies every gradient each step. The eval graph gets the same constants (those it
+    declares): ONNX Runtime feeds both graphs the parameters the training graph takes.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inputs = [i for i in g.input if i.name not in constants]
+    del g.input[:]
+    g.input.extend(inputs)
+    g.initializer.extend(
+        numpy_helper.from_array(np.ascontiguousarray(value), name)
+        for name, value in constants.items()
+    )
+    if not gradient_outputs:
+        outputs = [o for o in g.output if not o.name.endswith(GRADIENT_SUFFIX)]
+        del g.output[:]
+        g.output.extend(outputs)
+    return out
 
 
 def record_learning_rate(model: onnx.ModelProto, lr: float) -> None:

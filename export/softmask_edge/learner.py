@@ -131,10 +131,8 @@ class EdgeLearner:
         self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         state = load_state(self.directory, self.manifest)
         self._history = load_history(self.directory, self.manifest)
-        with _ort.translated(
-            f"the graphs in {str(self.directory)!r} do not fit its checkpoint",
-            ArtifactMismatchError,
-        ):
+        self._scale: float | None = 1.0  # s in the session's training graph (None: rebuild)
+        with self._fitting():
             self._session = _ort.TrainingSession(
                 self.directory / TRAINING_MODEL_NAME,
                 self.directory / EVAL_MODEL_NAME,
@@ -142,6 +140,7 @@ class EdgeLearner:
                 state,
                 self._options,
                 lr_in_graph=self.manifest.format_version >= 2,
+                constants=self._constants(state, 1.0),
             )
             self._importance_session = ort.InferenceSession(
                 self.directory / IMPORTANCE_MODEL_NAME,
@@ -149,6 +148,39 @@ class EdgeLearner:
                 providers=["CPUExecutionProvider"],
             )
         self._optimizer_task: int | None = None
+
+    # sessions -----------------------------------------------------------------------------
+
+    def _fitting(self) -> contextlib.AbstractContextManager[None]:
+        return _ort.translated(
+            f"the graphs in {str(self.directory)!r} do not fit its checkpoint",
+            ArtifactMismatchError,
+        )
+
+    def _constants(self, state: Any, scale: float) -> dict[str, np.ndarray]:
+        """What a session's training graph holds as constants: s, the stored A and ā."""
+        names = [n + IMPORTANCE_SUFFIX for n in self.manifest.masked] + [MEAN_IMPORTANCE]
+        return {
+            SCALE_INPUT: np.array(scale, np.float32),
+            **{n: _ort.get_parameter(state, n) for n in names},
+        }
+
+    def _use(self, scale: float) -> None:
+        """Rebuild the session's training graph for `scale` unless it already runs it.
+
+        The stored importance changes only in `end_task`, which forces the next rebuild; a
+        rebuild drops the optimizer, so the next `learn_task` starts a new one. The Python
+        learner reads gradients from the state, so its graphs drop the gradient outputs.
+        """
+        if self._scale == scale:
+            return
+        self._scale = None
+        with self._fitting():
+            self._session.specialize(
+                self._constants(self._session.state, scale), gradient_outputs=False
+            )
+        self._scale = scale
+        self._optimizer_task = None
 
     # batches ------------------------------------------------------------------------------
 
@@ -197,19 +229,16 @@ class EdgeLearner:
             feeds[s.name] = np.ascontiguousarray(a)
         return feeds, (y, batch_size)
 
-    def _feeds(
-        self, batch: Any, head: int, *, scale: float, cross_head: bool, training: bool
-    ) -> list[np.ndarray]:
+    def _feeds(self, batch: Any, head: int, *, cross_head: bool) -> dict[str, np.ndarray]:
         feeds, (y, batch_size) = self._inputs(batch)
         classes = self.manifest.task_classes(head)
         feeds[LABELS_INPUT] = (
             np.zeros(batch_size, np.int64) if cross_head else _check_labels(y, batch_size, classes)
         )
         feeds[CROSS_HEAD_INPUT] = np.array(1.0 if cross_head else 0.0, np.float32)
-        feeds[SCALE_INPUT] = np.array(scale, np.float32)
         if self.manifest.task_mode == "task_incremental":
             feeds[TASK_INPUT] = np.array(head, np.int64)
-        return [feeds[n] for n in self._session.input_names(training)]
+        return feeds
 
     def _next_task(self, task_id: int | None) -> int:
         t = self.manifest.num_tasks
@@ -260,7 +289,8 @@ class EdgeLearner:
     ) -> list[float]:
         """Train the next task soft-masked (keep = 1 − A, heads 1 − ā); return mean loss per epoch.
 
-        `masked=False` feeds scale 0: plain fine-tuning, the baseline soft-masking is judged by.
+        `masked=False` trains with scale 0: plain fine-tuning, the baseline soft-masking is
+        judged by.
         With `validation` batches of the task, `epochs` is a maximum: the lr decays on plateaus
         of the validation loss, training stops early and the best weights are kept
         (`early_stopping`, default `EarlyStopping()`); `validation_losses` lists the losses.
@@ -276,26 +306,21 @@ class EdgeLearner:
                 f"lr={lr!r}"
             )
         # every batch is checked before the first step, so a bad one changes nothing
-        scale = 1.0 if masked else 0.0
-        prepared = [
-            self._feeds(b, t, scale=scale, cross_head=False, training=True) for b in batches
-        ]
+        prepared = [self._feeds(b, t, cross_head=False) for b in batches]
         val = None
         if validation is not None:
-            val = [
-                self._feeds(b, t, scale=0.0, cross_head=False, training=False)
-                for b in _reiterable(validation)
-            ]
+            val = [self._feeds(b, t, cross_head=False) for b in _reiterable(validation)]
             if not val:
                 raise EmptyDataError(f"learn_task({t}) got an empty validation set")
+        self._use(1.0 if masked else 0.0)
         with _ort.translated(f"learn_task({t})"):
             return self._train(t, prepared, val, lr, early_stopping, epochs)
 
     def _train(
         self,
         t: int,
-        prepared: list[list[np.ndarray]],
-        val: list[list[np.ndarray]] | None,
+        prepared: list[dict[str, np.ndarray]],
+        val: list[dict[str, np.ndarray]] | None,
         lr: float,
         early_stopping: EarlyStopping | None,
         epochs: int,
@@ -336,12 +361,13 @@ class EdgeLearner:
         batches = _reiterable(batches)
         if not batches:
             raise EmptyDataError(f"the importance pass of task {t} got no batches")
-        own = [self._feeds(b, t, scale=0.0, cross_head=False, training=True) for b in batches]
+        own = [self._feeds(b, t, cross_head=False) for b in batches]
+        self._use(0.0)
         with _ort.translated(f"end_task({t})"):
             return self._measure(t, batches, own, name)
 
     def _measure(
-        self, t: int, batches: list[Any], own: list[list[np.ndarray]], name: str | None
+        self, t: int, batches: list[Any], own: list[dict[str, np.ndarray]], name: str | None
     ) -> dict[str, np.ndarray]:
         heads = range(t + 1) if self.manifest.task_mode == "task_incremental" else [t]
         sums: dict[str, list[np.ndarray]] = {n: [] for n in self.manifest.masked}
@@ -349,7 +375,7 @@ class EdgeLearner:
             self._session.reset_gradients()
             for batch, feeds in zip(batches, own):
                 if h != t:
-                    feeds = self._feeds(batch, h, scale=0.0, cross_head=True, training=True)
+                    feeds = self._feeds(batch, h, cross_head=True)
                 self._session.run(feeds, training=True)
             for n in self.manifest.masked:
                 sums[n].append(_ort.get_gradient(self._session.state, n).copy())
@@ -373,6 +399,7 @@ class EdgeLearner:
             )
             self._history[task_key(t, n)] = out[n + ".task_importance"]
         _ort.set_parameter(state, MEAN_IMPORTANCE, out[MEAN_IMPORTANCE + ".updated"])
+        self._scale = None  # the session's constants hold the old importance
         task_names = [*self.manifest.task_names[:t], name or f"task_{t}"]
         self.manifest = replace(self.manifest, num_tasks=t + 1, task_names=task_names)
         self._optimizer_task = None
@@ -389,8 +416,7 @@ class EdgeLearner:
         if self.manifest.task_mode == "task_incremental":
             feeds[TASK_INPUT] = np.array(head, np.int64)
         with _ort.translated("predict"):
-            names = self._session.input_names(training=False)
-            return self._session.run([feeds[n] for n in names], training=False)[1]
+            return self._session.run(feeds, training=False)[1]
 
     def evaluate(self, batches: Iterable[Any], task_id: int | None = None) -> float:
         """Accuracy of head `task_id` on `(x, y)` batches."""

@@ -46,14 +46,17 @@ def _arrays(flat: dict[str, list[float]], shapes: dict[str, list[int]]) -> dict[
     return {k: np.asarray(v, np.float32).reshape(shapes[k]) for k, v in flat.items()}
 
 
-@pytest.fixture(params=["float32", "uint8"])
+@pytest.fixture(params=["float32", "float16", "uint8"])
 def case(request, mlp_case, tmp_path):
-    """(model, artifacts, importance tolerance): float32 and uint8-stored importance."""
+    """(model, artifacts, importance tolerance) for each storage dtype of the importance."""
     if request.param == "float32":
         return (*mlp_case, 1e-5)
-    model = mlp_model_after_two_tasks(importance_dtype="uint8")
-    # a rounding flip of the stored uint8 (wasm vs native float) moves A by one step
-    return model, export_copy(model, tmp_path / "uint8"), 1 / 255 + 1e-6
+    dtype = request.param
+    model = mlp_model_after_two_tasks(importance_dtype=dtype)
+    # a rounding flip of the stored value (wasm vs native float) moves A by one step:
+    # one uint8 code, or one float16 ulp (2^-11 below 1)
+    step = 1 / 255 if dtype == "uint8" else 2**-11
+    return model, export_copy(model, tmp_path / dtype), step + 1e-6
 
 
 def test_browser_learner_matches_python_learner(case, tmp_path):

@@ -84,11 +84,11 @@ def test_gradient_outputs_are_the_accumulated_gradients(mlp_case):
     _, artifacts = mlp_case
     learner = EdgeLearner(artifacts)
     session = learner._session
+    session.specialize(learner._constants(session.state, 1.0), gradient_outputs=True)
     data = numpy_batches(batches(2, n=2))
     session.reset_gradients()
     for batch in data:
-        feeds = learner._feeds(batch, 2, scale=1.0, cross_head=False, training=True)
-        outputs = session.run(feeds, training=True)
+        outputs = session.run(learner._feeds(batch, 2, cross_head=False), training=True)
     names = [o.name for o in onnx.load(artifacts / "training_model.onnx").graph.output]
     # ORT's Module returns the graph outputs except the accumulators' flags
     fetched = dict(zip([n for n in names if not n.endswith("_grad.accumulation.out")], outputs))

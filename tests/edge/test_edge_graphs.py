@@ -1,4 +1,4 @@
-"""The ONNX pieces on their own: importance-update graph and LayerNormalization fix."""
+"""The ONNX pieces on their own: importance-update graph, LayerNormalization fix, session graphs."""
 
 from __future__ import annotations
 
@@ -184,3 +184,57 @@ def test_layer_norm_gets_mean_and_inv_std_outputs_and_still_computes_the_same():
     np.testing.assert_allclose(after, before)
     np.testing.assert_allclose(after, expected, rtol=1e-5, atol=1e-5)
     assert add_gradient_outputs(model) == 0
+
+
+def _optimized(model: onnx.ModelProto, path) -> onnx.ModelProto:
+    """The graph ONNX Runtime runs after its basic and extended rewrites (constant folding)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(path)
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnx.load(path)
+
+
+def _masking_inputs(model: onnx.ModelProto, masked: list[str]) -> dict[str, list[str]]:
+    """Per masked parameter: the op types between its gradient and its accumulator."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    constants = {i.name for i in model.graph.initializer}
+    chains = {}
+    for node in model.graph.node:
+        if node.op_type != "InPlaceAccumulatorV2":
+            continue
+        param = node.input[1].removesuffix(".masked").removesuffix("_grad")
+        if param not in masked:
+            continue
+        mul = producer[node.input[1]]
+        keep = mul.input[1]
+        chains[param] = [mul.op_type, "constant" if keep in constants else producer[keep].op_type]
+    return chains
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_learner_graph_masks_with_one_mul_by_a_folded_constant(tmp_path, dtype):
+    """`specialize` + ONNX Runtime's constant folding: in the graph a learner's session runs,
+    each masked gradient reaches its accumulator through one Mul by a constant, and nothing
+    reads s or A any more; run as written, keep = 1 − s·decode(A) is computed every step."""
+    from edge_helpers import export_copy, mlp_model_after_two_tasks
+    from softmask_edge import EdgeLearner
+    from softmask_edge.graphs import specialize
+
+    artifacts = export_copy(mlp_model_after_two_tasks(), tmp_path / "a", importance_dtype=dtype)
+    learner = EdgeLearner(artifacts)
+    masked = learner.manifest.masked
+    written = onnx.load(artifacts / "training_model.onnx")
+    constants = learner._constants(learner._session.state, 1.0)
+    folded = _optimized(specialize(written, constants, gradient_outputs=False), tmp_path / "f")
+    as_written = _optimized(written, tmp_path / "w")
+
+    assert _masking_inputs(folded, masked) == {n: ["Mul", "constant"] for n in masked}
+    read = {i for node in folded.graph.node for i in node.input}
+    assert not read & set(constants)
+    assert not [o.name for o in folded.graph.output if o.name.endswith(".softmask_gradient")]
+    assert _masking_inputs(as_written, masked) == {n: ["Mul", "Sub"] for n in masked}
+    assert {"softmask_scale", *(n + ".softmask_importance" for n in masked)} <= {
+        i for node in as_written.graph.node for i in node.input
+    }

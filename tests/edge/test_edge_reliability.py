@@ -578,8 +578,8 @@ def _format_2(artifacts: Path) -> None:
 @pytest.mark.parametrize(
     ("graph", "name", "step"),
     [
-        # a name that is not UTF-8: pybind11 raises UnicodeDecodeError building the session
-        ("training_model.onnx", b"softmask_scale", "do not fit its checkpoint"),
+        # a name that is not UTF-8: the graph no longer takes the input the learner folds in
+        ("training_model.onnx", b"softmask_scale", "does not fit its checkpoint"),
         # an optimizer graph without the recorded learning rate
         ("optimizer_model.onnx", b"softmask.learning_rate", "no 'softmask.learning_rate'"),
     ],

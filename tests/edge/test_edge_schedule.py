@@ -22,7 +22,7 @@ def test_plateau_decays_the_lr_then_stops():
 
 
 def _val_loss(learner: EdgeLearner, data, task: int) -> float:
-    feeds = [learner._feeds(b, task, scale=0.0, cross_head=False, training=False) for b in data]
+    feeds = [learner._feeds(b, task, cross_head=False) for b in data]
     return float(np.mean([learner._session.run(f, training=False)[0] for f in feeds]))
 
 
