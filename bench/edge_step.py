@@ -14,7 +14,8 @@ For each model (digits-sized MLP and CNN with a shared 10-class head, two small 
   step (grad mode) / plain SGD step, same batch, same thread count.
 Medians over repeats, the compared steps run alternately; target: ort_masked <= 1.05x ort_plain.
 Checkpoint sizes are the artifacts' checkpoint file with importance stored as float32,
-float16 and uint8; the step is timed with each storage.
+float16 and uint8; the step is timed with each storage. `session_ms`: building the learner's
+session (graph rewrite + module), `session_as_written_ms`: a module on the graph as written.
 Run: python bench/edge_step.py --out results/bench_edge_step.json
 """
 
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from _common import median_time, print_table, write_json
 from onnxruntime.training import artifacts as ort_artifacts
 from softmask_bench.models import CNN, MLP, SharedHeadClassifier
-from softmask_edge import EdgeLearner, _ort
+from softmask_edge import EdgeLearner, Manifest, _ort
 from softmask_edge.builder import _quiet_stderr
 from softmask_edge.graphs import add_classification_loss, add_gradient_outputs
 from torch import nn
@@ -124,16 +125,15 @@ def _options(threads: int) -> ort.SessionOptions:
 
 def _as_written(directory: Path, threads: int) -> _ort.TrainingSession:
     """The artifacts' training graph as written: s, A and ā are fed, gradients fetched."""
-    manifest = EdgeLearner(directory).manifest
     session = _ort.TrainingSession(
         directory / "training_model.onnx",
         directory / "eval_model.onnx",
         directory / "optimizer_model.onnx",
-        _ort.load_checkpoint(directory / manifest.checkpoint),
+        _ort.load_checkpoint(directory / Manifest.load(directory).checkpoint),
         _options(threads),
         lr_in_graph=True,
+        gradient_outputs=True,
     )
-    session.specialize({}, gradient_outputs=True)
     session.new_optimizer(0.01)
     return session
 
@@ -215,6 +215,15 @@ def bench_model(
         ratios[dtype] = (t_masked / t_plain, t_written / t_plain)
         if dtype == "float32":
             times = t_masked, t_written, t_plain
+            constants = learner._constants(session.state, 1.0)
+            session_s = _paired_medians(
+                [
+                    lambda s=session, c=constants: s.specialize(c, gradient_outputs=False),
+                    lambda s=written: s.specialize({}, gradient_outputs=True),
+                ],
+                3,
+                warmup=1,
+            )
 
     model.begin_task(1)
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -237,6 +246,8 @@ def bench_model(
         "torch_masked_ms": 1e3 * t_torch_masked,
         "torch_plain_ms": 1e3 * t_torch_plain,
         "ort/torch (masked)": times[0] / t_torch_masked,
+        "session_ms": 1e3 * session_s[0],
+        "session_as_written_ms": 1e3 * session_s[1],
         "ckpt_f32_kb": sizes["float32"] / 1024,
         "ckpt_f16_kb": sizes["float16"] / 1024,
         "ckpt_u8_kb": sizes["uint8"] / 1024,

@@ -97,7 +97,8 @@ def page_batches(batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[dict]
 def run_page(url: str, out: Path, timeout_s: float = 60) -> dict:
     """Open `url` in headless Chromium (export/js/test/run-page.mjs); return window.__result.
 
-    Files the page returns (base64) are written into `out`.
+    Files the page returns (base64) are written into `out`; the page's and its workers'
+    console lines are under "console".
     """
     chromium, node = js_requirements()
     proc = subprocess.run(
@@ -116,7 +117,9 @@ def run_page(url: str, out: Path, timeout_s: float = 60) -> dict:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"the page {url} failed:\n{proc.stderr[-4000:]}")
-    return json.loads((out / "result.json").read_text())
+    result = json.loads((out / "result.json").read_text())
+    result["console"] = [line for line in proc.stderr.splitlines() if line.startswith("[page ")]
+    return result
 
 
 def _split_batches(split: Split, size: int) -> list[dict]:

@@ -102,6 +102,7 @@ function readVarint(bytes, pos) {
   let value = 0;
   let shift = 0;
   for (;;) {
+    if (pos >= bytes.length || shift > 63) throw new Error('truncated or overlong protobuf varint');
     const b = bytes[pos++];
     value += (b & 0x7f) * 2 ** shift;
     if (b < 0x80) return [value, pos];
@@ -180,12 +181,13 @@ function valueName(bytes, start, end) {
 
 // ModelProto.graph = 7; GraphProto.initializer = 5, .input = 11, .output = 12; ValueInfoProto.name = 1
 /**
- * A copy of an ONNX model whose graph inputs named in `constants` ({name: {data, dims}}) are
- * initializers, as softmask_edge.graphs.specialize: onnxruntime folds what only depends on
- * them once, when it creates the session. `dropOutputs(name)` removes graph outputs.
- * Returns {model, folded}: the names that were inputs (others are left out).
+ * A copy of an ONNX model, as softmask_edge.graphs.specialize: graph inputs named in
+ * `constants` ({name: {data, dims}}) become initializers (onnxruntime folds what only depends
+ * on them once, when it creates the session), inputs named in `unused` are dropped, and
+ * outputs for which `dropOutputs(name)` holds are removed. Returns {model, folded}: the
+ * constants that were inputs (the others are left out).
  */
-export function specializeGraph(model, constants, dropOutputs = () => false) {
+export function specializeGraph(model, { constants = {}, unused = [], dropOutputs = () => false } = {}) {
   const parts = [];
   const folded = [];
   for (const f of fields(model, 0, model.length)) {
@@ -197,7 +199,9 @@ export function specializeGraph(model, constants, dropOutputs = () => false) {
     for (const g of fields(model, f.start, f.end)) {
       const name = g.wire === 2 && (g.field === 11 || g.field === 12) ? valueName(model, g.start, g.end) : null;
       if (g.field === 11 && Object.hasOwn(constants, name)) folded.push(name);
-      else if (!(g.field === 12 && dropOutputs(name))) graph.push(model.subarray(g.at, g.end));
+      else if (!((g.field === 11 && unused.includes(name)) || (g.field === 12 && dropOutputs(name)))) {
+        graph.push(model.subarray(g.at, g.end));
+      }
     }
     for (const name of folded) graph.push(delimited(5, tensorProto(name, constants[name])));
     parts.push(delimited(7, concat(graph)));

@@ -21,7 +21,7 @@ from onnxruntime.capi import _pybind_state as C
 from onnxruntime.capi import onnxruntime_pybind11_state as _errors
 from onnxruntime.capi.onnxruntime_inference_collection import OrtValue, get_ort_device_type
 
-from .errors import ArtifactMismatchError, EdgeError, OnnxRuntimeError
+from .errors import ArtifactMismatchError, EdgeError, OnnxRuntimeError, SaveLocationError
 from .graphs import set_learning_rate, specialize
 
 # onnxruntime's own exception types subclass Exception directly, not RuntimeError; pybind11
@@ -88,9 +88,9 @@ def set_parameter(state: C.CheckpointState, name: str, value: np.ndarray) -> Non
 class TrainingSession:
     """Training and eval graphs bound to one checkpoint state, plus a replaceable optimizer.
 
-    The training graph is specialized per session (`specialize`): the tensors named in
-    `constants` stop being graph inputs and become constants ONNX Runtime folds when it
-    builds the session (see `graphs.specialize_training`).
+    The graphs are specialized per session (`specialize`): the tensors named in `constants`
+    stop being inputs of the training graph and become constants ONNX Runtime folds when it
+    builds the session (see `graphs.specialize`).
     """
 
     def __init__(
@@ -102,6 +102,7 @@ class TrainingSession:
         options: SessionOptions,
         lr_in_graph: bool,
         constants: Mapping[str, np.ndarray] | None = None,
+        gradient_outputs: bool = False,
     ) -> None:
         self._options = options
         self._lr_in_graph = lr_in_graph
@@ -110,17 +111,19 @@ class TrainingSession:
         self._graphs = onnx.load(os.fspath(training_model)), onnx.load(os.fspath(eval_model))
         self._optimizer_model = os.fspath(optimizer_model)
         self._workdir = tempfile.TemporaryDirectory(prefix="softmask_edge.")
-        self._models = tuple(os.path.join(self._workdir.name, n) for n in ("train", "eval"))
+        self._serialized: tuple[bytes, bytes] | None = None
+        self._optimizer: C.Optimizer | None = None
         self._module = None
         self._optimizer_used = False  # an optimizer stepped: its state lives in `state`
         self.state = state
-        self.specialize(constants or {}, gradient_outputs=False)
+        self.specialize(constants or {}, gradient_outputs)
 
     def specialize(self, constants: Mapping[str, np.ndarray], gradient_outputs: bool) -> None:
         """Rebuild the module on graphs with `constants` folded in (see `graphs.specialize`).
 
         Every constant must be an input of the training graph. The optimizer goes with the
-        old module: call `new_optimizer` before the next step.
+        old module: call `new_optimizer` before the next step. If the new module cannot be
+        built, the session keeps its previous graphs and the error propagates.
         """
         training, evaluation = self._graphs
         declared = [{i.name for i in g.graph.input} for g in self._graphs]
@@ -129,20 +132,53 @@ class TrainingSession:
             raise ArtifactMismatchError(
                 f"the training graph does not take {missing}: it does not fit its checkpoint"
             )
-        self._optimizer = self._module = None  # they point into the files rewritten here
-        onnx.save(specialize(training, constants, gradient_outputs), self._models[0])
-        own = {k: v for k, v in constants.items() if k in declared[1]}
-        onnx.save(specialize(evaluation, own), self._models[1])
-        self._bind(self.state)
+        previous = self._serialized
+        unused = [n for n in constants if n in declared[1]]
+        self._serialized = (
+            specialize(training, constants, gradient_outputs=gradient_outputs).SerializeToString(),
+            specialize(evaluation, {}, unused).SerializeToString(),
+        )
+        try:
+            self._bind(self.state)
+        except BaseException:
+            if previous is not None:
+                self._serialized = previous
+                with contextlib.suppress(Exception):
+                    self._bind(self.state)
+            raise
+
+    @contextlib.contextmanager
+    def _graph_files(self) -> Iterator[tuple[str, str]]:
+        """The session's graphs as files while onnxruntime reads them (module creation, and
+        `export_inference`, which reads the eval graph again); removed after, so a killed
+        process leaves no copy of the importance in the temp folder."""
+        folder = self._workdir.name
+        paths = os.path.join(folder, "train.onnx"), os.path.join(folder, "eval.onnx")
+        try:
+            try:
+                os.makedirs(folder, mode=0o700, exist_ok=True)  # again, if a tmp cleaner took it
+                for path, data in zip(paths, self._serialized):
+                    with open(path, "wb") as f:
+                        f.write(data)
+            except OSError as e:
+                raise SaveLocationError(
+                    f"cannot write the session's graphs into {folder}: {e.strerror or e}; "
+                    "point TMPDIR at a writable folder"
+                ) from e
+            yield paths
+        finally:
+            for path in paths:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
 
     def _bind(self, state: C.CheckpointState) -> None:
         # the C++ module and optimizer keep raw pointers into the state they were built on:
         # release them before that state can be freed
-        self._optimizer: C.Optimizer | None = None
+        self._optimizer = None
         self._module = None
         self.state = state
-        training, evaluation = self._models
-        self._module = C.Module(training, state, evaluation, self._device, self._options)
+        with self._graph_files() as (training, evaluation):
+            self._module = C.Module(training, state, evaluation, self._device, self._options)
         # read once, while loading: a damaged name fails here, not inside a later step
         self._input_names = {t: list(self._module.input_names(t)) for t in (True, False)}
 
@@ -151,8 +187,15 @@ class TrainingSession:
 
         `feeds` maps input names to arrays; names the graph does not take are ignored.
         """
+        names = self._input_names[training]
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            graph = "training" if training else "eval"
+            raise ArtifactMismatchError(
+                f"the {graph} graph takes inputs {missing} that its manifest does not declare"
+            )
         fetches = C.OrtValueVector()
-        ordered = [feeds[n] for n in self._input_names[training]]
+        ordered = [feeds[n] for n in names]
         if training:
             self._module.train_step(ordered, fetches)
         else:
@@ -207,4 +250,5 @@ class TrainingSession:
         self._optimizer_used = True
 
     def export_inference(self, path: str | os.PathLike, outputs: Sequence[str]) -> None:
-        self._module.export_model_for_inferencing(os.fspath(path), list(outputs))
+        with self._graph_files():
+            self._module.export_model_for_inferencing(os.fspath(path), list(outputs))

@@ -326,9 +326,12 @@ def expose_gradients(model: onnx.ModelProto) -> list[str]:
 
 
 def specialize(
-    model: onnx.ModelProto, constants: Mapping[str, np.ndarray], gradient_outputs: bool = True
+    model: onnx.ModelProto,
+    constants: Mapping[str, np.ndarray],
+    unused: Sequence[str] = (),
+    gradient_outputs: bool = True,
 ) -> onnx.ModelProto:
-    """A copy of a session's graph in which the graph inputs named in `constants` are constants.
+    """A copy of a session's graph: inputs in `constants` become constants, `unused` are dropped.
 
     A learner calls this when it opens a session, with s = `softmask_scale` (1 to learn,
     0 for the raw-gradient pass) and the stored A and ā as they are at that moment (they
@@ -336,20 +339,20 @@ def specialize(
     session is created, and every step runs one `Mul(P_grad, keep_P)` per masked tensor
     instead of the decode and the two scale nodes (uint8 storage: the table lookup over every
     element, each step). The artifacts' graph stays as written (hashed, and complete for
-    runtimes that feed A themselves). `gradient_outputs=False` also drops the
-    `P + GRADIENT_SUFFIX` outputs, which only the JS raw-gradient pass reads: fetching them
-    copies every gradient each step. The eval graph gets the same constants (those it
-    declares): ONNX Runtime feeds both graphs the parameters the training graph takes.
+    runtimes that feed A themselves). The eval graph declares A and ā without reading them:
+    ONNX Runtime feeds it the parameters the training graph takes, so they go (`unused`).
+    `gradient_outputs=False` drops the `P + GRADIENT_SUFFIX` outputs, which only the JS
+    raw-gradient pass reads: fetching them copies every gradient each step.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    inputs = [i for i in g.input if i.name not in constants]
+    gone = {*constants, *unused}
+    inputs = [i for i in g.input if i.name not in gone]
     del g.input[:]
     g.input.extend(inputs)
     g.initializer.extend(
-        numpy_helper.from_array(np.ascontiguousarray(value), name)
-        for name, value in constants.items()
+        numpy_helper.from_array(np.asarray(value), name) for name, value in constants.items()
     )
     if not gradient_outputs:
         outputs = [o for o in g.output if not o.name.endswith(GRADIENT_SUFFIX)]

@@ -175,12 +175,12 @@ class EdgeLearner:
         if self._scale == scale:
             return
         self._scale = None
+        self._optimizer_task = None
         with self._fitting():
             self._session.specialize(
                 self._constants(self._session.state, scale), gradient_outputs=False
             )
         self._scale = scale
-        self._optimizer_task = None
 
     # batches ------------------------------------------------------------------------------
 
@@ -290,7 +290,8 @@ class EdgeLearner:
         """Train the next task soft-masked (keep = 1 − A, heads 1 − ā); return mean loss per epoch.
 
         `masked=False` trains with scale 0: plain fine-tuning, the baseline soft-masking is
-        judged by.
+        judged by (switching `masked` within a task starts a new optimizer, as an lr change
+        does: AdamW's moments restart; the JS learner does the same).
         With `validation` batches of the task, `epochs` is a maximum: the lr decays on plateaus
         of the validation loss, training stops early and the best weights are kept
         (`early_stopping`, default `EarlyStopping()`); `validation_losses` lists the losses.

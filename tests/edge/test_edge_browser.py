@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from browser_helpers import (
     JS_DIR,
     browser_requirements,
@@ -25,16 +26,20 @@ from browser_helpers import (
     write_case,
 )
 from edge_helpers import (
+    IN_FEATURES,
     batches,
     export_copy,
     max_diff,
     mlp_model_after_two_tasks,
     numpy_batches,
     torch_weights,
+    train_torch,
 )
 from softmask_edge import EarlyStopping, EdgeLearner, read_device_checkpoint
 from softmask_edge.manifest import sha256
+from torch import nn
 
+from softmask_peft import SoftMaskConfig, SoftMaskModel, get_softmask_model
 from softmask_peft.device import load_device_checkpoint
 
 FIXTURE_V010 = Path(__file__).parents[1] / "fixtures" / "v0_1_0" / "edge_mlp"
@@ -46,11 +51,29 @@ def _arrays(flat: dict[str, list[float]], shapes: dict[str, list[int]]) -> dict[
     return {k: np.asarray(v, np.float32).reshape(shapes[k]) for k, v in flat.items()}
 
 
-@pytest.fixture(params=["float32", "float16", "uint8"])
+def _shared_head_after_two_tasks() -> SoftMaskModel:
+    """One head for every task (domain-incremental): its gradient is scaled by 1 − ā."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(IN_FEATURES, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 2)
+    )
+    model = get_softmask_model(net, SoftMaskConfig(head_modules=["4"]))
+    for t in range(2):
+        train_torch(model, t, batches(t), classes=None)
+    return model
+
+
+@pytest.fixture(params=["float32", "float16", "uint8", "shared_head"])
 def case(request, mlp_case, tmp_path):
-    """(model, artifacts, importance tolerance) for each storage dtype of the importance."""
+    """(model, artifacts, importance tolerance) for each storage dtype of the importance, and
+    a shared-head model (the graph reads ā)."""
     if request.param == "float32":
         return (*mlp_case, 1e-5)
+    if request.param == "shared_head":
+        model = _shared_head_after_two_tasks()
+        artifacts = export_copy(model, tmp_path / "shared")
+        assert EdgeLearner(artifacts).manifest.heads_scaled
+        return model, artifacts, 1e-5
     dtype = request.param
     model = mlp_model_after_two_tasks(importance_dtype=dtype)
     # a rounding flip of the stored value (wasm vs native float) moves A by one step:
@@ -71,6 +94,9 @@ def test_browser_learner_matches_python_learner(case, tmp_path):
     saved = tmp_path / "saved"
     with serve(root) as base:
         result = run_page(f"{base}/js/test/learn.html?case=/case/", saved)
+
+    # onnxruntime logs nothing per step (a console line per optimizer step cost ~1.5 ms)
+    assert not [line for line in result["console"] if "onnxruntime" in line]
 
     python = EdgeLearner(artifacts)
     shapes = python.manifest.params
@@ -236,3 +262,27 @@ def test_js_learner_checks_importance_like_the_python_learner(mlp_case, tmp_path
         with pytest.raises(ArtifactMismatchError, match=key):
             EdgeLearner(case)
     assert _js_load(artifacts) == "loaded"
+
+
+def test_js_protobuf_reader_refuses_a_cut_off_message():
+    """A graph cut inside a varint is an error, not an endless loop in the worker."""
+    _, node = browser_requirements()
+    script = """
+import { specializeGraph } from './formats.mjs';
+for (const bytes of [[0x08, 0x07, 0x80], [0x3a, 0x05, 0x0a]]) {
+  try { specializeGraph(Uint8Array.from(bytes)); console.log('parsed'); }
+  catch (e) { console.log(e.message); }
+}
+"""
+    proc = subprocess.run(
+        [node, "--input-type=module", "-e", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=JS_DIR,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [
+        "truncated or overlong protobuf varint",
+        "truncated protobuf message",
+    ]

@@ -227,7 +227,10 @@ def test_learner_graph_masks_with_one_mul_by_a_folded_constant(tmp_path, dtype):
     masked = learner.manifest.masked
     written = onnx.load(artifacts / "training_model.onnx")
     constants = learner._constants(learner._session.state, 1.0)
-    folded = _optimized(specialize(written, constants, gradient_outputs=False), tmp_path / "f")
+    session_graph = specialize(written, constants, gradient_outputs=False)
+    scale = next(i for i in session_graph.graph.initializer if i.name == "softmask_scale")
+    assert list(scale.dims) == []  # the graph declares a scalar
+    folded = _optimized(session_graph, tmp_path / "f")
     as_written = _optimized(written, tmp_path / "w")
 
     assert _masking_inputs(folded, masked) == {n: ["Mul", "constant"] for n in masked}

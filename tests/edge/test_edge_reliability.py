@@ -595,3 +595,30 @@ def test_damaged_graphs_without_hashes_still_end_in_our_error(mlp_case, graph, n
     with pytest.raises(ArtifactMismatchError, match=step):
         learner = EdgeLearner(artifacts)
         learner.learn_task([(X, Y)])
+
+
+def test_session_graphs_leave_no_copy_and_survive_a_tmp_cleaner(mlp_case, tmp_path):
+    """A session's graphs hold the importance as constants: they sit in the temp folder only
+    while onnxruntime reads them, and a cleaner that removes the folder breaks nothing."""
+    _, artifacts = mlp_case
+    data = numpy_batches(batches(2))
+    reference = EdgeLearner(artifacts)
+    reference.learn_task(data, epochs=2, lr=0.1)
+    reference.end_task(data)
+
+    learner = EdgeLearner(artifacts)
+    folder = Path(learner._session._workdir.name)
+    assert folder.is_dir() and not list(folder.iterdir())
+    shutil.rmtree(folder)
+    learner.learn_task(data, epochs=2, lr=0.1)  # its graph is built: nothing to write
+    learner.end_task(data)  # a new graph (s = 0): the folder is made again, then emptied
+    assert not list(folder.iterdir())
+    shutil.rmtree(folder)
+    learner.export_inference(tmp_path / "model.onnx")  # onnxruntime reads the eval graph again
+    assert not list(folder.iterdir())
+    for ours, theirs in (
+        (learner.parameters(), reference.parameters()),
+        (learner.importance(), reference.importance()),
+    ):
+        assert all(np.array_equal(ours[n], theirs[n]) for n in theirs)
+    assert onnx.load(tmp_path / "model.onnx").graph.output[0].name == "logits"
