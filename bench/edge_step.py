@@ -261,11 +261,16 @@ def main() -> None:
         "--threads", type=int, default=THREADS, help="torch and ORT intra-op threads"
     )
     parser.add_argument("--out", default="results/bench_edge_step.json")
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="only models whose name contains one of these"
+    )
     args = parser.parse_args()
     ort.set_default_logger_severity(3)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, (net, heads, x, y)) in enumerate(_models().items()):
+            if args.models and not any(m in name for m in args.models):
+                continue
             root = Path(tmp) / str(i)
             rows.append(bench_model(name, net, heads, x, y, args.repeats, root, args.threads))
     print_table(rows, list(rows[0]))
