@@ -209,6 +209,52 @@ export function specializeGraph(model, { constants = {}, unused = [], dropOutput
   return { model: concat(parts), folded };
 }
 
+// GraphProto.node = 1; NodeProto.input = 1, .op_type = 4, .attribute = 5;
+// AttributeProto.name = 1, .i = 3; TensorProto.dims = 1 (plain or packed varints)
+function strings(bytes, start, end, field) {
+  return [...lengthDelimited(bytes, start, end)].filter(([f]) => f === field).map(([, s, e]) => TEXT.decode(bytes.subarray(s, e)));
+}
+
+function firstDim(bytes, start, end) {
+  for (const f of fields(bytes, start, end)) {
+    if (f.field === 1) return readVarint(bytes, f.start)[0]; // packed: the run's first value
+  }
+  return undefined;
+}
+
+/**
+ * {input: rows} of the smallest table a Gather indexes with each of `inputs` directly, as
+ * softmask_edge.graphs.index_bounds (`shapes`: the parameters' shapes; frozen tables are
+ * initializers). Token ids outside [0, rows) are refused before the first step.
+ */
+export function indexBounds(model, inputs, shapes) {
+  const rows = new Map(Object.entries(shapes).map(([n, shape]) => [n, shape[0]]));
+  const gathers = [];
+  for (const f of fields(model, 0, model.length)) {
+    if (f.field !== 7 || f.wire !== 2) continue;
+    for (const g of fields(model, f.start, f.end)) {
+      if (g.wire !== 2) continue;
+      if (g.field === 5) {
+        const [name] = strings(model, g.start, g.end, 8);
+        rows.set(name, firstDim(model, g.start, g.end));
+      } else if (g.field === 1 && strings(model, g.start, g.end, 4)[0] === 'Gather') {
+        let axis = 0;
+        for (const [a, as, ae] of lengthDelimited(model, g.start, g.end)) {
+          if (a !== 5 || strings(model, as, ae, 1)[0] !== 'axis') continue;
+          for (const v of fields(model, as, ae)) if (v.field === 3) axis = readVarint(model, v.start)[0];
+        }
+        if (axis === 0) gathers.push(strings(model, g.start, g.end, 1));
+      }
+    }
+  }
+  const bounds = {};
+  for (const [table, index] of gathers) {
+    const n = rows.get(table);
+    if (inputs.includes(index) && n !== undefined) bounds[index] = Math.min(bounds[index] ?? n, n);
+  }
+  return bounds;
+}
+
 // ModelProto.graph = 7, GraphProto.initializer = 5, TensorProto.name = 8, .raw_data = 9
 /** A copy of an ONNX model whose float32 initializer `name` (one element) holds `value`. */
 export function setScalarInitializer(model, name, value) {

@@ -14,6 +14,7 @@
 import {
   checkpointTensors,
   checkpointValue,
+  indexBounds,
   patchCheckpoint,
   readNpz,
   setScalarInitializer,
@@ -169,6 +170,8 @@ export class EdgeLearner {
     this.history = history;
     EdgeLearner._checkImportance(manifest, this.state, history);
     this.trainableOrder = manifest.parameter_order.filter((n) => n in manifest.params);
+    const integer = manifest.inputs.filter((i) => i.dtype === 'int64' || i.dtype === 'int32').map((i) => i.name);
+    this.indexBounds = indexBounds(graphs['training_model.onnx'], integer, manifest.params);
     this.session = null;
     this.sessionKey = null;
   }
@@ -286,6 +289,10 @@ export class EdgeLearner {
       if (!x) throw new EdgeError(`batch inputs: missing ${spec.name}`);
       if (x.data instanceof Float32Array && !x.data.every(Number.isFinite)) {
         throw new EdgeError(`input ${spec.name} holds NaN or Inf values`);
+      }
+      const rows = this.indexBounds[spec.name];
+      if (rows !== undefined && x.data.some((v) => v < 0 || v >= rows)) {
+        throw new EdgeError(`input ${spec.name} holds ids outside [0, ${rows}): the table it indexes has ${rows} rows`);
       }
       feeds[spec.name] = new T(spec.dtype, x.data, x.dims);
     }

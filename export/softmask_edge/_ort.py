@@ -88,7 +88,8 @@ def set_parameter(state: C.CheckpointState, name: str, value: np.ndarray) -> Non
 class TrainingSession:
     """Training and eval graphs bound to one checkpoint state, plus a replaceable optimizer.
 
-    The graphs are specialized per session (`specialize`): the tensors named in `constants`
+    `graphs` are the training and eval graphs as written. They are specialized per session
+    (`specialize`): the tensors named in `constants`
     stop being inputs of the training graph and become constants ONNX Runtime folds when it
     builds the session (see `graphs.specialize`).
     """
@@ -108,7 +109,7 @@ class TrainingSession:
         self._lr_in_graph = lr_in_graph
         self.learning_rate: float | None = None
         self._device = C.OrtDevice(get_ort_device_type("cpu", 0), C.OrtDevice.default_memory(), 0)
-        self._graphs = onnx.load(os.fspath(training_model)), onnx.load(os.fspath(eval_model))
+        self.graphs = onnx.load(os.fspath(training_model)), onnx.load(os.fspath(eval_model))
         self._optimizer_model = os.fspath(optimizer_model)
         self._workdir = tempfile.TemporaryDirectory(prefix="softmask_edge.")
         self._serialized: tuple[bytes, bytes] | None = None
@@ -125,8 +126,8 @@ class TrainingSession:
         old module: call `new_optimizer` before the next step. If the new module cannot be
         built, the session keeps its previous graphs and the error propagates.
         """
-        training, evaluation = self._graphs
-        declared = [{i.name for i in g.graph.input} for g in self._graphs]
+        training, evaluation = self.graphs
+        declared = [{i.name for i in g.graph.input} for g in self.graphs]
         missing = sorted(set(constants) - declared[0])
         if missing:
             raise ArtifactMismatchError(

@@ -9,6 +9,7 @@
 * `expose_gradients`, `record_learning_rate`: what runtimes without the Python API need
   (onnxruntime-web cannot fetch gradients by name nor set the learning rate).
 * `specialize`: the graphs one training session runs, with s, A and ā as constants.
+* `index_bounds`: the row count of the table each integer input indexes (token ids).
 * `importance_update_model`: γ = max_h |tanh(standardize(g_h))|, A' = max(A, γ).
 """
 
@@ -359,6 +360,30 @@ def specialize(
         del g.output[:]
         g.output.extend(outputs)
     return out
+
+
+def index_bounds(
+    model: onnx.ModelProto, inputs: Sequence[str], shapes: Mapping[str, Sequence[int]]
+) -> dict[str, int]:
+    """Input name -> rows of the smallest table a `Gather` indexes with it directly.
+
+    Token ids feed an embedding's Gather: an id outside [0, rows) fails inside onnxruntime
+    (negative ids even wrap around), after earlier batches of the pass already stepped; the
+    learners refuse such a batch before the first step. `shapes` holds the parameters'
+    shapes; frozen tables are initializers of the graph.
+    """
+    tables = {**{n: list(v) for n, v in shapes.items()}}
+    tables.update({i.name: list(i.dims) for i in model.graph.initializer})
+    bounds: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2 or node.input[1] not in inputs:
+            continue
+        table = tables.get(node.input[0])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if table and axis == 0:
+            name = node.input[1]
+            bounds[name] = min(bounds.get(name, table[0]), table[0])
+    return bounds
 
 
 def record_learning_rate(model: onnx.ModelProto, lr: float) -> None:

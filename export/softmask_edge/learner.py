@@ -39,6 +39,7 @@ from .errors import (
     StaleWriterError,
     TaskOrderError,
 )
+from .graphs import index_bounds
 from .manifest import (
     CROSS_HEAD_INPUT,
     EVAL_MODEL_NAME,
@@ -148,6 +149,10 @@ class EdgeLearner:
                 providers=["CPUExecutionProvider"],
             )
         self._optimizer_task: int | None = None
+        integer = [i.name for i in self.manifest.inputs if i.dtype in ("int32", "int64")]
+        self._index_bounds = index_bounds(
+            self._session.graphs[0], integer, self.manifest.params
+        )
 
     # sessions -----------------------------------------------------------------------------
 
@@ -225,6 +230,12 @@ class EdgeLearner:
                 )
             if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
                 raise BatchError(f"input {s.name!r} holds NaN or Inf values")
+            rows = self._index_bounds.get(s.name)
+            if rows is not None and a.size and (a.min() < 0 or a.max() >= rows):
+                raise BatchError(
+                    f"input {s.name!r} holds ids in [{a.min()}, {a.max()}]; the table it "
+                    f"indexes has {rows} rows, so ids must lie in [0, {rows})"
+                )
             batch_size = a.shape[0]
             feeds[s.name] = np.ascontiguousarray(a)
         return feeds, (y, batch_size)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from helpers import text_batches, tiny_bert
 from softmask_edge.manifest import STATIC_FILES, sha256
 from torch import Tensor, nn
 
@@ -135,3 +136,15 @@ def rehash(artifacts: Path) -> None:
     raw["history_sha256"] = sha256(artifacts / raw["history"])
     raw["graphs_sha256"] = {n: sha256(artifacts / n) for n in STATIC_FILES}
     write_manifest(artifacts, raw)
+
+
+def tiny_bert_after_one_task(directory: Path, **kwargs) -> tuple[SoftMaskModel, list, Path]:
+    """(model, task 0's batches, artifacts): a tiny BERT classifier (vocab 40) whose task 0
+    importance is measured, exported into `directory` (kwargs go to export_for_device)."""
+    net = tiny_bert().train()
+    model = get_softmask_model(net, SoftMaskConfig(head_modules=["classifier"]))
+    data = text_batches()
+    model.begin_task(0)
+    model.end_task(data)
+    example = {k: v for k, v in data[0].items() if k != "labels"}
+    return model, data, export_copy(model, directory, example=example, **kwargs)

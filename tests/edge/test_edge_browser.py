@@ -32,6 +32,7 @@ from edge_helpers import (
     max_diff,
     mlp_model_after_two_tasks,
     numpy_batches,
+    tiny_bert_after_one_task,
     torch_weights,
     train_torch,
 )
@@ -154,17 +155,22 @@ try {
 """
 
 
-def _js_load(directory) -> str:
+def _node(script: str, *args: str, timeout: float = 60) -> str:
+    """Run an ES module script with node in export/js; its stdout."""
     _, node = browser_requirements()
     proc = subprocess.run(
-        [node, "--input-type=module", "-e", NODE_LOAD, str(directory)],
+        [node, "--input-type=module", "-e", script, *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         cwd=JS_DIR,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout.strip()
+
+
+def _js_load(directory) -> str:
+    return _node(NODE_LOAD, str(directory))
 
 
 def test_js_learner_checks_the_manifest_and_hashes(mlp_case, tmp_path):
@@ -266,7 +272,6 @@ def test_js_learner_checks_importance_like_the_python_learner(mlp_case, tmp_path
 
 def test_js_protobuf_reader_refuses_a_cut_off_message():
     """A graph cut inside a varint is an error, not an endless loop in the worker."""
-    _, node = browser_requirements()
     script = """
 import { specializeGraph } from './formats.mjs';
 for (const bytes of [[0x08, 0x07, 0x80], [0x3a, 0x05, 0x0a]]) {
@@ -274,15 +279,39 @@ for (const bytes of [[0x08, 0x07, 0x80], [0x3a, 0x05, 0x0a]]) {
   catch (e) { console.log(e.message); }
 }
 """
-    proc = subprocess.run(
-        [node, "--input-type=module", "-e", script],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=JS_DIR,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.splitlines() == [
+    assert _node(script).splitlines() == [
         "truncated or overlong protobuf varint",
         "truncated protobuf message",
     ]
+
+
+NODE_IDS = """
+import { readFile } from 'node:fs/promises';
+import { EdgeLearner } from './softmask_edge.mjs';
+const ort = await import('./node_modules/onnxruntime-web/dist/ort.training.wasm.min.mjs');
+ort.env.wasm.numThreads = 1;
+const dir = process.argv[1];
+const learner = await EdgeLearner.load({ read: async (n) => new Uint8Array(await readFile(`${dir}/${n}`)) }, ort);
+const batch = (id) => ({
+  inputs: {
+    input_ids: { data: BigInt64Array.from([1n, 2n, id, 3n]), dims: [1, 4] },
+    attention_mask: { data: new BigInt64Array(4).fill(1n), dims: [1, 4] },
+  },
+  labels: [0],
+});
+for (const id of [40n, -1n, 39n]) {
+  const before = learner.parameters()['classifier.weight'].join();
+  try { await learner.learnTask([batch(0n), batch(id)], { epochs: 1, lr: 0.1 }); console.log(`learned ${id}`); }
+  catch (e) { console.log(`${e.message}; unchanged: ${learner.parameters()['classifier.weight'].join() === before}`); }
+}
+await learner.release();
+"""
+
+
+def test_js_learner_refuses_token_ids_outside_the_embedding(tmp_path):
+    """As the Python learner: the rows of the table each integer input indexes are read from
+    the training graph, and a batch with an id outside them fails before the first step."""
+    _, _, artifacts = tiny_bert_after_one_task(tmp_path / "bert")  # vocab 40
+    refused = "input input_ids holds ids outside [0, 40): the table it indexes has 40 rows"
+    lines = _node(NODE_IDS, str(artifacts), timeout=120).splitlines()
+    assert lines == [f"{refused}; unchanged: true"] * 2 + ["learned 39"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from edge_helpers import (
     SmallCNN,
@@ -13,11 +14,11 @@ from edge_helpers import (
     mlp_model_after_two_tasks,
     mlp_multihead,
     numpy_batches,
+    tiny_bert_after_one_task,
     torch_weights,
     train_torch,
 )
-from helpers import text_batches, tiny_bert
-from softmask_edge import EdgeLearner
+from softmask_edge import BatchError, EdgeLearner
 
 from softmask_peft import SoftMaskConfig, get_softmask_model
 
@@ -81,13 +82,9 @@ def test_heads_of_different_widths_are_padded(tmp_path):
 
 
 def test_tiny_bert_learns_on_device_with_adamw(tmp_path):
-    net = tiny_bert().train()
-    model = get_softmask_model(net, SoftMaskConfig(head_modules=["classifier"]))
-    data = text_batches()
-    model.begin_task(0)
-    model.end_task(data)
+    model, data, artifacts = tiny_bert_after_one_task(tmp_path / "art", optimizer="adamw")
+    net = model.base_model
     example = {k: v for k, v in data[0].items() if k != "labels"}
-    artifacts = export_copy(model, tmp_path / "art", example=example, optimizer="adamw")
     training = onnx.load(artifacts / "training_model.onnx")
     norms = [n for n in training.graph.node if n.op_type == "LayerNormalization"]
     assert norms and all(len(n.output) == 3 for n in norms)
@@ -119,3 +116,24 @@ def test_tiny_bert_learns_on_device_with_adamw(tmp_path):
         expected = net(**example).logits.numpy()
     got = learner.predict({k: v.numpy() for k, v in example.items()})
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_token_ids_outside_the_embedding_are_refused_before_any_step(tmp_path):
+    """An id onnxruntime would fail on (or wrap around, if negative) mid-pass is a BatchError
+    naming the input and the table size, raised before the first batch steps."""
+    _, data, artifacts = tiny_bert_after_one_task(tmp_path / "art")
+    learner = EdgeLearner(artifacts)
+    device = [{k: v.numpy() for k, v in b.items()} for b in data]
+    before = learner.parameters()
+    for bad_id in (40, -1):  # vocab_size 40
+        bad = {**device[-1], "input_ids": device[-1]["input_ids"].copy()}
+        bad["input_ids"][0, 0] = bad_id
+        with pytest.raises(
+            BatchError, match=r"'input_ids' .* 40 rows, so ids must lie in \[0, 40\)"
+        ):
+            learner.learn_task([*device[:-1], bad], epochs=1, lr=0.1)
+        with pytest.raises(BatchError, match="40 rows"):
+            learner.end_task([bad])
+    assert all(np.array_equal(v, before[n]) for n, v in learner.parameters().items())
+    assert learner.num_tasks == 1
+    learner.learn_task(device, epochs=1, lr=0.1)  # ids up to 39 pass
