@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import tiny_bert
 from hf_data import examples
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import AutoModelForSequenceClassification, TrainerCallback, TrainingArguments
 
@@ -209,3 +216,32 @@ def test_peft_lora_in_trainer_writes_adapter_checkpoints(tmp_path):
     model.eval()
     pm.eval()
     torch.testing.assert_close(pm(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_importance_pass_under_two_processes_equals_one(tmp_path):
+    """torchrun with 2 gloo processes: each rank's importance pass sees its shard of Trainer's
+    train dataloader, and every rank ends with the importance one process computes."""
+    worker = Path(__file__).resolve().parent / "trainer_dist_worker.py"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    for cmd, out in (
+        ([sys.executable, str(worker)], tmp_path / "one"),
+        ([*torchrun, "2", str(worker)], tmp_path / "two"),
+    ):
+        done = subprocess.run(
+            [*cmd, str(out)], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    one = load_file(tmp_path / "one" / "importance_rank0.safetensors")
+    two = [load_file(tmp_path / "two" / f"importance_rank{r}.safetensors") for r in range(2)]
+    files = [tmp_path / "one" / "importance_rank0.safetensors"]
+    files += [tmp_path / "two" / f"importance_rank{r}.safetensors" for r in range(2)]
+    seen = [int(safe_open(f, "pt").metadata()["examples"]) for f in files]
+    assert seen == [16, 8, 8]  # each of the 2 ranks passed over its half
+    assert one.keys() == two[0].keys() == two[1].keys()
+    for k in one:
+        assert torch.equal(two[0][k], two[1][k]), k  # every rank holds the same importance
+        torch.testing.assert_close(two[0][k], one[k], rtol=1e-4, atol=1e-5)
+    assert any(float(v.max()) > 0.5 for v in one.values())  # not a trivial all-zero case
