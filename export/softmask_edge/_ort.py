@@ -89,9 +89,8 @@ class TrainingSession:
     """Training and eval graphs bound to one checkpoint state, plus a replaceable optimizer.
 
     `graphs` are the training and eval graphs as written. They are specialized per session
-    (`specialize`): the tensors named in `constants`
-    stop being inputs of the training graph and become constants ONNX Runtime folds when it
-    builds the session (see `graphs.specialize`).
+    (`specialize`): the tensors named in `constants` stop being inputs of the training graph
+    and become constants ONNX Runtime folds when it builds the session (`graphs.specialize`).
     """
 
     def __init__(
