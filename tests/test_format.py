@@ -1,12 +1,14 @@
-"""The shared format core: the codec (old files still decode), keys and directory checks."""
+"""The shared format core: the codec (old files still decode), keys, directory checks, writes."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 import torch
 from softmask_format import codec
-from softmask_format.atomic import ensure_directory
+from softmask_format.atomic import atomic_write_text, ensure_directory
 from softmask_format.keys import task_key
 
 from softmask_peft.errors import SaveLocationError
@@ -79,3 +81,14 @@ def test_ensure_directory_raises_the_callers_error(tmp_path) -> None:
     with pytest.raises(SaveLocationError, match="not a directory"):
         ensure_directory(file, SaveLocationError)
     assert ensure_directory(tmp_path / "a" / "b").is_dir()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path, umask) -> None:
+    """Not mkstemp's 0600: a web server serving an artifacts folder must read the manifest."""
+    previous = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "manifest.json", "{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -147,7 +147,8 @@ def run_browser_demo(
     if not 0 < torch_tasks < bench.num_tasks:
         raise ConfigError(f"torch_tasks must be in [1, {bench.num_tasks - 1}], got {torch_tasks}")
     model, torch_rows = _torch_part(bench, torch_tasks, "mlp", cfg, seed, "float32")
-    root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="browser_demo."))
+    # absolute: the page runner works in export/js, a relative out dir would land there
+    root = Path(workdir).resolve() if workdir is not None else Path(tempfile.mkdtemp(prefix="browser_demo."))
     try:
         served = site(root / "site")
         case = served / "case"

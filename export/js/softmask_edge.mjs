@@ -36,6 +36,7 @@ const LEARNING_RATE = 'softmask.learning_rate';
 const STATIC_FILES = ['training_model.onnx', 'eval_model.onnx', 'optimizer_model.onnx', 'importance_update.onnx'];
 const STORAGE = { float32: Float32Array, float16: Uint16Array, uint8: Uint8Array };
 const ORT_TYPES = { float32: 'float32', float16: 'uint16', uint8: 'uint8' };
+const ARRAY_TYPES = { float32: Float32Array, int64: BigInt64Array, int32: Int32Array, bool: Uint8Array };
 
 export class EdgeError extends Error {}
 
@@ -284,9 +285,20 @@ export class EdgeLearner {
   _feeds(batch, head, { crossHead }) {
     const T = this.ort.Tensor;
     const feeds = {};
+    let rowsInBatch = null;
     for (const spec of this.manifest.inputs) {
-      const x = batch.inputs[spec.name];
+      const x = batch.inputs?.[spec.name];
       if (!x) throw new EdgeError(`batch inputs: missing ${spec.name}`);
+      // checked here, not by onnxruntime-web: its refusal mid-pass is a bare number (fatal)
+      if (!(x.data instanceof ARRAY_TYPES[spec.dtype])) {
+        throw new EdgeError(`input ${spec.name}: ${x.data?.constructor?.name} data, the graph needs ${ARRAY_TYPES[spec.dtype]?.name} (${spec.dtype})`);
+      }
+      const dims = Array.from(x.dims ?? []);
+      const fits = dims.length === spec.shape.length && dims.every((d, i) => Number.isInteger(d) && d >= 0 && (spec.shape[i] === null || spec.shape[i] === d));
+      if (!fits) throw new EdgeError(`input ${spec.name}: dims [${dims}] do not match [${spec.shape.map((d) => d ?? '?')}]`);
+      if (x.data.length !== size(dims)) throw new EdgeError(`input ${spec.name}: ${x.data.length} values for dims [${dims}]`);
+      if (rowsInBatch !== null && dims[0] !== rowsInBatch) throw new EdgeError(`inputs disagree on the batch size (${rowsInBatch} vs ${dims[0]})`);
+      rowsInBatch = dims[0];
       if (x.data instanceof Float32Array && !x.data.every(Number.isFinite)) {
         throw new EdgeError(`input ${spec.name} holds NaN or Inf values`);
       }
@@ -296,7 +308,10 @@ export class EdgeLearner {
       }
       feeds[spec.name] = new T(spec.dtype, x.data, x.dims);
     }
-    const n = batch.labels.length;
+    const n = batch.labels?.length;
+    if (n !== rowsInBatch) throw new EdgeError(`${n} labels for a batch of ${rowsInBatch} rows`);
+    // onnxruntime's mean cross-entropy divides by the batch size (a wasm trap)
+    if (!n) throw new EdgeError('a batch needs at least one row, got 0');
     const classes = this._classes(head);
     const labels = new BigInt64Array(n);
     if (!crossHead) {
@@ -329,12 +344,26 @@ export class EdgeLearner {
   async learnTask(batches, { epochs = 1, lr = 0.05, masked = true, validation = null, earlyStopping = {} } = {}) {
     const t = this._nextTask();
     if (!batches.length) throw new EdgeError(`learnTask(${t}) got no batches`);
-    if (!(epochs >= 1 && lr > 0)) throw new EdgeError(`epochs must be >= 1 and lr > 0, got epochs=${epochs}, lr=${lr}`);
+    if (!(Number.isInteger(epochs) && epochs >= 1 && Number.isFinite(lr) && lr > 0)) {
+      throw new EdgeError(`epochs must be an integer >= 1 and lr a finite number > 0, got epochs=${epochs}, lr=${lr}`);
+    }
     if (validation && !validation.length) throw new EdgeError(`learnTask(${t}) got an empty validation set`);
     const prepared = batches.map((b) => this._feeds(b, t, { crossHead: false }));
     const val = validation && validation.map((b) => this._feeds(b, t, { crossHead: false }));
     const scale = masked ? 1 : 0;
     const plateau = new Plateau(earlyStopping, lr);
+    const start = this.parameters();
+    try {
+      return await this._train(t, prepared, val, scale, plateau, epochs);
+    } catch (e) {
+      // onnxruntime refused a batch mid-pass: the weights go back to where the call started
+      Object.assign(this.state, start);
+      await this._closeSession().catch(() => {});
+      throw e;
+    }
+  }
+
+  async _train(t, prepared, val, scale, plateau, epochs) {
     let best = null;
     const losses = [];
     this.validationLosses = [];

@@ -1,7 +1,8 @@
 // Web Worker running one EdgeLearner (module worker: new Worker(url, {type: 'module'})).
 // Messages {id, method, args} -> {id, value} | {id, error, numeric}. `numeric` marks a bare
-// number thrown by onnxruntime-web (a C++ exception pointer, no message): the wasm instance
-// is then in an unknown state and the client must discard this worker.
+// number thrown by onnxruntime-web (a C++ exception pointer, no message) or a wasm trap
+// (WebAssembly.RuntimeError): the wasm instance is then in an unknown state and the client
+// must discard this worker.
 import { EdgeLearner } from './softmask_edge.mjs';
 
 let ort = null;
@@ -37,8 +38,10 @@ self.onmessage = async ({ data: { id, method, args } }) => {
     if (method !== 'init' && method !== 'load' && !learner) throw new Error('load() the artifacts first');
     self.postMessage({ id, value: await methods[method](...args) });
   } catch (e) {
-    const numeric = typeof e === 'number';
-    const what = numeric ? `onnxruntime-web failed with bare code ${e}` : String(e?.stack ?? e);
+    // a bare number (a C++ exception pointer) or a wasm trap: the instance's state is unknown
+    const trap = typeof WebAssembly !== 'undefined' && e instanceof WebAssembly.RuntimeError;
+    const numeric = typeof e === 'number' || trap;
+    const what = typeof e === 'number' ? `onnxruntime-web failed with bare code ${e}` : String(e?.stack ?? e);
     self.postMessage({ id, numeric, error: `${method}: ${what}` });
   }
 };

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import re
 import shutil
@@ -238,6 +239,8 @@ class EdgeLearner:
                 )
             batch_size = a.shape[0]
             feeds[s.name] = np.ascontiguousarray(a)
+        if batch_size == 0:  # onnxruntime's mean cross-entropy divides by it: SIGFPE, no exception
+            raise BatchError("a batch needs at least one row, got 0")
         return feeds, (y, batch_size)
 
     def _feeds(self, batch: Any, head: int, *, cross_head: bool) -> dict[str, np.ndarray]:
@@ -311,8 +314,10 @@ class EdgeLearner:
         batches = _reiterable(batches)
         if not batches:
             raise EmptyDataError(f"learn_task({t}) got no batches")
-        valid_lr = isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0
-        if not (type(epochs) is int and epochs >= 1 and valid_lr):
+        real = isinstance(lr, numbers.Real) and not isinstance(lr, bool)
+        valid_lr = real and math.isfinite(lr) and lr > 0
+        whole = isinstance(epochs, numbers.Integral) and not isinstance(epochs, bool)
+        if not (whole and epochs >= 1 and valid_lr):
             raise ArgumentError(
                 f"epochs must be an int >= 1 and lr a finite number > 0, got epochs={epochs!r}, "
                 f"lr={lr!r}"
@@ -325,8 +330,17 @@ class EdgeLearner:
             if not val:
                 raise EmptyDataError(f"learn_task({t}) got an empty validation set")
         self._use(1.0 if masked else 0.0)
-        with _ort.translated(f"learn_task({t})"):
-            return self._train(t, prepared, val, lr, early_stopping, epochs)
+        start = self.parameters()
+        try:
+            with _ort.translated(f"learn_task({t})"):
+                return self._train(t, prepared, val, float(lr), early_stopping, int(epochs))
+        except BaseException:
+            # a batch onnxruntime refuses mid-pass (e.g. longer than the position table): the
+            # weights go back to where the call started, and the task's optimizer restarts
+            for n, w in start.items():
+                _ort.set_parameter(self._session.state, n, w)
+            self._optimizer_task = None
+            raise
 
     def _train(
         self,
@@ -438,7 +452,8 @@ class EdgeLearner:
             if isinstance(x, Mapping):
                 x = {k: v for k, v in x.items() if k != LABELS_INPUT}
             pred = self.predict(x, task_id).argmax(axis=-1)
-            correct += int((pred == np.asarray(y)).sum())
+            y = _check_labels(y, len(pred), self.manifest.task_classes(self._head_for(task_id)))
+            correct += int((pred == y).sum())
             total += len(pred)
         if total == 0:
             raise EmptyDataError("evaluate() got no batches")
@@ -546,8 +561,19 @@ class EdgeLearner:
         return max(current["generation"], self.manifest.generation) + 1
 
     def export_inference(self, path: str | os.PathLike) -> Path:
-        """Write an inference-only ONNX model (inputs [+ task_id] -> logits), atomically."""
+        """Write an inference-only ONNX model (inputs [+ task_id] -> logits), atomically.
+
+        Refuses a path onto a file of the loaded artifacts folder (its graphs, manifest and
+        generation files), which the model would overwrite.
+        """
         path = Path(path)
+        if path.parent.resolve() == self.directory.resolve() and (
+            path.name in (*STATIC_FILES, MANIFEST_NAME) or _GENERATION_FILE.match(path.name)
+        ):
+            raise SaveLocationError(
+                f"export_inference({str(path)!r}) would overwrite a file of the artifacts "
+                "folder; write the inference model elsewhere (e.g. model.onnx)"
+            )
         with _ort.translated(f"export_inference({str(path)!r})", SaveLocationError):
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

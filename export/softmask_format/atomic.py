@@ -36,6 +36,13 @@ def ensure_directory(path: str | os.PathLike, error: type[Exception] = NotADirec
     return path
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` then rename onto `target`, so readers see the old or the new file.
 
@@ -45,6 +52,9 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Non
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
+        # mkstemp makes the file 0600; the result gets the mode open() would give it, so a
+        # web server serving an artifacts folder (or a shared model folder) can read it
+        os.chmod(tmp, 0o666 & ~_umask())
         write(tmp)
         fsync_file(tmp)
         os.replace(tmp, target)

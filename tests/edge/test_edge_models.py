@@ -18,7 +18,13 @@ from edge_helpers import (
     torch_weights,
     train_torch,
 )
-from softmask_edge import BatchError, EdgeLearner
+from softmask_edge import (
+    ArgumentError,
+    BatchError,
+    EdgeLearner,
+    OnnxRuntimeError,
+    SaveLocationError,
+)
 
 from softmask_peft import SoftMaskConfig, get_softmask_model
 
@@ -137,3 +143,57 @@ def test_token_ids_outside_the_embedding_are_refused_before_any_step(tmp_path):
     assert all(np.array_equal(v, before[n]) for n, v in learner.parameters().items())
     assert learner.num_tasks == 1
     learner.learn_task(device, epochs=1, lr=0.1)  # ids up to 39 pass
+
+
+def test_a_pass_onnxruntime_refuses_midway_leaves_the_weights_where_it_started(tmp_path):
+    """A batch longer than BERT's position table passes the batch checks and fails inside
+    onnxruntime after earlier batches stepped: the weights go back, a save keeps them."""
+    _, data, artifacts = tiny_bert_after_one_task(tmp_path / "art")  # 16 positions
+    learner = EdgeLearner(artifacts)
+    device = [{k: v.numpy() for k, v in b.items()} for b in data]
+    long = {
+        "input_ids": np.ones((4, 20), np.int64),
+        "attention_mask": np.ones((4, 20), np.int64),
+        "labels": np.zeros(4, np.int64),
+    }
+    before = learner.parameters()
+    with pytest.raises(OnnxRuntimeError, match="learn_task"):
+        learner.learn_task([*device, long], epochs=1, lr=0.1)
+    assert all(np.array_equal(v, before[n]) for n, v in learner.parameters().items())
+    learner.learn_task(device, epochs=1, lr=0.1)  # and the learner goes on
+    assert not all(np.array_equal(v, before[n]) for n, v in learner.parameters().items())
+
+
+def test_empty_batches_and_bad_evaluation_labels_are_batch_errors(mlp_case, tmp_path):
+    """A 0-row batch made onnxruntime divide by zero (SIGFPE: the process died)."""
+    _, artifacts = mlp_case
+    learner = EdgeLearner(artifacts)
+    x, y = numpy_batches(batches(2))[0]
+    for call in (
+        lambda: learner.learn_task([(x[:0], y[:0])]),
+        lambda: learner.end_task([(x[:0], y[:0])]),
+        lambda: learner.predict(x[:0], task_id=0),
+        lambda: learner.evaluate([(x[:0], y[:0])], task_id=0),
+    ):
+        with pytest.raises(BatchError, match="at least one row"):
+            call()
+    with pytest.raises(BatchError, match=r"labels must have shape \(8,\)"):
+        learner.evaluate([(x, y[:, None])], task_id=0)
+    with pytest.raises(BatchError, match="integer class indices"):
+        learner.evaluate([(x, np.array(["a"] * len(y)))], task_id=0)
+    learner.learn_task(
+        [(x, y)], epochs=np.int64(1), lr=np.float32(0.1)
+    )  # numpy numbers are numbers
+    with pytest.raises(ArgumentError):
+        learner.learn_task([(x, y)], epochs=1, lr=True)
+
+
+def test_export_inference_never_overwrites_the_artifacts(mlp_case, tmp_path):
+    _, artifacts = mlp_case
+    learner = EdgeLearner(artifacts)
+    files = {p.name: p.read_bytes() for p in artifacts.iterdir()}
+    for name in ("manifest.json", "eval_model.onnx", learner.manifest.checkpoint):
+        with pytest.raises(SaveLocationError, match="would overwrite a file of the artifacts"):
+            learner.export_inference(artifacts / name)
+    assert {p.name: p.read_bytes() for p in artifacts.iterdir()} == files
+    learner.export_inference(artifacts / "model.onnx")  # a new name in the folder is fine
