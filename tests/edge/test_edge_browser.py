@@ -343,7 +343,7 @@ for (const [batches, options] of [
 ]) console.log(await attempt(m, batches, options));
 const b = await load(bert);
 // one row per batch: with two or more rows this BERT hangs inside onnxruntime-web's wasm
-// in node (the 0.2 learner too; see the README's device section)
+// (node and Chromium; the previous learner too; see the README's device section)
 const ids = (n) => ({ data: new BigInt64Array(n).fill(1n), dims: [1, n] });
 const text = (n) => ({ inputs: { input_ids: ids(n), attention_mask: ids(n) }, labels: [2] });
 console.log(await attempt(b, [text(6), text(20)]));  // longer than the 16 positions
