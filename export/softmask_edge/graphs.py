@@ -372,7 +372,7 @@ def index_bounds(
     learners refuse such a batch before the first step. `shapes` holds the parameters'
     shapes; frozen tables are initializers of the graph.
     """
-    tables = {**{n: list(v) for n, v in shapes.items()}}
+    tables = {n: list(v) for n, v in shapes.items()}
     tables.update({i.name: list(i.dims) for i in model.graph.initializer})
     bounds: dict[str, int] = {}
     for node in model.graph.node:

@@ -151,9 +151,7 @@ class EdgeLearner:
             )
         self._optimizer_task: int | None = None
         integer = [i.name for i in self.manifest.inputs if i.dtype in ("int32", "int64")]
-        self._index_bounds = index_bounds(
-            self._session.graphs[0], integer, self.manifest.params
-        )
+        self._index_bounds = index_bounds(self._session.graphs[0], integer, self.manifest.params)
 
     # sessions -----------------------------------------------------------------------------
 
@@ -333,7 +331,7 @@ class EdgeLearner:
         start = self.parameters()
         try:
             with _ort.translated(f"learn_task({t})"):
-                return self._train(t, prepared, val, float(lr), early_stopping, int(epochs))
+                return self._train(t, prepared, val, float(lr), early_stopping, int(epochs), start)
         except BaseException:
             # a batch onnxruntime refuses mid-pass (e.g. longer than the position table): the
             # weights go back to where the call started, and the task's optimizer restarts
@@ -350,13 +348,14 @@ class EdgeLearner:
         lr: float,
         early_stopping: EarlyStopping | None,
         epochs: int,
+        start: dict[str, np.ndarray],
     ) -> list[float]:
         if self._optimizer_task != t:
             self._session.new_optimizer(lr)
             self._optimizer_task = t
         self._session.set_learning_rate(lr)
         plateau = Plateau(early_stopping or EarlyStopping(), lr)
-        best = self.parameters()
+        best = start  # the weights the call started from, until validation improves
         losses: list[float] = []
         self.validation_losses: list[float] = []
         for _ in range(epochs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +149,20 @@ def tiny_bert_after_one_task(directory: Path, **kwargs) -> tuple[SoftMaskModel, 
     model.end_task(data)
     example = {k: v for k, v in data[0].items() if k != "labels"}
     return model, data, export_copy(model, directory, example=example, **kwargs)
+
+
+def device_script(artifacts: Path, x: np.ndarray, y: np.ndarray, then: str) -> str:
+    """Python source for a separate device process (torch blocked): load the learner, learn
+    and measure one task on (x, y), then run `then`."""
+    head = f"""
+        import sys
+        sys.modules["torch"] = None  # a device: no torch
+        import numpy as np
+        from softmask_edge import EdgeLearner
+        learner = EdgeLearner({str(artifacts)!r})
+        x = np.asarray({x.tolist()!r}, np.float32)
+        y = np.asarray({y.tolist()!r}, np.int64)
+        learner.learn_task([(x, y)], lr=0.5)
+        learner.end_task([(x, y)])
+        """
+    return textwrap.dedent(head) + textwrap.dedent(then)

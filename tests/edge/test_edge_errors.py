@@ -8,12 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 import softmask_edge.learner as learner_module
-from edge_helpers import batches, export_copy, max_diff, numpy_batches
+from edge_helpers import batches, device_script, export_copy, max_diff, numpy_batches
 from softmask_edge import (
     ArtifactMismatchError,
     BatchError,
@@ -151,24 +150,15 @@ def test_exception_during_save_keeps_the_previous_checkpoint(mlp_case, monkeypat
 def test_process_killed_mid_save_leaves_a_loadable_checkpoint(mlp_case):
     """SIGKILL after the new checkpoint file is written but before the manifest switches."""
     _, artifacts = mlp_case
-    script = textwrap.dedent(
-        f"""
-        import os, signal, sys
-        sys.modules["torch"] = None  # a device: no torch
-        import numpy as np
+    then = """
+        import os, signal
         import softmask_edge.learner as m
-        from softmask_edge import EdgeLearner
-        learner = EdgeLearner({str(artifacts)!r})
-        x = np.asarray({X.tolist()!r}, np.float32)
-        y = np.asarray({Y.tolist()!r}, np.int64)
-        learner.learn_task([(x, y)], lr=0.5)
-        learner.end_task([(x, y)])
         def killed(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
         m.write_history = killed
         learner.save()
         """
-    )
+    script = device_script(artifacts, X, Y, then)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert "checkpoint-000001" in os.listdir(artifacts)  # the half-finished generation

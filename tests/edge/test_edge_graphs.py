@@ -7,7 +7,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from edge_helpers import export_copy, mlp_model_after_two_tasks
 from onnx import TensorProto, helper, numpy_helper
+from softmask_edge import EdgeLearner
 from softmask_edge.graphs import (
     STORAGE_TYPES,
     add_codec_constants,
@@ -15,6 +17,7 @@ from softmask_edge.graphs import (
     decode_nodes,
     encode_nodes,
     importance_update_model,
+    specialize,
 )
 from softmask_format import codec
 
@@ -218,10 +221,6 @@ def test_learner_graph_masks_with_one_mul_by_a_folded_constant(tmp_path, dtype):
     """`specialize` + ONNX Runtime's constant folding: in the graph a learner's session runs,
     each masked gradient reaches its accumulator through one Mul by a constant, and nothing
     reads s or A any more; run as written, keep = 1 − s·decode(A) is computed every step."""
-    from edge_helpers import export_copy, mlp_model_after_two_tasks
-    from softmask_edge import EdgeLearner
-    from softmask_edge.graphs import specialize
-
     artifacts = export_copy(mlp_model_after_two_tasks(), tmp_path / "a", importance_dtype=dtype)
     learner = EdgeLearner(artifacts)
     masked = learner.manifest.masked

@@ -9,13 +9,20 @@ import resource
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from edge_helpers import batches, export_copy, numpy_batches, read_manifest, rehash, write_manifest
+from edge_helpers import (
+    batches,
+    device_script,
+    export_copy,
+    numpy_batches,
+    read_manifest,
+    rehash,
+    write_manifest,
+)
 from onnx import numpy_helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from softmask_edge import (
@@ -324,17 +331,9 @@ def test_a_kill_at_any_step_of_a_save_leaves_a_loadable_folder(mlp_case, tmp_pat
 
 
 def _disk_full_script(artifacts: Path, limit: int) -> str:
-    return textwrap.dedent(
-        f"""
-        import resource, signal, sys
-        sys.modules["torch"] = None  # a device: no torch
-        import numpy as np
-        from softmask_edge import EdgeLearner, SaveLocationError
-        learner = EdgeLearner({str(artifacts)!r})
-        x = np.asarray({X.tolist()!r}, np.float32)
-        y = np.asarray({Y.tolist()!r}, np.int64)
-        learner.learn_task([(x, y)], lr=0.5)
-        learner.end_task([(x, y)])
+    then = f"""
+        import resource, signal
+        from softmask_edge import SaveLocationError
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
         try:
@@ -342,7 +341,7 @@ def _disk_full_script(artifacts: Path, limit: int) -> str:
         except SaveLocationError as e:
             print("SaveLocationError", e)
         """
-    )
+    return device_script(artifacts, X, Y, then)
 
 
 @pytest.mark.parametrize("which", ["checkpoint", "history"])

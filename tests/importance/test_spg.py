@@ -248,13 +248,18 @@ def test_importance_pass_runs_in_train_mode_over_every_batch():
     assert not net.training
 
 
-def hand_loop_importance(net, batches, task: int) -> dict[str, Tensor]:
-    """Per-head torch.autograd.grad loop (the official code's structure), our own normalisation."""
+def hand_loop_importance(net, batches, task: int, seeded: bool = False) -> dict[str, Tensor]:
+    """Per-head torch.autograd.grad loop (the official code's structure), our own normalisation.
+
+    `seeded`: every forward of batch b seeded like `_importance_with_dropout_seeds` (same
+    dropout masks)."""
     names = [n for n, _ in net.named_parameters() if not n.startswith("heads.")]
     params = [dict(net.named_parameters())[n] for n in names]
     sums = [[torch.zeros_like(p, dtype=torch.float64) for p in params] for _ in range(task + 1)]
-    for x, y in batches:
+    for b, (x, y) in enumerate(batches):
         for h in range(task + 1):
+            if seeded:
+                torch.manual_seed(100 + b)
             logits = net.heads[h](net.backbone(x))
             loss = logits.sum() if h < task else F.cross_entropy(logits, y)
             for s, g in zip(sums[h], torch.autograd.grad(loss, params)):
@@ -301,24 +306,6 @@ def _importance_with_dropout_seeds(net, batches, task: int) -> dict[str, Tensor]
         torch.manual_seed(100 + b)
         state = model.method.add(state, batch)
     return model.method.result(state)
-
-
-def hand_loop_with_dropout_seeds(net, batches, task: int) -> dict[str, Tensor]:
-    """`hand_loop_importance` with every forward of batch b seeded like ours (same masks)."""
-    names = [n for n, _ in net.named_parameters() if not n.startswith("heads.")]
-    params = [dict(net.named_parameters())[n] for n in names]
-    sums = [[torch.zeros_like(p, dtype=torch.float64) for p in params] for _ in range(task + 1)]
-    for b, (x, y) in enumerate(batches):
-        for h in range(task + 1):
-            torch.manual_seed(100 + b)
-            logits = net.heads[h](net.backbone(x))
-            loss = logits.sum() if h < task else F.cross_entropy(logits, y)
-            for s, g in zip(sums[h], torch.autograd.grad(loss, params)):
-                s += g.double()
-    return {
-        n: torch.stack([norm_ref(sums[h][i]) for h in range(task + 1)]).amax(0)
-        for i, n in enumerate(names)
-    }
 
 
 def _relu_dropout_mlp() -> nn.Module:
@@ -383,7 +370,7 @@ def test_factored_last_layer_equals_per_head_loop_with_relu_and_dropout():
     batches = classification_batches(n=11, num_classes=3, batch_size=4, seed=8)
     assert _tail_linear(net.backbone, batches[0][0]) is net.backbone[2]  # the fast path applies
     got = _importance_with_dropout_seeds(net, batches, 2)
-    assert_importance_close(got, hand_loop_with_dropout_seeds(net, batches, 2))
+    assert_importance_close(got, hand_loop_importance(net, batches, 2, seeded=True))
     assert float(got["backbone.2.weight"].max()) > 0.5  # a real signal, not all zeros
 
 
@@ -394,7 +381,7 @@ def test_backbones_the_factored_path_must_not_take_still_match_the_loop(kind):
     batches = classification_batches(n=10, num_classes=3, batch_size=4, seed=9)
     assert _tail_linear(net.backbone, batches[0][0]) is None
     got = _importance_with_dropout_seeds(net, batches, 2)
-    assert_importance_close(got, hand_loop_with_dropout_seeds(net, batches, 2))
+    assert_importance_close(got, hand_loop_importance(net, batches, 2, seeded=True))
 
 
 def _masked(model):
