@@ -1,7 +1,8 @@
 """softmask-peft: continual learning without forgetting by soft-masking gradients.
 
 Public API: `SoftMaskConfig` (with the methods' own `SPGConfig` / `DASConfig`), `SoftMaskModel`,
-`get_softmask_model`, `SoftMaskOptimizer`, `MultiHeadClassifier`, `TaskRecord`, and the
+`get_softmask_model`, `SoftMaskOptimizer`, `MultiHeadClassifier`, `TaskRecord`, `CapacityReport`
+(what `SoftMaskModel.capacity()` returns), and the
 exception types (all subclasses of `SoftMaskError`).
 """
 
@@ -30,6 +31,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .capacity import CapacityReport
     from .config import SoftMaskConfig
     from .heads import MultiHeadClassifier
     from .importance import DASConfig, SPGConfig
@@ -48,6 +50,7 @@ _LAZY = {
     "SPGConfig": ".importance",
     "DASConfig": ".importance",
     "TaskRecord": ".store",
+    "CapacityReport": ".capacity",
 }
 
 
@@ -61,6 +64,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BatchError",
+    "CapacityReport",
     "ConfigError",
     "CorruptFileError",
     "DASConfig",

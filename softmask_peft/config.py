@@ -4,7 +4,10 @@ A config describes how to adapt, never what happened in a run: the task log live
 importance store. Method-specific options live in the method's own config (`SPGConfig`,
 `DASConfig`), chosen by `method`, the JSON's discriminator:
 
-    {"format_version": 3, "method": "das", "method_config": {"contrastive_weight": 0.1, ...}, ...}
+    {"format_version": 4, "method": "das", "method_config": {"contrastive_weight": 0.1, ...}, ...}
+
+Capacity options (`importance_sharpness`, `importance_budget`, `importance_decay`; format 4)
+decide how each task's importance is kept; configs of formats 1-3 load with the paper's rule.
 """
 
 from __future__ import annotations
@@ -43,6 +46,26 @@ _LEGACY_METHOD_KEYS = {  # format 1 kept DAS's options at the top level
 }
 LEGACY_TASK_KEYS = ("task_names", "task_num_classes")  # format 1 kept the task log here
 HEAD_SCALINGS = ("all", "except_new")
+CAPACITY_SINCE = 4  # first config format with the capacity options
+# the paper's accumulation (Konishi et al. 2023): every task's importance kept whole, max over tasks
+PAPER_CAPACITY = {"importance_sharpness": 1.0, "importance_budget": None, "importance_decay": 1.0}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_capacity(config: SoftMaskConfig) -> None:
+    s, b, d = config.importance_sharpness, config.importance_budget, config.importance_decay
+    if not _number(s) or not 1.0 <= s < float("inf"):
+        raise ConfigError(f"importance_sharpness must be a finite number >= 1, got {s!r}")
+    if b is not None and (not _number(b) or not 0.0 < b <= 1.0):
+        raise ConfigError(f"importance_budget must be None or a number in (0, 1], got {b!r}")
+    if not _number(d) or not 0.0 < d <= 1.0:
+        raise ConfigError(f"importance_decay must be a number in (0, 1], got {d!r}")
+    config.importance_sharpness = float(s)
+    config.importance_budget = None if b is None else float(b)
+    config.importance_decay = float(d)
 
 
 def _modules_field(help_text: str) -> Any:
@@ -106,6 +129,28 @@ class SoftMaskConfig:
     importance_dtype: str = field(
         default="float32", metadata={"help": f"dtype on disk, one of {IMPORTANCE_DTYPES}"}
     )
+    importance_sharpness: float = field(
+        default=1.0,
+        metadata={
+            "help": "capacity: each task's importance γ becomes γ**sharpness before it is "
+            "accumulated (>= 1; 1 = the paper): values the task barely needed fall toward 0, "
+            "the ones it needed most stay near 1"
+        },
+    )
+    importance_budget: float | None = field(
+        default=None,
+        metadata={
+            "help": "capacity: per task and tensor, only the largest `budget` share of the values "
+            "keep their importance, the rest get 0 (in (0, 1]; None = the paper)"
+        },
+    )
+    importance_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "capacity: A^t = max(decay * A^(t-1), γ^t) (in (0, 1]; 1 = the paper's max): "
+            "older tasks' protection fades unless a later task needs the same values"
+        },
+    )
     method_config: Any = field(
         default=None,
         metadata={"help": "the method's own options (SPGConfig, DASConfig); None = its defaults"},
@@ -123,6 +168,7 @@ class SoftMaskConfig:
             raise ConfigError(
                 f"importance_dtype must be one of {IMPORTANCE_DTYPES}, got {self.importance_dtype!r}"
             )
+        _check_capacity(self)
         for name in ("target_modules", "exclude_modules", "head_modules"):
             setattr(self, name, _check_modules(name, getattr(self, name)))
         options = self.method_config
@@ -177,6 +223,8 @@ class SoftMaskConfig:
             if data.get("method") == "das":
                 data["method_config"] = {**legacy, "contrastive_positive": "grad"}  # as 0.1.0
             data["head_scaling"] = "all"  # what 0.1.0 did
+        if version < CAPACITY_SINCE:  # written before the capacity options: the paper's rule
+            data.update(PAPER_CAPACITY)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -252,6 +252,12 @@ def export_for_device(
         task_names=[t.name for t in model.task_log],
         versions=_versions(),
         scale_heads=not (multi_head and cfg.head_scaling == "except_new"),
+        capacity={
+            "sharpness": cfg.importance_sharpness,
+            "budget": cfg.importance_budget,
+            "decay": cfg.importance_decay,
+            "cross_heads": cfg.method_config.cross_heads,
+        },
     )
 
 

@@ -16,6 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .capacity import (
+    SATURATION_THRESHOLD,
+    CapacityReport,
+    importance_stats,
+    shape_task_importance,
+)
 from .config import SoftMaskConfig
 from .errors import ConfigError, ImportanceMismatchError, InputTypeError, TaskOrderError
 from .heads import MultiHeadClassifier, expand_heads
@@ -117,6 +123,28 @@ class SoftMaskModel(nn.Module):
         """1 - ā, the scalar that scales head gradients (1 on the first task)."""
         return 1.0 if self.keep_masks is None else self.keep_masks.head_keep
 
+    def capacity(self, threshold: float = SATURATION_THRESHOLD) -> CapacityReport:
+        """How much of the network is still free: mean keep, the share of masked values with
+        A > `threshold` (overall, per parameter, per task) and the scale each head trains at."""
+        if not 0.0 <= threshold < 1.0:
+            raise ConfigError(f"threshold must lie in [0, 1), got {threshold!r}")
+        params = self.parameter_importance()
+        new_head: float | None = None
+        if self._unscaled_head_parameters():
+            new_head = 1.0
+        elif isinstance(self.base_model, MultiHeadClassifier) and self.current_task is not None:
+            new_head = self.head_keep()
+        overall = importance_stats(params, threshold)
+        return CapacityReport(
+            threshold=threshold,
+            overall=overall,
+            per_parameter={n: importance_stats({n: a}, threshold) for n, a in params.items()},
+            per_task=tuple(importance_stats(t, threshold) for t in self.store.history),
+            # between tasks: the factor the next task's heads will train at (1 - ā of the same A)
+            head_keep=overall.mean_keep if self.keep_masks is None else self.head_keep(),
+            new_head_keep=new_head,
+        )
+
     # the task lifecycle --------------------------------------------------------------------------
 
     def begin_task(
@@ -179,7 +207,8 @@ class SoftMaskModel(nn.Module):
         return {id(p) for p in net.heads[self.current_task].parameters()}
 
     def end_task(self, train_batches: Iterable[Any]) -> dict[str, Tensor]:
-        """Compute this task's importance on its training data and accumulate it by max."""
+        """Compute this task's importance on its training data, shape it by the capacity
+        options (`capacity.py`; the paper's values change nothing) and accumulate it."""
         task = self.store.open_task
         if task is None:
             raise TaskOrderError("end_task() without a matching begin_task()")
@@ -190,7 +219,11 @@ class SoftMaskModel(nn.Module):
                 importance = self.method.run(task, train_batches, self.store.general)
         finally:
             self.base_model.train(was_training)
-        self.store.close(importance)
+        cfg = self.softmask_config
+        importance = shape_task_importance(
+            importance, cfg.importance_sharpness, cfg.importance_budget
+        )
+        self.store.close(importance, cfg.importance_decay)
         self.keep_masks = None  # no task is open: a step now is a lifecycle mistake
         return importance
 

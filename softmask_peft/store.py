@@ -5,6 +5,7 @@ count per task) and DAS's general importance. `SoftMaskModel` owns one store and
 writer; `persistence.py` turns it into tensors and back.
 
     A^t = max(A^{t-1}, γ^t) elementwise, A^{-1} = 0        (Konishi et al. 2023, eq. 6)
+    A^t = max(d · A^{t-1}, γ^t)                            with importance_decay d < 1
 """
 
 from __future__ import annotations
@@ -65,14 +66,16 @@ class ImportanceStore:
             )
         return len(self.history)
 
-    def close(self, importance: Mapping[str, Tensor]) -> None:
-        """Record the open task's importance and max-accumulate it."""
+    def close(self, importance: Mapping[str, Tensor], decay: float = 1.0) -> None:
+        """Record the open task's importance and accumulate it: A = max(decay · A, γ)."""
         if self.open_task is None:
             raise TaskOrderError("end_task() without a matching begin_task()")
-        self._append(importance)
+        self._append(importance, decay)
 
-    def _append(self, importance: Mapping[str, Tensor]) -> None:
+    def _append(self, importance: Mapping[str, Tensor], decay: float = 1.0) -> None:
         task = _own(importance)
+        if decay != 1.0:  # earlier values fade, a name this task does not cover included
+            self.accumulated = {k: v * decay for k, v in self.accumulated.items()}
         for name, value in task.items():
             old = self.accumulated.get(name)
             self.accumulated[name] = value.clone() if old is None else torch.maximum(old, value)

@@ -83,7 +83,7 @@ def markdown_report(results: Sequence[RunResult], settings: dict[str, object]) -
     for method, runs in _by_method(results).items():
         stats = [mean_std([r.metrics.get(k) for r in runs]) for k in METRICS]
         per_seed = ", ".join(f"{r.metrics['acc']:.2f}" for r in runs)
-        notes = "; ".join(f"{k}={v}" for k, v in runs[0].info.items() if k != "ewc_lambda_grid")
+        notes = "; ".join(f"{k}={v}" for k, v in runs[0].info.items() if k not in ("ewc_lambda_grid", "capacity"))
         if method == "ewc":
             notes = "λ per seed: " + ", ".join(str(r.info.get("ewc_lambda")) for r in runs)
         lines.append(f"| {method} | {' | '.join(_fmt(s) for s in stats)} | {per_seed} | {notes} |")

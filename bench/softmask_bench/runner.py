@@ -10,30 +10,46 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from softmask_peft import SoftMaskModel
+from softmask_peft.config import PAPER_CAPACITY
 from softmask_peft.errors import ConfigError
 
 from .benchmarks import SCENARIOS, Benchmark, get_benchmark
 from .metrics import compute_metrics
 from .models import build_classifier
 from .strategies import (
+    AGEMStrategy,
     EWCStrategy,
     FinetuneStrategy,
     LwFStrategy,
     MASStrategy,
+    ReplayStrategy,
     SoftMaskStrategy,
     Strategy,
 )
 from .training import TrainConfig, batches, evaluate, fit
 
 EWC_LAMBDAS = (1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0)
-METHOD_NAMES = ("spg", "spg-official", "spg-update", "finetune", "ewc", "mas", "lwf", "joint")
+METHOD_NAMES = (
+    "spg",
+    "spg-official",
+    "spg-update",
+    "finetune",
+    "ewc",
+    "mas",
+    "lwf",
+    "replay",
+    "agem",
+    "joint",
+)
 
 
 @dataclass
@@ -73,9 +89,11 @@ def run_sequence(
     seed: int,
     cfg: TrainConfig,
     eval_part: str = "test",
+    capacity: list[dict[str, float]] | None = None,
 ) -> tuple[list[list[float | None]], list[int]]:
     """Train the tasks in order with `strategy` (its trained model stays in `strategy.model`);
-    return (accuracy matrix on `eval_part`, epochs per task)."""
+    return (accuracy matrix on `eval_part`, epochs per task). A soft-masked model's capacity
+    after each task (saturation, mean keep) is appended to `capacity` when given."""
     torch.manual_seed(seed)
     net = build_classifier(arch, bench.input_shape, scenario, bench.num_classes, cfg.mlp_hidden)
     strategy.setup(net, scenario)
@@ -95,6 +113,9 @@ def run_sequence(
         )
         epochs.append(len(history))
         strategy.end_task(t, task)
+        if capacity is not None and isinstance(strategy.model, SoftMaskModel):
+            report = strategy.model.capacity()
+            capacity.append({"saturation": report.saturation, "mean_keep": report.mean_keep})
         seen = t + 1 if scenario == "task" else bench.num_tasks
         row = [evaluate(strategy.model, _eval_batches(bench, j, eval_part))[1] for j in range(seen)]
         matrix.append(row + [None] * (bench.num_tasks - seen))
@@ -143,18 +164,30 @@ def select_ewc_lambda(
     return best
 
 
+# the official SPG code's behaviour: every head scaled, every task's importance kept whole
+SPG_OFFICIAL = {
+    "head_scaling": "all",
+    **PAPER_CAPACITY,
+    "method_config": {"cross_heads": True},
+}
+
+
 def _strategy_factory(
-    method: str, importance_dtype: str, mas_lambda: float
+    method: str, importance_dtype: str, mas_lambda: float, spg_options: Mapping[str, Any]
 ) -> Callable[..., Strategy]:
     factories: dict[str, Callable[..., Strategy]] = {
-        "spg": lambda cfg: SoftMaskStrategy(cfg, "grad", "sgd", importance_dtype),
+        "spg": lambda cfg: SoftMaskStrategy(cfg, "grad", "sgd", importance_dtype, spg_options),
         "spg-official": lambda cfg: SoftMaskStrategy(
-            cfg, "grad", "sgd", importance_dtype, head_scaling="all"
+            cfg, "grad", "sgd", importance_dtype, SPG_OFFICIAL, name="spg-official"
         ),
-        "spg-update": lambda cfg: SoftMaskStrategy(cfg, "update", "adamw", importance_dtype),
+        "spg-update": lambda cfg: SoftMaskStrategy(
+            cfg, "update", "adamw", importance_dtype, spg_options
+        ),
         "finetune": FinetuneStrategy,
         "mas": lambda cfg: MASStrategy(cfg, mas_lambda),
         "lwf": LwFStrategy,
+        "replay": ReplayStrategy,
+        "agem": AGEMStrategy,
     }
     return factories[method]
 
@@ -180,8 +213,10 @@ def run_method(
     importance_dtype: str = "float32",
     ewc_lambda: float | None = None,
     mas_lambda: float = 1.0,
+    spg_options: Mapping[str, Any] | None = None,
 ) -> RunResult:
-    """One method on one seed. EWC picks λ by `select_ewc_lambda` unless `ewc_lambda` is given."""
+    """One method on one seed. EWC picks λ by `select_ewc_lambda` unless `ewc_lambda` is given;
+    `spg_options` are SoftMaskConfig fields for spg and spg-update (spg-official ignores them)."""
     check_methods([method])
     if scenario not in SCENARIOS:
         raise ConfigError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
@@ -197,9 +232,14 @@ def run_method(
                 info["ewc_lambda_grid"] = list(EWC_LAMBDAS)
             strategy: Strategy = EWCStrategy(cfg, lam)
         else:
-            strategy = _strategy_factory(method, importance_dtype, mas_lambda)(cfg)
-        matrix, epochs = run_sequence(strategy, bench, scenario, arch, seed, cfg)
+            strategy = _strategy_factory(method, importance_dtype, mas_lambda, spg_options or {})(
+                cfg
+            )
+        capacity: list[dict[str, float]] = []
+        matrix, epochs = run_sequence(strategy, bench, scenario, arch, seed, cfg, capacity=capacity)
         info.update(strategy.info())
+        if capacity:
+            info["capacity"] = capacity
         model = strategy.model
     return RunResult(
         method=method,
@@ -227,6 +267,7 @@ def run_benchmark(
     ewc_lambda: float | None = None,
     mas_lambda: float = 1.0,
     on_result: Callable[[list[RunResult]], None] | None = None,
+    spg_options: Mapping[str, Any] | None = None,
 ) -> list[RunResult]:
     """Every method on every seed (the benchmark's data is rebuilt per seed).
 
@@ -240,7 +281,16 @@ def run_benchmark(
         scen = scenario or bench.default_scenario
         for method in tqdm(methods, desc=f"seed {seed}", leave=False, disable=None):
             r = run_method(
-                method, bench, scen, arch, seed, cfg, importance_dtype, ewc_lambda, mas_lambda
+                method,
+                bench,
+                scen,
+                arch,
+                seed,
+                cfg,
+                importance_dtype,
+                ewc_lambda,
+                mas_lambda,
+                spg_options,
             )
             tqdm.write(
                 f"{benchmark} ({scen}) seed {seed} {method}: "

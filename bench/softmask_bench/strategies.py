@@ -14,13 +14,23 @@ None of them stores data of earlier tasks.
 * mas: Memory Aware Synapses (Aljundi et al. 2018), importance from the output's sensitivity.
 * lwf: Learning without Forgetting (Li & Hoiem 2016), distillation of the previous model's
   outputs on the new task's inputs.
+
+Data-storing references (they keep `memory_per_task` training samples of every finished task,
+which the methods above never do; reported as references, not competitors):
+
+* replay: experience replay (Chaudhry et al. 2019, "On Tiny Episodic Memories"), each batch's
+  loss plus the cross-entropy of an equally large batch drawn from the memory.
+* agem: A-GEM (Chaudhry et al. 2019, "Efficient Lifelong Learning with A-GEM"): the gradient g
+  is projected when it points against the memory's gradient g_ref,
+  g <- g - (g·g_ref / g_ref·g_ref) g_ref if g·g_ref < 0.
 """
 
 from __future__ import annotations
 
 import copy
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +43,7 @@ from softmask_peft.heads import MultiHeadClassifier
 
 from .benchmarks import Task
 from .models import head_module_names
-from .training import TrainConfig, xy_batches
+from .training import TrainConfig, classification_loss, xy_batches
 
 
 class Strategy:
@@ -92,7 +102,8 @@ class SoftMaskStrategy(Strategy):
         mask_mode: str = "grad",
         optimizer: str = "sgd",
         importance_dtype: str = "float32",
-        head_scaling: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        name: str | None = None,
     ) -> None:
         super().__init__(cfg)
         self.mask_mode, self.optimizer, self.importance_dtype = (
@@ -100,19 +111,16 @@ class SoftMaskStrategy(Strategy):
             optimizer,
             importance_dtype,
         )
-        self.head_scaling = head_scaling  # None: SoftMaskConfig's default
-        self.name = "spg" if mask_mode == "grad" else f"spg-{mask_mode}"
-        if head_scaling == "all":
-            self.name += "-official"
+        self.options = dict(options or {})  # SoftMaskConfig fields; None: the library defaults
+        self.name = name or ("spg" if mask_mode == "grad" else f"spg-{mask_mode}")
 
     def setup(self, net: nn.Module, scenario: str) -> None:
-        options = {} if self.head_scaling is None else {"head_scaling": self.head_scaling}
         config = SoftMaskConfig(
             method="spg",
             mask_mode=self.mask_mode,
             head_modules=head_module_names(scenario),
             importance_dtype=self.importance_dtype,
-            **options,
+            **self.options,
         )
         self.model, self.scenario = get_softmask_model(net, config), scenario
 
@@ -136,11 +144,16 @@ class SoftMaskStrategy(Strategy):
             self.model = SoftMaskModel.from_pretrained(self.model.base_model, tmp)
 
     def info(self) -> dict[str, object]:
+        c = self.model.softmask_config
         return {
             "mask_mode": self.mask_mode,
             "optimizer": self.optimizer,
             "importance_dtype": self.importance_dtype,
-            "head_scaling": self.model.softmask_config.head_scaling,
+            "head_scaling": c.head_scaling,
+            "importance_sharpness": c.importance_sharpness,
+            "importance_budget": c.importance_budget,
+            "importance_decay": c.importance_decay,
+            "cross_heads": c.method_config.cross_heads,
         }
 
 
@@ -312,3 +325,99 @@ class LwFStrategy(Strategy):
 
     def info(self) -> dict[str, object]:
         return {"lwf_alpha": self.alpha, "lwf_temperature": self.temperature}
+
+
+class EpisodicMemory:
+    """`per_task` training samples of every finished task (x, y, task id), drawn with a seeded
+    generator; `sample(n)` draws a batch uniformly from all of them."""
+
+    def __init__(self, per_task: int, seed: int = 0) -> None:
+        self.per_task = per_task
+        self.generator = torch.Generator().manual_seed(seed)
+        self.x: list[Tensor] = []
+        self.y: list[Tensor] = []
+        self.t: list[Tensor] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.x)
+
+    def add(self, task: Task, task_id: int) -> None:
+        chosen = torch.randperm(len(task.train), generator=self.generator)[: self.per_task]
+        self.x.append(task.train.x[chosen])
+        self.y.append(task.train.y[chosen])
+        self.t.append(torch.full((len(chosen),), task_id, dtype=torch.long))
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        x, y, t = torch.cat(self.x), torch.cat(self.y), torch.cat(self.t)
+        idx = torch.randint(len(y), (min(n, len(y)),), generator=self.generator)
+        return x[idx], y[idx], t[idx]
+
+
+class ReplayStrategy(Strategy):
+    """Experience replay: loss + CE(memory batch of the same size), memory of earlier tasks."""
+
+    name = "replay"
+
+    def __init__(self, cfg: TrainConfig, memory_per_task: int = 50) -> None:
+        super().__init__(cfg)
+        self.memory = EpisodicMemory(memory_per_task)
+
+    def penalty(self, x: Tensor, task_ids: Tensor) -> Tensor | None:
+        if not self.memory:
+            return None
+        return classification_loss(self.model, *self.memory.sample(len(x)))
+
+    def end_task(self, task_id: int, task: Task) -> None:
+        self.memory.add(task, task_id)
+
+    def info(self) -> dict[str, object]:
+        return {"memory_per_task": self.memory.per_task}
+
+
+class _ProjectedSGD(torch.optim.SGD):
+    """Plain SGD whose step first lets `project` rewrite the gradients (A-GEM)."""
+
+    def __init__(self, params, lr: float, project: Callable[[], None]) -> None:
+        super().__init__(params, lr=lr)
+        self._project = project
+
+    def step(self, closure=None):  # noqa: ANN001 - torch.optim's signature
+        self._project()
+        return super().step(closure)
+
+
+class AGEMStrategy(ReplayStrategy):
+    """A-GEM: the step's gradient is projected onto the half-space where the memory's loss
+    does not increase (to first order); the reference batch has `memory_batch` samples."""
+
+    name = "agem"
+
+    def __init__(self, cfg: TrainConfig, memory_per_task: int = 50, memory_batch: int = 256) -> None:
+        super().__init__(cfg, memory_per_task)
+        self.memory_batch = memory_batch
+
+    def penalty(self, x: Tensor, task_ids: Tensor) -> Tensor | None:
+        return None
+
+    def make_optimizer(self) -> Optimizer:
+        return _ProjectedSGD(self.model.parameters(), self.cfg.lr, self._project)
+
+    @torch.no_grad()
+    def _project(self) -> None:
+        if not self.memory:
+            return
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad.clone() for p in params]
+        with torch.enable_grad():
+            loss = classification_loss(self.model, *self.memory.sample(self.memory_batch))
+            ref = torch.autograd.grad(loss, params, allow_unused=True)
+        ref = [torch.zeros_like(g) if r is None else r for g, r in zip(grads, ref)]
+        dot = sum(float((g * r).sum()) for g, r in zip(grads, ref))
+        if dot >= 0:
+            return
+        norm = sum(float(r.square().sum()) for r in ref)
+        for p, g, r in zip(params, grads, ref):
+            p.grad.copy_(g - (dot / norm) * r)
+
+    def info(self) -> dict[str, object]:
+        return {"memory_per_task": self.memory.per_task, "memory_batch": self.memory_batch}

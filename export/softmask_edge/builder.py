@@ -21,6 +21,7 @@ import secrets
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -176,6 +177,7 @@ def build_artifacts(
     versions: Mapping[str, str] | None = None,
     learning_rate: float = 0.05,
     scale_heads: bool = True,
+    capacity: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Turn `forward` into training artifacts in `directory` (files replaced atomically, manifest last).
 
@@ -183,7 +185,9 @@ def build_artifacts(
     the per-task importance of the tasks already learned (len = the number of finished tasks).
     `learning_rate` is recorded in the optimizer graph (a learner rewrites it per task).
     `scale_heads=False` leaves the head gradients unscaled (`head_scaling="except_new"` of a
-    task-incremental model, where only the current task's head gets a gradient).
+    task-incremental model, where only the current task's head gets a gradient). `capacity`
+    holds the keyword arguments of `importance_update_model` (sharpness, budget, decay,
+    cross_heads) that shape what the device's importance update keeps; None: the paper's rule.
     """
     for name, value, allowed in (
         ("task_mode", task_mode, TASK_MODES),
@@ -240,7 +244,7 @@ def build_artifacts(
         record_learning_rate(optimizer_graph, learning_rate)
         _save_stamped(optimizer_graph, staging / OPTIMIZER_MODEL_NAME, export_id)
         _save_stamped(
-            importance_update_model(masked_shapes, importance_dtype),
+            importance_update_model(masked_shapes, importance_dtype, **(capacity or {})),
             staging / IMPORTANCE_MODEL_NAME,
             export_id,
         )

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -423,13 +424,52 @@ def add_importance_inputs(
     model.graph.input.extend(_importance_inputs(masked_shapes, dtype))
 
 
-def importance_update_model(shapes: Mapping[str, Sequence[int]], dtype: str) -> onnx.ModelProto:
+def _shape_nodes(
+    g: onnx.GraphProto, q: str, gamma: str, n: int, sharpness: float, budget: float | None
+) -> str:
+    """Nodes applying `capacity.shape_task_importance` to the float32 tensor `gamma`; the name
+    of the result (`gamma` itself under the paper's values)."""
+    if budget is not None and budget < 1.0 and n > 0:
+        k = _const(g, q + ".budget_k", [max(1, math.ceil(budget * n))], np.int64)
+        flat = _const(g, q + ".budget_flat", [-1], np.int64)
+        g.node.extend(
+            [
+                helper.make_node("Reshape", [gamma, flat], [q + ".budget_all"]),
+                helper.make_node(
+                    "TopK", [q + ".budget_all", k], [q + ".budget_top", q + ".budget_idx"]
+                ),
+                helper.make_node("ReduceMin", [q + ".budget_top"], [q + ".budget_min"], keepdims=0),
+                helper.make_node("GreaterOrEqual", [gamma, q + ".budget_min"], [q + ".budget_in"]),
+                helper.make_node(
+                    "Where", [q + ".budget_in", gamma, _PREFIX + "zero"], [q + ".budgeted"]
+                ),
+            ]
+        )
+        gamma = q + ".budgeted"
+    if sharpness != 1.0:
+        power = _const(g, q + ".sharpness", sharpness)
+        g.node.append(helper.make_node("Pow", [gamma, power], [q + ".sharpened"]))
+        gamma = q + ".sharpened"
+    return gamma
+
+
+def importance_update_model(
+    shapes: Mapping[str, Sequence[int]],
+    dtype: str,
+    sharpness: float = 1.0,
+    budget: float | None = None,
+    decay: float = 1.0,
+    cross_heads: bool = True,
+) -> onnx.ModelProto:
     """Inference graph: per masked P, inputs `P.grads` (H, *shape) float32 and the stored A_P.
 
-    Outputs `P.task_importance` = max_h |tanh((g_h − mean g_h) / std g_h)| (unbiased std over
-    the elements of one head's gradient; 0 where std is 0 or the tensor has one element) and
-    `P.softmask_importance.updated` = max(A_P, task importance), both in the storage dtype,
-    and `softmask.mean_importance.updated` = ā of the updated, stored A (shape [1]).
+    Outputs `P.task_importance` = γ = max_h |tanh((g_h − mean g_h) / std g_h)| (unbiased std
+    over the elements of one head's gradient; 0 where std is 0 or the tensor has one element)
+    shaped by the capacity options (softmask_peft.capacity: only the top ⌈budget·n⌉ values of
+    P kept, then γ**sharpness) and `P.softmask_importance.updated` = max(decay · A_P, γ), both
+    in the storage dtype, and `softmask.mean_importance.updated` = ā of the updated, stored A
+    (shape [1]). `cross_heads=False` (SPGConfig.cross_heads) reads only the last head's
+    gradient, the current task's own loss. The paper's values (1, None, 1, True) add no node.
     """
     g = helper.make_graph([], "softmask_importance_update", [], [])
     p = _PREFIX
@@ -464,6 +504,11 @@ def importance_update_model(shapes: Mapping[str, Sequence[int]], dtype: str) -> 
         else:
             dof = _const(g, q + ".dof", float(n - 1))
             shape_const = _const(g, q + ".shape", list(shape), np.int64)
+            if not cross_heads:  # the current task's head is the last one fed
+                last = _const(g, q + ".last", [-1], np.int64)
+                end = _const(g, q + ".end", [np.iinfo(np.int64).max], np.int64)
+                g.node.append(helper.make_node("Slice", [grads, last, end], [q + ".own"]))
+                grads = q + ".own"
             g.node.extend(
                 [
                     helper.make_node("Reshape", [grads, flat], [q + ".flat"]),
@@ -487,9 +532,16 @@ def importance_update_model(shapes: Mapping[str, Sequence[int]], dtype: str) -> 
                     helper.make_node("Reshape", [q + ".max", shape_const], [q + ".gamma"]),
                 ]
             )
+        gamma = _shape_nodes(g, q, q + ".gamma", n, sharpness, budget)
         g.node.extend(decode_nodes(stored, q + ".old", dtype))
-        g.node.append(helper.make_node("Max", [q + ".old", q + ".gamma"], [q + ".new"]))
-        g.node.extend(encode_nodes(q + ".gamma", task_out, dtype))
+        old = q + ".old"
+        if decay != 1.0:
+            g.node.append(
+                helper.make_node("Mul", [old, _const(g, q + ".decay", decay)], [q + ".faded"])
+            )
+            old = q + ".faded"
+        g.node.append(helper.make_node("Max", [old, gamma], [q + ".new"]))
+        g.node.extend(encode_nodes(gamma, task_out, dtype))
         g.node.extend(encode_nodes(q + ".new", new_out, dtype))
         # ā from what is stored (after encoding), so it agrees with the A the next steps read
         g.node.extend(decode_nodes(new_out, q + ".stored", dtype))

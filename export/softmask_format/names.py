@@ -8,8 +8,10 @@ IMPORTANCE_NAME = "softmask_importance.safetensors"
 WEIGHTS_NAME = "model.safetensors"
 # 2: the task log and DAS's general importance live in the importance file
 # 3: uint8 importance is the log-keep code (codec.py); formats 1-2 stored round(255 · A)
-FORMAT_VERSION = 3
-READABLE_FORMAT_VERSIONS = (1, 2, 3)
+# 4: the config holds the capacity options (importance_sharpness, _budget, _decay); formats 1-3
+#    load with the paper's values
+FORMAT_VERSION = 4
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)
 LOG_UINT8_SINCE = 3  # first format (torch and device) whose uint8 importance is log-keep
 
 # device artifacts (softmask_edge)

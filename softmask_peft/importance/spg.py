@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..batches import cross_entropy, logits_of, model_loss, split_batch, task_loss
 from ..distributed import all_reduce_sum
-from ..errors import EmptyDataError
+from ..errors import ConfigError, EmptyDataError
 from ..heads import MultiHeadClassifier
 from .base import Importance, ImportanceMethod, check_finite
 from .normalize import normalize_importance
@@ -38,7 +38,18 @@ from .normalize import normalize_importance
 
 @dataclass
 class SPGConfig:
-    """SPG's own options (none yet beyond the shared ones in `SoftMaskConfig`)."""
+    """SPG's own options.
+
+    `cross_heads` (the paper: True): task t's importance also measures every earlier head's
+    Σ logits on task t's inputs (max over heads). False measures only the task's own loss,
+    L_t; earlier heads are then protected by their own tasks' importance alone.
+    """
+
+    cross_heads: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cross_heads, bool):
+            raise ConfigError(f"SPGConfig.cross_heads must be a bool, got {self.cross_heads!r}")
 
 
 @dataclass
@@ -78,7 +89,7 @@ class SPG(ImportanceMethod):
         """Gradients of every head's loss, each stacked as (num_heads, *param.shape)."""
         base = self.base_model
         x, y, hf = split_batch(batch)
-        if isinstance(base, MultiHeadClassifier) and state.task > 0:
+        if isinstance(base, MultiHeadClassifier) and state.task > 0 and self.config.cross_heads:
             return self._multi_head_grads(state, base, x, y)
         if hf:
             loss = model_loss(base(**hf))

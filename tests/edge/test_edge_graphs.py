@@ -26,9 +26,9 @@ from softmask_peft.importance import normalize_importance
 SHAPES = {"w": [3, 4], "b": [3], "scalar": [1]}
 
 
-def _run(dtype: str, grads: dict[str, np.ndarray], stored: dict[str, np.ndarray]):
+def _run(dtype: str, grads: dict[str, np.ndarray], stored: dict[str, np.ndarray], **capacity):
     session = ort.InferenceSession(
-        importance_update_model(SHAPES, dtype).SerializeToString(),
+        importance_update_model(SHAPES, dtype, **capacity).SerializeToString(),
         providers=["CPUExecutionProvider"],
     )
     feeds = {f"{n}.grads": grads[n] for n in SHAPES}
@@ -65,6 +65,25 @@ def test_update_graph_is_standardize_tanh_abs_max_over_heads_then_max():
         )
     np.testing.assert_array_equal(out["scalar.task_importance"], np.zeros(1, np.float32))
     np.testing.assert_array_equal(out["scalar.softmask_importance.updated"], stored["scalar"])
+
+
+def test_update_graph_applies_the_capacity_options_as_the_torch_side():
+    rng = np.random.default_rng(1)
+    grads = {n: rng.normal(size=(3, *s)).astype(np.float32) for n, s in SHAPES.items()}
+    stored = {n: rng.uniform(0, 1, size=s).astype(np.float32) for n, s in SHAPES.items()}
+    out = _run("float32", grads, stored, sharpness=3.0, budget=0.25, decay=0.5, cross_heads=False)
+    for n in ("w", "b"):
+        own = _reference(grads[n][-1:])  # cross_heads=False: the last (current) head only
+        k = int(np.ceil(0.25 * own.size))  # w: 3 of 12 values, b: 1 of 3
+        threshold = np.sort(own.ravel())[::-1][k - 1]
+        expected = np.where(own >= threshold, own, 0.0) ** 3
+        assert int((expected > 0).sum()) == k
+        np.testing.assert_allclose(out[f"{n}.task_importance"], expected, atol=1e-6)
+        np.testing.assert_allclose(
+            out[f"{n}.softmask_importance.updated"],
+            np.maximum(0.5 * stored[n], expected),
+            atol=1e-6,
+        )
 
 
 def test_zero_gradients_give_zero_importance():
