@@ -10,6 +10,12 @@ task; the test images of a benchmark never appear in any task's train or validat
   a test image is a test image under every permutation.
 * Split-MNIST1D: `mnist1d.make_dataset(get_dataset_args())` (procedural, never its download
   helper), its own 4,000 / 1,000 train / test split, 5 tasks x 2 classes as Split-Digits.
+* Rotated-Digits: all 10 classes, task k sees every image rotated by k · 180° / num_tasks
+  (bilinear, 8x8 kept), a sequence of related domains.
+* Permuted-MNIST1D: all 10 classes of MNIST-1D, task k through a fixed random permutation of
+  the 40 samples (task 0 included).
+
+The long-horizon protocols use `num_tasks` = 20 (`--tasks 20` on the command line).
 """
 
 from __future__ import annotations
@@ -150,6 +156,47 @@ def permuted_digits(
     return Benchmark("permuted-digits", tasks, (1, 8, 8), "domain")
 
 
+def rotated_digits(
+    seed: int = 0, num_tasks: int = 20, val_fraction: float = 0.15, test_fraction: float = 0.2
+) -> Benchmark:
+    """Rotated-Digits: `num_tasks` rotations (k · 180° / num_tasks) of all 10 digit classes."""
+    from scipy.ndimage import rotate
+
+    if num_tasks < 1:
+        raise ConfigError(f"num_tasks must be >= 1, got {num_tasks}")
+    x, y = _digits()
+    rng = np.random.default_rng(seed)
+    tr, va, te = _split_indices(y, (val_fraction, test_fraction), rng)
+    images = x.reshape(-1, 8, 8)
+    tasks = []
+    for k in range(num_tasks):
+        angle = 180.0 * k / num_tasks
+        xr = rotate(images, angle, axes=(1, 2), reshape=False, order=1, mode="constant")
+        xr = np.clip(xr, 0.0, 1.0).reshape(len(x), 64)
+        splits = [_tensor_split(xr[i], y[i], (1, 8, 8)) for i in (tr, va, te)]
+        tasks.append(Task(f"rotation {angle:g}", 10, *splits))
+    return Benchmark("rotated-digits", tasks, (1, 8, 8), "domain")
+
+
+def permuted_mnist1d(seed: int = 0, num_tasks: int = 20, val_fraction: float = 0.15) -> Benchmark:
+    """Permuted-MNIST1D: `num_tasks` fixed permutations of MNIST-1D's 40 samples, 10 classes."""
+    if num_tasks < 1:
+        raise ConfigError(f"num_tasks must be >= 1, got {num_tasks}")
+    x, y, x_test, y_test = _mnist1d()
+    rng = np.random.default_rng(seed)
+    tr, va, _ = _split_indices(y, (val_fraction, 0.0), rng)
+    tasks = []
+    for k in range(num_tasks):
+        perm = rng.permutation(x.shape[1])
+        splits = [
+            _tensor_split(x[tr][:, perm], y[tr], (1, 40)),
+            _tensor_split(x[va][:, perm], y[va], (1, 40)),
+            _tensor_split(x_test[:, perm], y_test, (1, 40)),
+        ]
+        tasks.append(Task(f"permutation {k}", 10, *splits))
+    return Benchmark("permuted-mnist1d", tasks, (1, 40), "domain")
+
+
 @lru_cache(maxsize=1)
 def _mnist1d() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The standard MNIST-1D data, generated procedurally (mnist1d seeds numpy's global RNG;
@@ -178,11 +225,22 @@ BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
     "split-digits": split_digits,
     "permuted-digits": permuted_digits,
     "split-mnist1d": split_mnist1d,
+    "rotated-digits": rotated_digits,
+    "permuted-mnist1d": permuted_mnist1d,
 }
+# benchmarks whose length is a choice (`num_tasks`); the split-* ones have 5 tasks by their classes
+SEQUENCES = ("permuted-digits", "rotated-digits", "permuted-mnist1d")
 
 
-def get_benchmark(name: str, seed: int = 0) -> Benchmark:
-    """Build benchmark `name` for `seed`; unknown names raise a ConfigError listing the choices."""
+def get_benchmark(name: str, seed: int = 0, num_tasks: int | None = None) -> Benchmark:
+    """Build benchmark `name` for `seed` (`num_tasks` for the sequences of SEQUENCES; None: the
+    builder's default); unknown names raise a ConfigError listing the choices."""
     if name not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
-    return BENCHMARKS[name](seed)
+    if num_tasks is None:
+        return BENCHMARKS[name](seed)
+    if name not in SEQUENCES:
+        raise ConfigError(
+            f"{name} has a fixed number of tasks; --tasks applies to {', '.join(SEQUENCES)}"
+        )
+    return BENCHMARKS[name](seed, num_tasks=num_tasks)

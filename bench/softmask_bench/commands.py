@@ -64,6 +64,24 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _spg_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=JSON, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{key}: the value is not JSON: {e}") from e
+
+
+class _MergeOptions(argparse.Action):
+    """Collect repeated KEY=JSON options into one dict (a fresh one per parse)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        key, value = values
+        setattr(namespace, self.dest, {**getattr(namespace, self.dest), key: value})
+
+
 def _add_budget_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
     from .training import PROTOCOLS, TrainConfig
 
@@ -132,6 +150,10 @@ def _run_and_report(args: argparse.Namespace, methods: list[str], seeds: list[in
 
     cfg = _train_config(args)
     settings = {**cfg.to_dict(), "importance_dtype": args.importance_dtype}
+    if getattr(args, "tasks", None):
+        settings["tasks"] = args.tasks
+    if getattr(args, "spg_option", None):
+        settings["spg_options"] = args.spg_option
     results = run_benchmark(
         args.benchmark,
         methods,
@@ -143,6 +165,8 @@ def _run_and_report(args: argparse.Namespace, methods: list[str], seeds: list[in
         ewc_lambda=getattr(args, "ewc_lambda", None),
         mas_lambda=getattr(args, "mas_lambda", 1.0),
         on_result=lambda so_far: write_report(so_far, args.out, settings),
+        spg_options=getattr(args, "spg_option", None),
+        num_tasks=getattr(args, "tasks", None),
     )
     print(markdown_report(results, settings))
     paths = write_report(results, args.out, settings)
@@ -280,6 +304,22 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--mas-lambda", type=float, default=1.0, help="MAS's lambda (default: %(default)s)"
+    )
+    p.add_argument(
+        "--tasks",
+        type=_positive_int,
+        default=None,
+        help="sequence length of permuted-digits, rotated-digits, permuted-mnist1d (default: "
+        "10, 20, 20)",
+    )
+    p.add_argument(
+        "--spg-option",
+        type=_spg_option,
+        action=_MergeOptions,
+        default={},
+        metavar="KEY=JSON",
+        help="a SoftMaskConfig field for spg and spg-update, e.g. importance_budget=0.1 or "
+        'method_config={"cross_heads":false}; repeatable (default: the library defaults)',
     )
     _add_common(p, "results")
     _add_budget_arguments(p, epochs=50)

@@ -60,6 +60,7 @@ def summary(results: Sequence[RunResult]) -> dict[str, dict[str, object]]:
             stat = mean_std(values)
             entry[key] = None if stat is None else {"mean": stat[0], "std": stat[1]}
             entry[f"{key}_per_seed"] = values
+        entry["per_task_index"] = per_task_index(runs)
         entry["mean_matrix"] = [
             [None if np.isnan(v) else round(float(v), 4) for v in row] for row in mean_matrix(runs)
         ]
@@ -88,6 +89,7 @@ def markdown_report(results: Sequence[RunResult], settings: dict[str, object]) -
             notes = "λ per seed: " + ", ".join(str(r.info.get("ewc_lambda")) for r in runs)
         lines.append(f"| {method} | {' | '.join(_fmt(s) for s in stats)} | {per_seed} | {notes} |")
     lines += ["", METRIC_NOTE, ""]
+    lines += _per_index_lines(results)
     for method, runs in _by_method(results).items():
         m = mean_matrix(runs)
         lines += [f"Accuracy matrix R (%), {method}, mean over seeds:", ""]
@@ -99,6 +101,70 @@ def markdown_report(results: Sequence[RunResult], settings: dict[str, object]) -
             lines.append(f"| {label} | {cells} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def per_task_index(runs: Sequence[RunResult]) -> dict[str, list[float] | None]:
+    """Seed means per task index j: plasticity R[j][j] and, for soft-masked runs, the
+    saturation (share of masked values with A > 0.9) and mean keep after task j."""
+    m = mean_matrix(runs)
+    out: dict[str, list[float] | None] = {
+        "plasticity": None if m.shape[0] == 1 else [float(v) for v in np.diag(m)]
+    }
+    for key in ("saturation", "mean_keep"):
+        if all(r.info.get("capacity") for r in runs):
+            per_seed = np.array([[c[key] for c in r.info["capacity"]] for r in runs])
+            out[key] = [float(v) for v in per_seed.mean(axis=0)]
+        else:
+            out[key] = None
+    return out
+
+
+def _per_index_lines(results: Sequence[RunResult]) -> list[str]:
+    groups = {m: per_task_index(runs) for m, runs in _by_method(results).items()}
+    rows = [(m, k, v) for m, g in groups.items() for k, v in g.items() if v is not None]
+    if not rows:
+        return []
+    width = max(len(v) for _, _, v in rows)
+    lines = [
+        "Per task index j (seed means): plasticity R[j][j] (%); saturation = share of masked "
+        "values with A > 0.9 and mean keep = mean(1 - A) after task j (soft-masked methods):",
+        "",
+        "| method | quantity | " + " | ".join(f"T{j}" for j in range(width)) + " |",
+        "| --- | --- " + "| --- " * width + "|",
+    ]
+    for method, key, values in rows:
+        fmt = "{:.1f}" if key == "plasticity" else "{:.2f}"
+        lines.append(f"| {method} | {key} | " + " | ".join(fmt.format(v) for v in values) + " |")
+    return [*lines, ""]
+
+
+def plot_curves(results: Sequence[RunResult], path: str | os.PathLike, title: str = "") -> None:
+    """Plasticity R[j][j] and saturation against the task index, one line per method (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    for method, runs in _by_method(results).items():
+        curves = per_task_index(runs)
+        if curves["plasticity"] is not None:
+            left.plot(curves["plasticity"], marker=".", label=method)
+        if curves["saturation"] is not None:
+            right.plot(curves["saturation"], marker=".", label=method)
+    left.set(xlabel="task index j", ylabel="accuracy on task j right after it (%)")
+    left.set_title("plasticity R[j][j]")
+    right.set(xlabel="task index j", ylabel="share of masked values with A > 0.9", ylim=(0, 1))
+    right.set_title("saturation")
+    left.legend(fontsize=8)
+    if right.lines:
+        right.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def plot_heatmaps(results: Sequence[RunResult], path: str | os.PathLike, title: str = "") -> None:
@@ -135,7 +201,8 @@ def plot_heatmaps(results: Sequence[RunResult], path: str | os.PathLike, title: 
 def write_report(
     results: Sequence[RunResult], out_dir: str | os.PathLike, settings: dict[str, object]
 ) -> dict[str, Path]:
-    """Write `<stem>.md`, `<stem>.json` and `<stem>.png` into `out_dir`; return their paths.
+    """Write `<stem>.md`, `<stem>.json`, `<stem>.png` (heatmaps) and `<stem>_curves.png`
+    (plasticity and saturation per task index) into `out_dir`; return their paths.
 
     stem = `<benchmark>_<scenario>_<arch>`.
     """
@@ -143,6 +210,7 @@ def write_report(
     first = results[0]
     stem = f"{first.benchmark}_{first.scenario}_{first.arch}"
     paths = {ext: out / f"{stem}.{ext}" for ext in ("md", "json", "png")}
+    paths["curves"] = out / f"{stem}_curves.png"
     atomic_write_text(paths["md"], markdown_report(results, settings) + "\n")
     payload = {
         "benchmark": first.benchmark,
@@ -155,5 +223,7 @@ def write_report(
         "runs": [r.to_dict() for r in results],
     }
     atomic_write_text(paths["json"], json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    plot_heatmaps(results, paths["png"], f"{first.benchmark} ({first.scenario}-incremental)")
+    title = f"{first.benchmark} ({first.scenario}-incremental)"
+    plot_heatmaps(results, paths["png"], title)
+    plot_curves(results, paths["curves"], title)
     return paths

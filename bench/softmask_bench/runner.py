@@ -268,6 +268,7 @@ def run_benchmark(
     mas_lambda: float = 1.0,
     on_result: Callable[[list[RunResult]], None] | None = None,
     spg_options: Mapping[str, Any] | None = None,
+    num_tasks: int | None = None,
 ) -> list[RunResult]:
     """Every method on every seed (the benchmark's data is rebuilt per seed).
 
@@ -277,7 +278,7 @@ def run_benchmark(
     methods = check_methods(methods)
     results = []
     for seed in tqdm(seeds, desc="seeds", disable=None):
-        bench = get_benchmark(benchmark, seed)
+        bench = get_benchmark(benchmark, seed, num_tasks)
         scen = scenario or bench.default_scenario
         for method in tqdm(methods, desc=f"seed {seed}", leave=False, disable=None):
             r = run_method(

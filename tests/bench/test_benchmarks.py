@@ -127,3 +127,37 @@ def test_builder_leaves_numpy_global_rng_alone() -> None:
 def test_unknown_benchmark_lists_choices() -> None:
     with pytest.raises(ConfigError, match="split-digits"):
         get_benchmark("split-cifar")
+
+
+def test_rotated_digits_task_zero_is_the_plain_digits_and_angles_grow() -> None:
+    d = load_digits()
+    data = (d.data / 16.0).astype(np.float32)
+    bench = get_benchmark("rotated-digits", seed=0, num_tasks=4)
+    assert bench.num_tasks == 4 and bench.default_scenario == "domain"
+    assert [t.name for t in bench.tasks] == ["rotation 0", "rotation 45", "rotation 90", "rotation 135"]
+    rows = {r.tobytes(): i for i, r in enumerate(data)}
+    plain = bench.tasks[0]
+    idx = {p: np.array([rows[r.tobytes()] for r in getattr(plain, p).x.reshape(-1, 64).numpy()]) for p in PARTS}
+    assert not set(idx["test"]) & (set(idx["train"]) | set(idx["val"])), "test leakage"
+    # 90 degrees with bilinear interpolation on the 8x8 grid is an exact rotation of the pixels
+    quarter = bench.tasks[2].test.x.reshape(-1, 8, 8).numpy()
+    expected = np.rot90(data[idx["test"]].reshape(-1, 8, 8), k=1, axes=(1, 2))
+    np.testing.assert_allclose(quarter, expected, atol=1e-6)
+    assert all(torch.equal(t.test.y, plain.test.y) for t in bench.tasks)
+
+
+def test_permuted_mnist1d_permutes_the_40_samples_per_task() -> None:
+    bench = get_benchmark("permuted-mnist1d", seed=0, num_tasks=3)
+    assert bench.num_tasks == 3 and bench.input_shape == (1, 40)
+    first = bench.tasks[0].test.x.reshape(-1, 40).numpy()
+    for task in bench.tasks[1:]:
+        other = task.test.x.reshape(-1, 40).numpy()
+        np.testing.assert_array_equal(np.sort(other, axis=1), np.sort(first, axis=1))
+        assert not np.array_equal(other, first)
+        assert torch.equal(task.test.y, bench.tasks[0].test.y)
+
+
+def test_num_tasks_only_for_sequences() -> None:
+    assert get_benchmark("permuted-digits", seed=0, num_tasks=3).num_tasks == 3
+    with pytest.raises(ConfigError, match="fixed number of tasks"):
+        get_benchmark("split-digits", seed=0, num_tasks=3)

@@ -242,3 +242,62 @@ def test_lwf_penalty_is_the_temperature_kl_to_the_previous_model(two_tasks) -> N
     expected = float((old * (old.log() - new)).sum() / 16)
     assert expected > 1e-4
     assert float(strategy.penalty(x, tid).detach()) == pytest.approx(expected, rel=1e-4)
+
+
+def test_replay_memory_holds_samples_of_finished_tasks_only(two_tasks) -> None:
+    from softmask_bench.strategies import ReplayStrategy
+
+    strategy = ReplayStrategy(TINY, memory_per_task=10)
+    strategy.setup(_multi_head(2), "task")
+    assert strategy.penalty(two_tasks.tasks[0].train.x[:4], torch.zeros(4, dtype=torch.long)) is None
+    strategy.end_task(0, two_tasks.tasks[0])
+    x, y, t = strategy.memory.sample(64)
+    assert len(y) == 10 and set(t.tolist()) == {0}  # never more than the memory holds
+    train = {r.numpy().tobytes(): int(c) for r, c in zip(two_tasks.tasks[0].train.x, two_tasks.tasks[0].train.y)}
+    assert all(train[r.numpy().tobytes()] == int(c) for r, c in zip(x, y))
+    strategy.model.eval()  # no dropout: the two losses below must agree exactly
+    strategy.memory.generator.manual_seed(7)
+    got = strategy.penalty(two_tasks.tasks[1].train.x[:10], torch.ones(10, dtype=torch.long))
+    strategy.memory.generator.manual_seed(7)
+    again = classification_loss(strategy.model, *strategy.memory.sample(10))
+    assert float(got.detach()) == float(again.detach()) > 0
+
+
+def test_agem_projects_a_conflicting_gradient_onto_the_memorys_half_space(two_tasks) -> None:
+    from softmask_bench.strategies import AGEMStrategy
+
+    strategy = AGEMStrategy(TINY, memory_per_task=20, memory_batch=20)
+    strategy.setup(_multi_head(2), "task")
+    strategy.model.eval()  # no dropout: the reference gradient is reproducible below
+    strategy.end_task(0, two_tasks.tasks[0])
+    params = list(strategy.model.backbone.parameters())
+    # a gradient that points straight against the memory's: -reference
+    strategy.memory.generator.manual_seed(3)
+    ref = torch.autograd.grad(classification_loss(strategy.model, *strategy.memory.sample(20)), params)
+    for p, r in zip(params, ref):
+        p.grad = -2.0 * r.clone()
+    strategy.memory.generator.manual_seed(3)
+    strategy._project()
+    # g - (g·r / r·r) r with g = -2r is 0
+    assert all(float(p.grad.abs().max()) < 1e-6 for p in params)
+    # an agreeing gradient is left alone
+    for p, r in zip(params, ref):
+        p.grad = 0.5 * r.clone()
+    strategy.memory.generator.manual_seed(3)
+    strategy._project()
+    assert all(torch.equal(p.grad, 0.5 * r) for p, r in zip(params, ref))
+
+
+def test_per_task_index_curves_from_the_matrix_and_capacity() -> None:
+    from softmask_bench.report import per_task_index
+    from softmask_bench.runner import RunResult
+
+    runs = [
+        RunResult("spg", s, "b", "task", "mlp", [[90.0, None], [80.0, 70.0 + 10 * s]], {}, [], 0.0,
+                  {"capacity": [{"saturation": 0.1 * (s + 1), "mean_keep": 0.5}, {"saturation": 0.4, "mean_keep": 0.3}]})
+        for s in (0, 1)
+    ]
+    curves = per_task_index(runs)
+    assert curves["plasticity"] == pytest.approx([90.0, 75.0])
+    assert curves["saturation"] == pytest.approx([0.15, 0.4])
+    assert curves["mean_keep"] == pytest.approx([0.5, 0.3])
