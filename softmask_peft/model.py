@@ -190,9 +190,13 @@ class SoftMaskModel(nn.Module):
                 importance = self.method.run(task, train_batches, self.store.general)
         finally:
             self.base_model.train(was_training)
+        self._close_task(importance)
+        return importance
+
+    def _close_task(self, importance: Mapping[str, Tensor]) -> None:
+        """Record the open task's importance (the store's one writer); no task is open after."""
         self.store.close(importance)
         self.keep_masks = None  # no task is open: a step now is a lifecycle mistake
-        return importance
 
     def general_importance(self, batches: Iterable[Any]) -> dict[str, Tensor]:
         """Importance of what the base model already knows (DAS's proxy KL), kept in the store.
