@@ -77,6 +77,21 @@ class SoftMaskModel(nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's forward; a `MultiHeadClassifier` gets the current task's head.
+
+        Which task is current is the store's to say (the one source): the open task, else the
+        last one learned. An explicit `task_id` (keyword or second positional) wins.
+        """
+        if (
+            isinstance(self.base_model, MultiHeadClassifier)
+            and "task_id" not in kwargs
+            and len(args) < 2
+        ):
+            task = self.store.open_task
+            if task is None and self.store.num_tasks:
+                task = self.store.num_tasks - 1
+            if task is not None:
+                kwargs["task_id"] = task
         return self.base_model(*args, **kwargs)
 
     # what the run has learned ------------------------------------------------------------------
@@ -141,7 +156,6 @@ class SoftMaskModel(nn.Module):
             if len(self.base_model.heads) <= task_id:
                 self.base_model.add_head(num_classes)
                 added = list(self.base_model.heads[task_id].parameters())
-            self.base_model.active_task = task_id
         self.store.open(TaskRecord(name or f"task_{task_id}", num_classes))
         self.refresh_masks(added)
 

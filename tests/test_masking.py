@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from softmask_peft import SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
 from softmask_peft.masking import build_keep_masks
+from softmask_peft.testing import seed_importance
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
@@ -29,7 +30,7 @@ def with_importance(
     """A SoftMaskModel at task 1 whose accumulated importance is exactly `importance`."""
     model = get_softmask_model(net, SoftMaskConfig(mask_mode=mode, **config))
     model.begin_task(0, num_classes=classes)
-    model.store.close(importance)
+    seed_importance(model, importance)
     model.begin_task(1, num_classes=classes)
     return model
 
@@ -296,7 +297,7 @@ def test_except_new_scales_the_head_again_once_a_later_task_begins():
     A = {"backbone.weight": torch.rand(5, 4), "backbone.bias": torch.rand(5)}
     model = with_importance(net, A, mode="grad", classes=2, head_scaling="except_new")
     assert [id(p) for p in model.keep_masks.heads] == [id(p) for p in net.heads[0].parameters()]
-    model.store.close(A)
+    seed_importance(model, A)
     model.begin_task(2, num_classes=2)
     scaled = [id(p) for h in (0, 1) for p in net.heads[h].parameters()]
     assert [id(p) for p in model.keep_masks.heads] == scaled

@@ -11,13 +11,14 @@ from helpers import classification_batches, multi_head, same_state, snapshot
 from torch import nn
 
 from softmask_peft import ConfigError, SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
+from softmask_peft.testing import seed_importance
 
 
 def model_at_task_one(net=None, mode: str = "grad"):
     net = net if net is not None else nn.Linear(4, 3)
     model = get_softmask_model(net, SoftMaskConfig(mask_mode=mode))
     model.begin_task(0)
-    model.store.close({"weight": torch.full((3, 4), 0.5), "bias": torch.zeros(3)})
+    seed_importance(model, {"weight": torch.full((3, 4), 0.5), "bias": torch.zeros(3)})
     model.begin_task(1)
     return model
 
