@@ -7,11 +7,12 @@ Markers, an HTML comment on the line before a ```python fence (blank lines betwe
   (which must exist and is what a test runs); the block itself is not run.
 
 Pages added later (docs/guides/*.md, ...) are picked up without editing this file. Each block
-runs alone in a fresh interpreter, in an empty folder, offline.
+runs in a fresh namespace and an empty folder, offline; one interpreter per page and kind.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -64,11 +65,36 @@ def python_blocks(page: Path) -> list[Block]:
 BLOCKS = [b for page in markdown_pages() for b in python_blocks(page)]
 
 
-def _param(block: Block):
-    marks = [pytest.mark.slow] if block.kind == "slow" else []
-    if block.kind == "skip":
-        marks = [pytest.mark.skip(reason=f"sketch of {block.note}")]
-    return pytest.param(block, id=block.id, marks=marks)
+# One interpreter per page and kind runs that page's blocks in order, each in a fresh
+# namespace and its own empty folder (torch and transformers are imported once per page, not
+# once per block); a failure names the block.
+RUNNER = """
+import json, os, sys, traceback
+for block in json.load(sys.stdin):
+    os.makedirs(block["dir"])
+    os.chdir(block["dir"])
+    try:
+        exec(compile(block["code"], block["id"], "exec"), {"__name__": "__main__"})
+    except BaseException:
+        print(f"BLOCK FAILED: {block['id']}", file=sys.stderr)
+        traceback.print_exc()
+        sys.exit(1)
+    print(f"BLOCK OK: {block['id']}", flush=True)
+"""
+
+
+def _groups() -> list:
+    """(page, kind) groups of runnable blocks; slow groups carry the slow mark."""
+    groups: dict[tuple[str, str], list[Block]] = {}
+    for block in BLOCKS:
+        if block.kind in ("run", "slow"):
+            groups.setdefault((str(block.page.relative_to(ROOT)), block.kind), []).append(block)
+    return [
+        pytest.param(
+            blocks, id=f"{page}[{kind}]", marks=[pytest.mark.slow] if kind == "slow" else []
+        )
+        for (page, kind), blocks in groups.items()
+    ]
 
 
 def test_every_marker_is_known_and_every_skip_names_what_runs_instead():
@@ -86,18 +112,24 @@ def test_every_marker_is_known_and_every_skip_names_what_runs_instead():
     assert counts["run"] >= 6  # the README's snippets at least
 
 
-@pytest.mark.parametrize("block", [_param(b) for b in BLOCKS])
-def test_code_block_runs(block: Block, tmp_path):
+@pytest.mark.parametrize("blocks", _groups())
+def test_code_blocks_run(blocks: list[Block], tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    todo = [
+        {"id": b.id, "code": b.code, "dir": str(tmp_path / f"block{i}")}
+        for i, b in enumerate(blocks)
+    ]
     done = subprocess.run(
-        [sys.executable, "-c", block.code],
+        [sys.executable, "-c", RUNNER],
+        input=json.dumps(todo),
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
-    assert done.returncode == 0, f"{block.id} failed:\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("BLOCK OK: ") == len(blocks), done.stdout[-2000:]
 
 
 def test_the_site_builds_strictly(tmp_path):
@@ -115,3 +147,15 @@ def test_the_site_builds_strictly(tmp_path):
         assert (tmp_path / "site" / page).is_file(), page
     api = (tmp_path / "site" / "reference" / "softmask_peft" / "index.html").read_text()
     assert "SoftMaskOptimizer" in api and "begin_task" in api  # docstrings rendered
+
+
+def test_the_runner_names_a_failing_block(tmp_path):
+    todo = [
+        {"id": "page.md:1", "code": "x = 1", "dir": str(tmp_path / "a")},
+        {"id": "page.md:9", "code": "assert x == 1", "dir": str(tmp_path / "b")},  # fresh namespace
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", RUNNER], input=json.dumps(todo), capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert "BLOCK OK: page.md:1" in done.stdout and "BLOCK FAILED: page.md:9" in done.stderr
