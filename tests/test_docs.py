@@ -69,8 +69,9 @@ BLOCKS = [b for page in markdown_pages() for b in python_blocks(page)]
 # namespace and its own empty folder (torch and transformers are imported once per page, not
 # once per block); a failure names the block.
 RUNNER = """
-import json, os, sys, traceback
+import json, os, sys, time, traceback
 for block in json.load(sys.stdin):
+    start = time.perf_counter()
     os.makedirs(block["dir"])
     os.chdir(block["dir"])
     try:
@@ -79,7 +80,7 @@ for block in json.load(sys.stdin):
         print(f"BLOCK FAILED: {block['id']}", file=sys.stderr)
         traceback.print_exc()
         sys.exit(1)
-    print(f"BLOCK OK: {block['id']}", flush=True)
+    print(f"BLOCK OK: {block['id']} ({time.perf_counter() - start:.1f} s)", flush=True)
 """
 
 
@@ -130,6 +131,7 @@ def test_code_blocks_run(blocks: list[Block], tmp_path):
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("BLOCK OK: ") == len(blocks), done.stdout[-2000:]
+    print("".join(line + "\n" for line in done.stdout.splitlines() if "BLOCK OK" in line))
 
 
 def test_the_site_builds_strictly(tmp_path):

@@ -287,13 +287,13 @@ def test_state_dict_hooks_reach_the_base_optimizer():
 
 def test_lbfgs_closure_is_passed_through_and_masked():
     """LBFGS needs the closure; grads are masked after every evaluation (A = 1 never moves)."""
-    model = model_at_task_one()
-    net = model.base_model
+    net = nn.Linear(4, 3)
+    model = get_softmask_model(net, SoftMaskConfig(mask_mode="grad"))
     frozen = model.masked_parameter_names[0]
-    model.store.history[0] = {n: torch.zeros_like(a) for n, a in model.importance.items()}
-    model.store.accumulated = {n: torch.zeros_like(a) for n, a in model.importance.items()}
-    model.store.accumulated[frozen] = torch.ones_like(model.store.accumulated[frozen])
-    model.refresh_masks()
+    seed_importance(
+        model, {n: float(n == frozen) * torch.ones_like(p) for n, p in net.named_parameters()}
+    )
+    model.begin_task(1)
     before = dict(net.named_parameters())[frozen].detach().clone()
     with pytest.warns(
         UserWarning, match="adaptive optimizers rescale"

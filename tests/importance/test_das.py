@@ -81,7 +81,7 @@ def test_general_and_domain_importance_accumulate_by_max():
     model = das_model(tiny_bert())
     shapes = model.method.importance_shapes()
     general = {k: torch.linspace(0, 1, s[0]) for k, s in shapes.items()}
-    model.store.set_general(general)
+    model.set_general_importance(general)
     domains = []
     for t, seed in enumerate((4, 5)):
         g = torch.Generator().manual_seed(seed)
