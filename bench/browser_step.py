@@ -26,6 +26,7 @@ from torch import nn
 
 from softmask_peft import SoftMaskConfig, get_softmask_model
 from softmask_peft.device import export_for_device
+from softmask_peft.testing import seed_importance
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "edge"))
 from browser_helpers import run_page, serve, site, write_case  # noqa: E402
@@ -60,7 +61,7 @@ def bench(hidden: int, root: Path, args: argparse.Namespace) -> dict[str, object
     model = get_softmask_model(net, SoftMaskConfig(head_modules=["4"]))
     params = dict(net.named_parameters())
     model.begin_task(0)
-    model.store.close({n: torch.rand_like(params[n]) for n in model.masked_parameter_names})
+    seed_importance(model, {n: torch.rand_like(params[n]) for n in model.masked_parameter_names})
     artifacts = root / "artifacts"
     export_for_device(model, torch.randn(2, IN_FEATURES), artifacts)
     rng = np.random.default_rng(0)

@@ -48,6 +48,7 @@ from softmask_bench.text_domains import DOMAINS, load_text_domains
 from torch import Tensor, nn
 
 from softmask_peft import DASConfig, SoftMaskConfig, SoftMaskModel, SoftMaskOptimizer
+from softmask_peft.testing import tiny_gpt2_config, tiny_llama_config
 
 Batch = dict[str, Tensor]
 VOCAB = 256
@@ -113,20 +114,20 @@ def fixed_batches(data: Tensor, n: int, batch_size: int) -> list[Batch]:
 def make_model(s: Settings, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if s.arch == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
-        cfg = LlamaConfig(
-            vocab_size=VOCAB, hidden_size=s.hidden, intermediate_size=2 * s.hidden,
-            num_hidden_layers=s.layers, num_attention_heads=s.heads,
-            num_key_value_heads=max(1, s.heads // 2), max_position_embeddings=s.seq_len,
+        cfg = tiny_llama_config(
+            heads=s.heads, kv_heads=max(1, s.heads // 2), vocab_size=VOCAB, hidden_size=s.hidden,
+            intermediate_size=2 * s.hidden, num_hidden_layers=s.layers,
+            max_position_embeddings=s.seq_len,
         )  # fmt: skip
         return LlamaForCausalLM(cfg)
     if s.arch == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import GPT2LMHeadModel
 
-        cfg = GPT2Config(
+        cfg = tiny_gpt2_config(
             vocab_size=VOCAB, n_positions=s.seq_len, n_embd=s.hidden, n_layer=s.layers,
-            n_head=s.heads, bos_token_id=0, eos_token_id=0,
+            n_head=s.heads,
         )  # fmt: skip
         return GPT2LMHeadModel(cfg)
     raise ValueError(f"arch must be 'llama' or 'gpt2', got {s.arch!r}")

@@ -41,6 +41,7 @@ from torch import nn
 
 from softmask_peft import SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
 from softmask_peft.device import _forward_graph, export_for_device
+from softmask_peft.testing import seed_importance, tiny_bert_config
 
 THREADS = 2  # default of --threads
 
@@ -64,36 +65,22 @@ def _models() -> dict[str, tuple[nn.Module, list[str], torch.Tensor, torch.Tenso
         torch.randn(32, 1, 8, 8, generator=g),
         torch.randint(0, 10, (32,), generator=g),
     )
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
-    cfg = BertConfig(
-        vocab_size=1000,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=256,
-        max_position_embeddings=64,
-        num_labels=4,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    cfg = tiny_bert_config(
+        num_labels=4, vocab_size=1000, hidden_size=64, num_attention_heads=4,
+        intermediate_size=256, max_position_embeddings=64,
+    )  # fmt: skip
     out["tiny bert h64 l2 seq32"] = (
         BertForSequenceClassification(cfg),
         ["classifier"],
         {"input_ids": torch.randint(0, 1000, (8, 32), generator=g)},
         torch.randint(0, 4, (8,), generator=g),
     )
-    medium = BertConfig(
-        vocab_size=8000,
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=1024,
-        max_position_embeddings=128,
-        num_labels=4,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    medium = tiny_bert_config(
+        num_labels=4, vocab_size=8000, hidden_size=256, num_hidden_layers=4,
+        num_attention_heads=4, intermediate_size=1024, max_position_embeddings=128,
+    )  # fmt: skip
     out["bert h256 l4 seq64 b16"] = (
         BertForSequenceClassification(medium),
         ["classifier"],
@@ -193,7 +180,7 @@ def bench_model(
     model = get_softmask_model(net, SoftMaskConfig(head_modules=heads))
     params = dict(net.named_parameters())
     model.begin_task(0)
-    model.store.close({n: torch.rand_like(params[n]) for n in model.masked_parameter_names})
+    seed_importance(model, {n: torch.rand_like(params[n]) for n in model.masked_parameter_names})
     feeds = _feeds(x, y)
     plain = _plain_artifacts(model, x, root / "plain", threads)
     sizes, ratios = {}, {}

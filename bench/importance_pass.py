@@ -34,6 +34,7 @@ from softmask_bench.models import CNN, MLP
 
 from softmask_peft import SoftMaskConfig, SoftMaskModel, get_softmask_model
 from softmask_peft.heads import MultiHeadClassifier
+from softmask_peft.testing import seed_importance
 
 SHAPES = {"mlp": (64,), "cnn": (1, 8, 8)}
 
@@ -65,7 +66,9 @@ def model_at(arch: str, hidden: tuple[int, ...], task: int) -> SoftMaskModel:
     for t in range(task):
         model.begin_task(t, num_classes=2)
         params = dict(model.base_model.named_parameters())
-        model.store.close({n: torch.zeros_like(params[n]) for n in model.masked_parameter_names})
+        seed_importance(
+            model, {n: torch.zeros_like(params[n]) for n in model.masked_parameter_names}
+        )
     model.begin_task(task, num_classes=2)
     return model
 

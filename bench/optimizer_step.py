@@ -15,9 +15,10 @@ from collections.abc import Callable
 
 import torch
 from _common import median_time, print_table, write_json
-from transformers import BertConfig, BertModel
+from transformers import BertModel
 
 from softmask_peft import SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
+from softmask_peft.testing import seed_importance, tiny_bert_config
 
 OPTIMIZERS = {
     "SGD": lambda params: torch.optim.SGD(params, lr=0.01, foreach=True),
@@ -27,17 +28,14 @@ OPTIMIZERS = {
 
 def build() -> tuple[torch.nn.Module, object]:
     torch.manual_seed(0)
-    cfg = BertConfig(
-        num_hidden_layers=6,
-        hidden_size=384,
-        num_attention_heads=12,
-        intermediate_size=1536,
-        vocab_size=30522,
-    )
+    cfg = tiny_bert_config(  # MiniLM's sizes on the one tiny builder
+        dropout=0.1, num_hidden_layers=6, hidden_size=384, num_attention_heads=12,
+        intermediate_size=1536, vocab_size=30522, max_position_embeddings=512,
+    )  # fmt: skip
     net = BertModel(cfg)
     model = get_softmask_model(net, SoftMaskConfig(method="spg"))
     model.begin_task(0)
-    model.store.close({n: torch.rand_like(p) for n, p in net.named_parameters()})
+    seed_importance(model, {n: torch.rand_like(p) for n, p in net.named_parameters()})
     model.begin_task(1)
     for p in net.parameters():
         p.grad = torch.randn_like(p) * 1e-3

@@ -26,18 +26,19 @@ import torch
 import torch.distributed as dist
 from _common import print_table, write_json
 from softmask_bench.minilm import minilm_path
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import BertForSequenceClassification, Trainer, TrainingArguments
 
 from softmask_peft import SoftMaskConfig, get_softmask_model
 from softmask_peft.integrations.trainer import SoftMaskTrainer
+from softmask_peft.testing import tiny_bert_config
 
 
 def build_model(kind: str) -> BertForSequenceClassification:
     torch.manual_seed(0)
     if kind == "minilm":
         return BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=3)
-    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=48, max_position_embeddings=64, num_labels=3)  # fmt: skip
+    cfg = tiny_bert_config(dropout=0.1, vocab_size=64, hidden_size=32, intermediate_size=48,
+                           max_position_embeddings=64)  # fmt: skip
     return BertForSequenceClassification(cfg)
 
 

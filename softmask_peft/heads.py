@@ -22,7 +22,15 @@ class MultiHeadClassifier(nn.Module):
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.heads = nn.ModuleList()
-        self.active_task: int | None = None
+
+    @property
+    def active_task(self) -> int | None:
+        """The head `forward` uses when no `task_id` is given: the newest (None: no head).
+
+        Read-only, derived from the heads: a `SoftMaskModel` passes its current task (the
+        store's open task, else the last one learned) as `task_id` itself.
+        """
+        return len(self.heads) - 1 if len(self.heads) else None
 
     def add_head(self, num_classes: int) -> int:
         """Append a head with `num_classes` outputs (on the backbone's device); return its index."""
@@ -33,8 +41,7 @@ class MultiHeadClassifier(nn.Module):
         if ref is not None:
             head = head.to(device=ref.device, dtype=ref.dtype)
         self.heads.append(head)
-        self.active_task = len(self.heads) - 1
-        return self.active_task
+        return len(self.heads) - 1
 
     def features(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -62,5 +69,3 @@ def expand_heads(model: nn.Module, num_classes: list[int | None]) -> None:
         if n is None:
             raise TaskOrderError("saved config lacks the class count of a per-task head")
         model.add_head(n)
-    if model.heads:
-        model.active_task = len(model.heads) - 1

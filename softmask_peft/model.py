@@ -83,6 +83,21 @@ class SoftMaskModel(nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's forward; a `MultiHeadClassifier` gets the current task's head.
+
+        Which task is current is the store's to say (the one source): the open task, else the
+        last one learned. An explicit `task_id` (keyword or second positional) wins.
+        """
+        if (
+            isinstance(self.base_model, MultiHeadClassifier)
+            and "task_id" not in kwargs
+            and len(args) < 2
+        ):
+            task = self.store.open_task
+            if task is None and self.store.num_tasks:
+                task = self.store.num_tasks - 1
+            if task is not None:
+                kwargs["task_id"] = task
         return self.base_model(*args, **kwargs)
 
     # what the run has learned ------------------------------------------------------------------
@@ -169,7 +184,6 @@ class SoftMaskModel(nn.Module):
             if len(self.base_model.heads) <= task_id:
                 self.base_model.add_head(num_classes)
                 added = list(self.base_model.heads[task_id].parameters())
-            self.base_model.active_task = task_id
         self.store.open(TaskRecord(name or f"task_{task_id}", num_classes))
         self.refresh_masks(added)
 
@@ -223,9 +237,14 @@ class SoftMaskModel(nn.Module):
         importance = shape_task_importance(
             importance, cfg.importance_sharpness, cfg.importance_budget
         )
-        self.store.close(importance, cfg.importance_decay)
-        self.keep_masks = None  # no task is open: a step now is a lifecycle mistake
+        self._close_task(importance)
         return importance
+
+    def _close_task(self, importance: Mapping[str, Tensor]) -> None:
+        """Record the open task's importance (the store's one writer), accumulated by the
+        config's rule (`importance_decay`); no task is open after."""
+        self.store.close(importance, self.softmask_config.importance_decay)
+        self.keep_masks = None  # no task is open: a step now is a lifecycle mistake
 
     def general_importance(self, batches: Iterable[Any]) -> dict[str, Tensor]:
         """Importance of what the base model already knows (DAS's proxy KL), kept in the store.

@@ -12,6 +12,12 @@ from torch import Tensor, nn
 
 from softmask_peft import SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
 from softmask_peft.heads import MultiHeadClassifier
+from softmask_peft.testing import (
+    tiny_bert_config,
+    tiny_gpt2_config,
+    tiny_llama_config,
+    tiny_roberta_config,
+)
 
 # uint8 importance (log-keep code, format 3): keep = 1 − A within 2^(1/32) − 1 of its value, so
 # |ΔA| <= that bound everywhere (keep <= 1); keeps below 2^-15.9 are stored as A = 1
@@ -59,24 +65,6 @@ def multi_head(
     return MultiHeadClassifier(net, feature_dim)
 
 
-def tiny_bert_config(num_labels: int = 3, dropout: float = 0.0, **overrides):
-    from transformers import BertConfig
-
-    kwargs = dict(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=16,
-        num_labels=num_labels,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-    )
-    kwargs.update(overrides)
-    return BertConfig(**kwargs)
-
-
 def tiny_bert(num_labels: int = 3, seed: int = 0, dropout: float = 0.0, **overrides):
     """BertForSequenceClassification from a tiny random BertConfig (no download)."""
     from transformers import BertForSequenceClassification
@@ -87,55 +75,26 @@ def tiny_bert(num_labels: int = 3, seed: int = 0, dropout: float = 0.0, **overri
 
 def tiny_gpt2(seed: int = 0, dropout: float = 0.1):
     """GPT2LMHeadModel from a tiny random GPT2Config (no download); GPT-2's dropout is 0.1."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=40,
-        n_positions=16,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-    )
-    return GPT2LMHeadModel(cfg).eval()
+    return GPT2LMHeadModel(tiny_gpt2_config(dropout)).eval()
 
 
 def tiny_llama(seed: int = 0, heads: int = 4, kv_heads: int = 2):
     """LlamaForCausalLM (gated MLP, grouped-query attention) from a tiny random config."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=16,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(tiny_llama_config(heads, kv_heads)).eval()
 
 
 def tiny_roberta(seed: int = 0):
     """RobertaForMaskedLM from a tiny random config."""
-    from transformers import RobertaConfig, RobertaForMaskedLM
+    from transformers import RobertaForMaskedLM
 
     torch.manual_seed(seed)
-    cfg = RobertaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=20,
-    )
-    return RobertaForMaskedLM(cfg).eval()
+    return RobertaForMaskedLM(tiny_roberta_config()).eval()
 
 
 def classification_batches(

@@ -104,3 +104,25 @@ def test_default_heads_are_only_the_top_level_task_heads():
         "backbone.heads.bias",
     ]
     assert model.head_parameter_names == ["heads.0.weight", "heads.0.bias"]
+
+
+def test_the_current_head_comes_from_the_store_alone():
+    """One source for the current task: the store's open task, else the last one learned."""
+    net = MultiHeadClassifier(nn.Linear(3, 4), 4)
+    for n in (2, 3, 5):  # heads declared ahead of the tasks (as a device export does)
+        net.add_head(n)
+    model = get_softmask_model(net, SoftMaskConfig())
+    x = torch.randn(6, 3)
+    model.begin_task(0, num_classes=2)
+    assert model(x).shape == (6, 2)  # task 0's head, not the newest (5 classes)
+    model.end_task([(x, torch.zeros(6, dtype=torch.long))])
+    assert model.current_task is None
+    assert model(x).shape == (6, 2)  # after end_task: the last task learned
+    assert model(x, task_id=2).shape == (6, 5)  # an explicit id wins
+    assert model(x, 1).shape == (6, 3)
+    model.begin_task(1, num_classes=3)
+    assert model(x).shape == (6, 3)
+    assert net(x).shape == (6, 5)  # the bare classifier: its newest head
+    assert "active_task" not in vars(net)  # nothing to keep in sync with the store
+    with pytest.raises(AttributeError):
+        net.active_task = 0

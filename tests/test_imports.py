@@ -113,3 +113,77 @@ def test_the_integrations_import_no_harness_dependency() -> None:
     result = _run(script)
     assert {"transformers", "lightning"} <= set(result["top"])  # they were imported
     assert {"sklearn", "mnist1d", "softmask_bench"} & set(result["top"]) == set()
+
+
+# Which package may import which (an arrow is "imports"), as docs/architecture.md and
+# export/README.md draw it. softmask_peft reaches softmask_edge only through its device bridge,
+# and only inside the functions that export or read back (the `onnx` extra is optional);
+# a `TYPE_CHECKING` import for annotations is not an import at run time.
+ALLOWED = {
+    "softmask_format": set(),
+    "softmask_edge": {"softmask_format"},
+    "softmask_peft": {"softmask_format", "softmask_edge"},
+    "softmask_bench": {"softmask_format", "softmask_edge", "softmask_peft"},
+}
+PEFT_TO_EDGE = "softmask_peft.device"  # the one module of softmask_peft that may import it
+
+
+def _cross_package_imports(root: Path, top: str) -> list[tuple[str, str, bool]]:
+    """(module, imported top-level package, at module level?) for every import of the others."""
+    found = []
+    for f in root.rglob("*.py"):
+        module = ".".join([top, *f.relative_to(root).with_suffix("").parts]).removesuffix(
+            ".__init__"
+        )
+        tree = ast.parse(f.read_text())
+        checking = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)
+        }
+        module_level = {id(n) for n in tree.body} - checking
+        for node in ast.walk(tree):
+            if id(node) in checking:
+                continue
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                other = name.split(".")[0]
+                if other in ALLOWED and other != top:
+                    found.append((module, other, id(node) in module_level))
+    return found
+
+
+def test_the_four_packages_depend_one_way() -> None:
+    roots = {
+        m.__name__: Path(m.__file__).parent
+        for m in (softmask_peft, softmask_edge, softmask_format, softmask_bench)
+    }
+    wrong = []
+    peft_to_edge = []
+    for top, root in roots.items():
+        for module, other, at_top in _cross_package_imports(root, top):
+            if other not in ALLOWED[top]:
+                wrong.append(f"{module} imports {other}")
+            if (top, other) == ("softmask_peft", "softmask_edge"):
+                peft_to_edge.append((module, at_top))
+    assert wrong == []
+    # the device bridge is the one place, and it imports softmask_edge only where it needs it
+    assert peft_to_edge and {m for m, _ in peft_to_edge} == {PEFT_TO_EDGE}
+    assert not any(at_top for _, at_top in peft_to_edge), peft_to_edge
+
+
+def test_the_direction_check_sees_a_wrong_import(tmp_path) -> None:
+    """The walker above finds a module-level import of a forbidden package (it can fail)."""
+    (tmp_path / "bad.py").write_text("import softmask_peft\n")
+    (tmp_path / "lazy.py").write_text("def f():\n    from softmask_edge import X\n")
+    found = sorted(_cross_package_imports(tmp_path, "softmask_format"))
+    assert found == [
+        ("softmask_format.bad", "softmask_peft", True),
+        ("softmask_format.lazy", "softmask_edge", False),
+    ]

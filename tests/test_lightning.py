@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from softmask_peft import SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
 from softmask_peft.integrations.lightning import SoftMaskCallback
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 class Module(pl.LightningModule):

@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from softmask_peft import ConfigError, SoftMaskConfig, SoftMaskModel, get_softmask_model
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 def lora_cfg() -> LoraConfig:

@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, TrainerCallback, Tr
 from softmask_peft import SoftMaskConfig, SoftMaskModel, TaskOrderError, get_softmask_model
 from softmask_peft.integrations.trainer import SoftMaskTrainer
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 def args(tmp_path, **kw) -> TrainingArguments:

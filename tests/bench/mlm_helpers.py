@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from softmask_peft.testing import tiny_bert_config
+
 
 def tiny_mlm(vocab: int, seed: int = 0):
     """A 2-layer BertForMaskedLM with MiniLM's vocabulary (random weights, fast)."""
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import BertForMaskedLM
 
     torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
+    return BertForMaskedLM(
+        tiny_bert_config(dropout=0.1, vocab_size=vocab, max_position_embeddings=64)
     )
-    return BertForMaskedLM(cfg)
 
 
 SENTENCES = [

@@ -31,6 +31,7 @@ from softmask_peft import (
 from softmask_peft.contrastive import info_nce, mean_pool
 from softmask_peft.errors import ConfigError, EmptyDataError
 from softmask_peft.importance.normalize import normalize_importance
+from softmask_peft.testing import seed_importance
 from softmask_peft.units import apply_virtual_masks, discover_units
 
 
@@ -80,7 +81,7 @@ def test_general_and_domain_importance_accumulate_by_max():
     model = das_model(tiny_bert())
     shapes = model.method.importance_shapes()
     general = {k: torch.linspace(0, 1, s[0]) for k, s in shapes.items()}
-    model.store.set_general(general)
+    model.set_general_importance(general)
     domains = []
     for t, seed in enumerate((4, 5)):
         g = torch.Generator().manual_seed(seed)
@@ -88,7 +89,7 @@ def test_general_and_domain_importance_accumulate_by_max():
         model.begin_task(t)
         state = model.method.add_gradients(model.method.start(t), grads, tokens=1)
         domain = {k: standardize_tanh_abs(grads[k].abs()).float() for k in shapes}
-        model.store.close(model.method.result(state, model.store.general))
+        seed_importance(model, model.method.result(state, model.store.general))
         domains.append(domain)
         for k in shapes:
             assert torch.allclose(model.task_importance(t)[k], torch.maximum(general[k], domain[k]))
@@ -372,7 +373,7 @@ def test_important_units_stay_bit_exact_and_the_rest_moves(arch, mask_mode):
         net, batches = (tiny_gpt2() if arch == "gpt2" else tiny_llama()), lm_batches()
     model = das_model(net, mask_mode=mask_mode)
     model.begin_task(0)
-    model.store.close(_one_hot_importance(model))
+    seed_importance(model, _one_hot_importance(model))
     model.begin_task(1)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     base = (
@@ -407,12 +408,12 @@ def test_important_units_stay_bit_exact_and_the_rest_moves(arch, mask_mode):
 def test_excluded_modules_are_not_masked():
     every = das_model(tiny_bert())
     every.begin_task(0)
-    every.store.close(_one_hot_importance(every))
+    seed_importance(every, _one_hot_importance(every))
     masked = set(every.parameter_importance())
     assert any(".query." in n for n in masked)
     model = das_model(tiny_bert(), exclude_modules=["query"])
     model.begin_task(0)
-    model.store.close(_one_hot_importance(model))
+    seed_importance(model, _one_hot_importance(model))
     kept = set(model.parameter_importance())
     assert kept == {n for n in masked if ".query." not in n}
 
@@ -460,7 +461,7 @@ def test_integration_loss_uses_same_sequence_positive_and_importance_scaled_gene
     net = tiny_bert(dropout=0.0)
     model = das_model(net, DASConfig(contrastive_temperature=0.1, contrastive_weight=1.0))
     model.begin_task(0)
-    model.store.close(_unit_vectors(model, lambda k, s: torch.linspace(0.2, 0.9, s[0])))
+    seed_importance(model, _unit_vectors(model, lambda k, s: torch.linspace(0.2, 0.9, s[0])))
     batch = text_batches()[0]
     mask = batch["attention_mask"]
     inputs = {"input_ids": batch["input_ids"], "attention_mask": mask}
@@ -498,7 +499,7 @@ def test_contrastive_positive_detached_takes_gradient_through_the_anchor_only():
         net = tiny_bert(dropout=0.0)
         model = das_model(net, DASConfig(contrastive_positive=mode))
         model.begin_task(0)
-        model.store.close(_unit_vectors(model, lambda k, s: torch.linspace(0.2, 0.9, s[0])))
+        seed_importance(model, _unit_vectors(model, lambda k, s: torch.linspace(0.2, 0.9, s[0])))
         model.method.integration_loss(batch, model.importance).backward()
         grads[mode] = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
         ref = copy.deepcopy(net)

@@ -31,6 +31,7 @@ from softmask_peft import (
 )
 from softmask_peft.heads import MultiHeadClassifier
 from softmask_peft.importance import spg as spg_module
+from softmask_peft.testing import seed_importance
 
 
 def norm_ref(g: Tensor) -> Tensor:
@@ -279,7 +280,7 @@ def test_batched_backward_equals_per_head_loop():
         model = get_softmask_model(net, SoftMaskConfig())
         for t in range(2):
             model.begin_task(t, num_classes=3)
-            model.store.close({n: torch.zeros_like(p) for n, p in _masked(model)})
+            seed_importance(model, {n: torch.zeros_like(p) for n, p in _masked(model)})
         model.begin_task(2, num_classes=3)
         method = model.method
         state = method.start(2)
@@ -299,7 +300,7 @@ def _importance_with_dropout_seeds(net, batches, task: int) -> dict[str, Tensor]
     model = get_softmask_model(net, SoftMaskConfig())
     for t in range(task):
         model.begin_task(t, num_classes=3)
-        model.store.close({n: torch.zeros_like(p) for n, p in _masked(model)})
+        seed_importance(model, {n: torch.zeros_like(p) for n, p in _masked(model)})
     model.begin_task(task, num_classes=3)
     state = model.method.start(task)
     for b, batch in enumerate(batches):
