@@ -86,12 +86,23 @@ def site(root: Path) -> Path:
     return root
 
 
-def page_batches(batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
-    """numpy (x, y) batches as the pages read them: flat x, dims, labels."""
-    return [
-        {"x": np.asarray(x, np.float32).ravel().tolist(), "dims": list(x.shape), "y": y.tolist()}
-        for x, y in batches
-    ]
+def page_batches(batches: Sequence[tuple[np.ndarray, np.ndarray] | dict]) -> list[dict]:
+    """numpy batches as the pages read them: (x, y) as flat x, dims, labels; a dict batch
+    ({input name: array, "labels": array}) as {inputs: {name: {data, dims, dtype}}, y}."""
+    out = []
+    for batch in batches:
+        if isinstance(batch, dict):
+            inputs = {
+                k: {"data": np.asarray(v).ravel().tolist(), "dims": list(np.shape(v)),
+                    "dtype": str(np.asarray(v).dtype)}
+                for k, v in batch.items() if k != "labels"
+            }  # fmt: skip
+            out.append({"inputs": inputs, "y": np.asarray(batch["labels"]).tolist()})
+        else:
+            x, y = batch
+            out.append({"x": np.asarray(x, np.float32).ravel().tolist(), "dims": list(x.shape),
+                        "y": y.tolist()})  # fmt: skip
+    return out
 
 
 def run_page(url: str, out: Path, timeout_s: float = 60) -> dict:

@@ -342,8 +342,6 @@ for (const [batches, options] of [
   [[good], { epochs: 1.5, lr: 0.1 }],
 ]) console.log(await attempt(m, batches, options));
 const b = await load(bert);
-// one row per batch: with two or more rows this BERT hangs inside onnxruntime-web's wasm
-// (node and Chromium; the previous learner too; see the README's device section)
 const ids = (n) => ({ data: new BigInt64Array(n).fill(1n), dims: [1, n] });
 const text = (n) => ({ inputs: { input_ids: ids(n), attention_mask: ids(n) }, labels: [2] });
 console.log(await attempt(b, [text(6), text(20)]));  // longer than the 16 positions
@@ -372,3 +370,31 @@ def test_js_learner_checks_batches_first_and_restores_weights_after_a_failed_pas
         "bare number; unchanged: true",
         "bare number; unchanged: true",
     ]
+
+
+def test_browser_trains_a_padded_transformer_at_batch_4(tmp_path):
+    """A tiny BERT, batches of 4 with padded rows, learned in Chromium == the Python learner.
+
+    Before measured shapes (softmask_edge.shapes) the position table's gradient was built for
+    [1, seq, H] and fed [batch, seq, H]: onnxruntime-web's heap was overwritten and the step
+    hung or trapped ("memory access out of bounds") at any batch >= 2."""
+    browser_requirements()
+    _, data, artifacts = tiny_bert_after_one_task(tmp_path / "bert")
+    device = [{k: v.numpy() for k, v in b.items()} for b in data]
+    assert all(len(b["labels"]) == 4 for b in device)
+    assert all((b["attention_mask"] == 0).any() for b in device)  # padded rows
+    root = site(tmp_path / "site")
+    write_case(root / "case", artifacts, device, epochs=2, lr=LR)
+    with serve(root) as base:
+        result = run_page(f"{base}/js/test/learn.html?case=/case/", tmp_path / "saved", 120)
+    python = EdgeLearner(artifacts)
+    shapes = python.manifest.params
+    np.testing.assert_allclose(
+        result["losses"], python.learn_task(device, epochs=2, lr=LR), rtol=1e-4
+    )
+    assert max_diff(python.parameters(), _arrays(result["weights"], shapes)) <= 1e-4
+    task = python.end_task(device)
+    browser = _arrays(result["taskImportance"], shapes)
+    # key biases: gradient 0 up to rounding (softmax is shift-invariant), importance is noise
+    noisy = {n for n in task if n.endswith("attention.self.key.bias")}
+    assert max_diff(*({n: v[n] for n in v if n not in noisy} for v in (task, browser))) <= 0.02
