@@ -189,7 +189,7 @@ def test_js_learner_checks_the_manifest_and_hashes(mlp_case, tmp_path):
     shutil.copytree(artifacts, mixed)
     shutil.copy(other / "eval_model.onnx", mixed / "eval_model.onnx")
     assert _js_load(mixed) == (
-        "EdgeError: eval_model.onnx is damaged or belongs to another export: its SHA-256 "
+        "CorruptArtifactError: eval_model.onnx is damaged or belongs to another export: its SHA-256 "
         "differs from the manifest"
     )
     checkpoint = artifacts / manifest["checkpoint"]
@@ -197,7 +197,7 @@ def test_js_learner_checks_the_manifest_and_hashes(mlp_case, tmp_path):
     data[len(data) // 2] ^= 0xFF
     checkpoint.write_bytes(bytes(data))
     assert _js_load(artifacts) == (
-        f"EdgeError: {manifest['checkpoint']} is damaged or belongs to another export: its "
+        f"CorruptArtifactError: {manifest['checkpoint']} is damaged or belongs to another export: its "
         "SHA-256 differs from the manifest"
     )
 
@@ -264,7 +264,7 @@ def test_js_learner_checks_importance_like_the_python_learner(mlp_case, tmp_path
         bad.flat[0] = value
         write_history(case / manifest["history"], {**history, key: bad})
         rehash(case)
-        assert _js_load(case) == f"EdgeError: {key}: {problem}"
+        assert _js_load(case) == f"ArtifactMismatchError: {key}: {problem}"
         with pytest.raises(ArtifactMismatchError, match=key):
             EdgeLearner(case)
     assert _js_load(artifacts) == "loaded"
