@@ -265,10 +265,20 @@ export class EdgeLearner {
    * and manifest.json (write manifest.json last); the static graphs are unchanged.
    */
   async save() {
-    const { manifest, checkpoint, files } = await nextGeneration(this.manifest, this.checkpoint, this.state, this.history);
+    const next = await this.prepareSave();
+    this.commitSave(next);
+    return { files: next.files, generation: next.manifest.generation };
+  }
+
+  /** The next generation without adopting it (a storage write may still refuse it). */
+  prepareSave() {
+    return nextGeneration(this.manifest, this.checkpoint, this.state, this.history);
+  }
+
+  /** Adopt a generation `prepareSave` returned (once it is stored). */
+  commitSave({ manifest, checkpoint }) {
     this.manifest = manifest;
     this.checkpoint = checkpoint;
-    return { files, generation: manifest.generation };
   }
 
   async release() {

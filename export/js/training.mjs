@@ -37,6 +37,16 @@ export function checkAborted(signal) {
   if (signal?.aborted) throw new AbortError(`cancelled: ${signal.reason?.message ?? signal.reason ?? 'aborted'}`);
 }
 
+const YIELD_MS = 30;
+let lastYield = 0;
+/** Let queued events run (a worker's cancel message) at most every YIELD_MS: a wasm step
+ * runs synchronously and awaits between steps resolve as microtasks, before any message. */
+async function yieldToEvents(signal) {
+  if (!signal || performance.now() - lastYield < YIELD_MS) return;
+  await new Promise((resolve) => setTimeout(resolve, 0));
+  lastYield = performance.now();
+}
+
 /**
  * Epochs over `prepared` feeds; returns the mean loss per epoch. `onEpoch({epoch, loss,
  * valLoss, lr, ms})` after each epoch; `signal` (AbortSignal) is checked before every step.
@@ -52,6 +62,7 @@ export async function trainTask(learner, t, prepared, val, scale, plateau, epoch
     const session = await learner.sessions.open(t, plateau.lr, { scale });
     let total = 0;
     for (const f of prepared) {
+      await yieldToEvents(signal);
       checkAborted(signal);
       await session.lazyResetGrad();
       const out = await session.runTrainStep(ordered(f, session.trainingInputNames));
