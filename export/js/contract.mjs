@@ -20,11 +20,6 @@ export const CONTRACT = Object.freeze({
       "base": "EdgeError",
       "code": "batch_error"
     },
-    "BusyError": {
-      "base": "EdgeError",
-      "code": "busy",
-      "js_only": true
-    },
     "CorruptArtifactError": {
       "base": "EdgeError",
       "code": "corrupt_artifact"

@@ -29,7 +29,6 @@ export const {
   ArgumentError,
   ArtifactMismatchError,
   BatchError,
-  BusyError,
   CorruptArtifactError,
   EmptyDataError,
   ExportError,
