@@ -46,14 +46,26 @@ class _Handler(SimpleHTTPRequestHandler):
         ".json": "application/json",
     }
 
+    isolated = False  # send COOP/COEP: the page is cross-origin isolated (wasm threads)
+
+    def end_headers(self) -> None:
+        if self.isolated:
+            self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+            self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+        super().end_headers()
+
     def log_message(self, *args) -> None:
         pass
 
 
 @contextlib.contextmanager
-def serve(root: Path, port: int = 0) -> Iterator[str]:
-    """Serve `root` on 127.0.0.1 only (port 0: a free one) in a thread; yields the base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(_Handler, directory=root))
+def serve(root: Path, port: int = 0, isolated: bool = False) -> Iterator[str]:
+    """Serve `root` on 127.0.0.1 only (port 0: a free one) in a thread; yields the base URL.
+
+    `isolated` sends the COOP/COEP headers that make pages cross-origin isolated, which
+    onnxruntime-web needs for more than one wasm thread."""
+    handler = type("Handler", (_Handler,), {"isolated": isolated})
+    server = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(handler, directory=root))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -37,13 +37,23 @@ export function checkAborted(signal) {
   if (signal?.aborted) throw new AbortError(`cancelled: ${signal.reason?.message ?? signal.reason ?? 'aborted'}`);
 }
 
-const YIELD_MS = 30;
+const YIELD_MS = 50;
 let lastYield = 0;
 /** Let queued events run (a worker's cancel message) at most every YIELD_MS: a wasm step
- * runs synchronously and awaits between steps resolve as microtasks, before any message. */
+ * runs synchronously and awaits between steps resolve as microtasks, before any message. A
+ * MessageChannel round trip is one task, without setTimeout's 4 ms clamp. */
 async function yieldToEvents(signal) {
   if (!signal || performance.now() - lastYield < YIELD_MS) return;
-  await new Promise((resolve) => setTimeout(resolve, 0));
+  if (typeof MessageChannel === 'undefined') {
+    await new Promise((resolve) => setTimeout(resolve, 0));
+  } else {
+    const { port1, port2 } = new MessageChannel();
+    await new Promise((resolve) => {
+      port1.onmessage = resolve;
+      port2.postMessage(null);
+    });
+    port1.close();
+  }
   lastYield = performance.now();
 }
 
