@@ -117,11 +117,11 @@ def page_batches(batches: Sequence[tuple[np.ndarray, np.ndarray] | dict]) -> lis
     return out
 
 
-def run_page(url: str, out: Path, timeout_s: float = 60) -> dict:
+def run_page(url: str, out: Path, timeout_s: float = 60, screenshot: Path | None = None) -> dict:
     """Open `url` in headless Chromium (export/js/test/run-page.mjs); return window.__result.
 
     Files the page returns (base64) are written into `out`; the page's and its workers'
-    console lines are under "console".
+    console lines are under "console"; `screenshot`: a PNG of the finished page.
     """
     chromium, node = js_requirements()
     proc = subprocess.run(
@@ -132,6 +132,7 @@ def run_page(url: str, out: Path, timeout_s: float = 60) -> dict:
             str(out),
             chromium,
             str(int(timeout_s * 1000)),
+            *([str(Path(screenshot).resolve())] if screenshot else []),
         ],
         capture_output=True,
         text=True,
@@ -158,11 +159,14 @@ def run_browser_demo(
     headless: bool = True,
     port: int = 0,
     workdir: str | Path | None = None,
+    screenshot: str | Path | None = None,
 ) -> dict:
     """Learn `torch_tasks` Split-Digits tasks in PyTorch, the rest in the browser.
 
     headless: run the page in headless Chromium and return {"before", "rows"} (the accuracy
-    matrix); otherwise print the URL and serve until interrupted (returns {}).
+    matrix), "progress" (one entry per epoch) and "drawn" (each head's digit for the drawing
+    pad's image); otherwise print the URL and serve until interrupted (returns {}).
+    screenshot: where to write a PNG of the finished page (headless).
     """
     js_requirements(need_browser=headless)
     cfg = train_config or TrainConfig()
@@ -211,7 +215,7 @@ def run_browser_demo(
         with serve(served, port) as base:
             url = f"{base}/js/demo/index.html?case=/case/"
             if headless:
-                return run_page(url, root / "out", timeout_s=300)
+                return run_page(url, root / "out", timeout_s=300, screenshot=screenshot)
             print(f"open {url}  (Ctrl-C to stop)", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
                 threading.Event().wait()

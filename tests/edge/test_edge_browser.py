@@ -203,13 +203,20 @@ def test_js_learner_checks_the_manifest_and_hashes(mlp_case, tmp_path):
 
 
 @pytest.mark.slow
-def test_browser_demo_page_learns_the_last_task():
-    """The demo page's 'before' row, computed in the browser, is PyTorch's last row."""
+def test_browser_demo_page_learns_the_last_task(tmp_path):
+    """The demo page's 'before' row, computed in the browser, is PyTorch's last row; it plots
+    a loss per epoch, predicts the drawing pad's digit with every head, and a screenshot of it
+    is written."""
     from softmask_bench.browser_demo import run_browser_demo
     from softmask_bench.training import TrainConfig
 
     browser_requirements()
-    result = run_browser_demo(4, train_config=TrainConfig(epochs=2, batch_size=64))
+    shot = tmp_path / "demo.png"
+    result = run_browser_demo(4, train_config=TrainConfig(epochs=2, batch_size=64), screenshot=shot)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    assert [p["epoch"] for p in result["progress"]] == list(range(len(result["progress"])))
+    assert [d["task"] for d in result["drawn"]] == [0, 1, 2, 3, 4]
+    assert all(2 * d["task"] <= d["digit"] <= 2 * d["task"] + 1 for d in result["drawn"])
     rows = result["rows"]
     assert len(rows) == 5 and all(len(row) == 5 for row in rows)
     np.testing.assert_allclose(result["before"][:4], rows[3][:4], atol=1e-9)
