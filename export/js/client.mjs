@@ -31,7 +31,7 @@ const installed = /\/node_modules\/(@[^/]+\/)?[^/]+\/$/.test(here.pathname);
 const DIST = new URL(installed ? '../onnxruntime-web/dist/' : './node_modules/onnxruntime-web/dist/', here);
 const pageBase = () => globalThis.document?.baseURI ?? globalThis.location?.href;
 const INIT_TIMEOUT_MS = 60_000;
-const isStore = (s) => s && typeof s.read === 'function' && typeof s.write === 'function';
+const isStore = (s) => s && typeof s.read === 'function'; // a reader is enough to load
 
 export class WorkerLearner extends EventTarget {
   /**
@@ -212,6 +212,9 @@ export class WorkerLearner extends EventTarget {
         const out = await this._exec('save');
         this.generation = out.generation;
         return out;
+      }
+      if (typeof store.write !== 'function' || typeof store.list !== 'function') {
+        throw new ArgumentError(`save(store): ${store.name ?? 'the store'} has no write() and list(): it can only be loaded from`);
       }
       const prepared = await this._exec('prepareSave', [{ graphs: true }]);
       const source = copySource(prepared.files); // before the store keeps the arrays

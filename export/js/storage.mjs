@@ -102,7 +102,7 @@ export class OPFSStore {
 /** Run `fn` holding the store's Web Lock (every tab of the origin), or directly where there are none. */
 export function withLock(store, fn) {
   const locks = globalThis.navigator?.locks;
-  return locks ? locks.request(`softmask-edge:${store.name}`, fn) : fn();
+  return locks ? locks.request(`softmask-edge:${store.name ?? 'unnamed store'}`, fn) : fn();
 }
 
 async function storedGeneration(store) {
