@@ -62,5 +62,17 @@ def test_client_api_promises(mlp_case, tmp_path):
     assert r["filesAfterTwoWriters"] == sorted(
         [*STORED, "checkpoint-000002", "importance_history-000002.npz"]
     )
+    # another document (an iframe, as another tab) saves at the same moment: one generation 3
+    # lands, the other writer gets StaleWriterError
+    c = r["concurrent"]
+    assert c["theirLoaded"] == 2 and c["stored"] == 3
+    outcomes = sorted(
+        [
+            c["mine"].get("saved", c["mine"].get("name")),
+            c["theirs"].get("saved", c["theirs"].get("name")),
+        ],
+        key=str,
+    )
+    assert outcomes == [3, "StaleWriterError"]
     # a URL relative to the page (not to the worker)
     assert r["relative"] == r["tasksBefore"]
