@@ -41,6 +41,13 @@ function checkStored(entries) {
 /** The checkpoint's importance and ā as the Python learner checks them. */
 export function checkImportance(manifest, state) {
   const dtype = manifest.importance_dtype;
+  for (const n of manifest.masked) {
+    const stored = state[n + TENSORS.importance_suffix];
+    if (stored?.length !== size(manifest.params[n])) {
+      throw new ArtifactMismatchError(`${n + TENSORS.importance_suffix}: ${stored?.length} values, the parameter has shape [${manifest.params[n]}]`);
+    }
+  }
+  if (state[TENSORS.mean_importance]?.length !== 1) throw new ArtifactMismatchError(`${TENSORS.mean_importance} must hold one value`);
   checkStored([
     ...manifest.masked.map((n) => [n + TENSORS.importance_suffix, state[n + TENSORS.importance_suffix], dtype]),
     [TENSORS.mean_importance, state[TENSORS.mean_importance], 'float32'],
