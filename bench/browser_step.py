@@ -1,10 +1,13 @@
-"""Device training step in the browser (onnxruntime-web, 1 wasm thread) vs the Python learner.
+"""Device training step in the browser (onnxruntime-web) vs the Python learner.
 
 Same artifacts (shared-head MLPs, soft-masked SGD, importance random in [0, 1]), same batch:
 the JS learner in a Web Worker of headless Chromium (export/js/test/step.html) and
 `EdgeLearner` with 1 intra-op thread both run `learnTask` / `learn_task` over one batch for
 `repeats` epochs per round; the median over rounds of (round time / repeats) is the time of
 one train + optimizer step (a round also reads the weights back once; same on both sides).
+`--isolated` serves the page cross-origin isolated (COOP/COEP), so the worker runs wasm
+threads (min(4, cores)); the Python learner then gets as many intra-op threads. The table also
+gives the first-session cost (worker, wasm, first session and one step).
 Needs chromium and `npm ci` in export/js.
 Run: python bench/browser_step.py --out results/bench_browser_step.json
 """
@@ -45,8 +48,10 @@ def _mlp(hidden: int) -> nn.Module:
     )
 
 
-def _python_ms(artifacts: Path, batch, lr: float, warmup: int, rounds: int, repeats: int) -> float:
-    learner = EdgeLearner(artifacts, threads=1)
+def _python_ms(
+    artifacts: Path, batch, lr: float, warmup: int, rounds: int, repeats: int, threads: int = 1
+) -> float:
+    learner = EdgeLearner(artifacts, threads=threads)
     learner.learn_task([batch], epochs=warmup, lr=lr)
     times = []
     for _ in range(rounds):
@@ -72,15 +77,17 @@ def bench(hidden: int, root: Path, args: argparse.Namespace) -> dict[str, object
     timing = dict(warmup=args.warmup, rounds=args.rounds, repeats=args.repeats)
     served = site(root / "site")
     write_case(served / "case", artifacts, [batch], epochs=1, lr=0.01, **timing)
-    with serve(served) as base:
+    with serve(served, isolated=args.isolated) as base:
         result = run_page(f"{base}/js/test/step.html?case=/case/", root / "out", timeout_s=600)
-    python_ms = _python_ms(artifacts, batch, 0.01, **timing)
+    python_ms = _python_ms(artifacts, batch, 0.01, **timing, threads=result["threads"])
     return {
         "model": f"mlp {IN_FEATURES}-{hidden}-{hidden}-{CLASSES} b{BATCH}",
         "params": sum(p.numel() for p in net.parameters()),
+        "threads": result["threads"],
         "browser_ms": result["msPerStep"],
         "python_ms": python_ms,
         "browser/python": result["msPerStep"] / python_ms,
+        "first_session_ms": result["firstMs"],
     }
 
 
@@ -90,6 +97,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--isolated", action="store_true", help="COOP/COEP: wasm threads")
     parser.add_argument("--out", default="results/bench_browser_step.json")
     args = parser.parse_args()
     torch.set_num_threads(1)

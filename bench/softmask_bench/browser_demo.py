@@ -46,14 +46,26 @@ class _Handler(SimpleHTTPRequestHandler):
         ".json": "application/json",
     }
 
+    isolated = False  # send COOP/COEP: the page is cross-origin isolated (wasm threads)
+
+    def end_headers(self) -> None:
+        if self.isolated:
+            self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+            self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+        super().end_headers()
+
     def log_message(self, *args) -> None:
         pass
 
 
 @contextlib.contextmanager
-def serve(root: Path, port: int = 0) -> Iterator[str]:
-    """Serve `root` on 127.0.0.1 only (port 0: a free one) in a thread; yields the base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(_Handler, directory=root))
+def serve(root: Path, port: int = 0, isolated: bool = False) -> Iterator[str]:
+    """Serve `root` on 127.0.0.1 only (port 0: a free one) in a thread; yields the base URL.
+
+    `isolated` sends the COOP/COEP headers that make pages cross-origin isolated, which
+    onnxruntime-web needs for more than one wasm thread."""
+    handler = type("Handler", (_Handler,), {"isolated": isolated})
+    server = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(handler, directory=root))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -86,19 +98,30 @@ def site(root: Path) -> Path:
     return root
 
 
-def page_batches(batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
-    """numpy (x, y) batches as the pages read them: flat x, dims, labels."""
-    return [
-        {"x": np.asarray(x, np.float32).ravel().tolist(), "dims": list(x.shape), "y": y.tolist()}
-        for x, y in batches
-    ]
+def page_batches(batches: Sequence[tuple[np.ndarray, np.ndarray] | dict]) -> list[dict]:
+    """numpy batches as the pages read them: (x, y) as flat x, dims, labels; a dict batch
+    ({input name: array, "labels": array}) as {inputs: {name: {data, dims, dtype}}, y}."""
+    out = []
+    for batch in batches:
+        if isinstance(batch, dict):
+            inputs = {
+                k: {"data": np.asarray(v).ravel().tolist(), "dims": list(np.shape(v)),
+                    "dtype": str(np.asarray(v).dtype)}
+                for k, v in batch.items() if k != "labels"
+            }  # fmt: skip
+            out.append({"inputs": inputs, "y": np.asarray(batch["labels"]).tolist()})
+        else:
+            x, y = batch
+            out.append({"x": np.asarray(x, np.float32).ravel().tolist(), "dims": list(x.shape),
+                        "y": y.tolist()})  # fmt: skip
+    return out
 
 
-def run_page(url: str, out: Path, timeout_s: float = 60) -> dict:
+def run_page(url: str, out: Path, timeout_s: float = 60, screenshot: Path | None = None) -> dict:
     """Open `url` in headless Chromium (export/js/test/run-page.mjs); return window.__result.
 
     Files the page returns (base64) are written into `out`; the page's and its workers'
-    console lines are under "console".
+    console lines are under "console"; `screenshot`: a PNG of the finished page.
     """
     chromium, node = js_requirements()
     proc = subprocess.run(
@@ -109,6 +132,7 @@ def run_page(url: str, out: Path, timeout_s: float = 60) -> dict:
             str(out),
             chromium,
             str(int(timeout_s * 1000)),
+            *([str(Path(screenshot).resolve())] if screenshot else []),
         ],
         capture_output=True,
         text=True,
@@ -135,11 +159,14 @@ def run_browser_demo(
     headless: bool = True,
     port: int = 0,
     workdir: str | Path | None = None,
+    screenshot: str | Path | None = None,
 ) -> dict:
     """Learn `torch_tasks` Split-Digits tasks in PyTorch, the rest in the browser.
 
     headless: run the page in headless Chromium and return {"before", "rows"} (the accuracy
-    matrix); otherwise print the URL and serve until interrupted (returns {}).
+    matrix), "progress" (one entry per epoch) and "drawn" (each head's digit for the drawing
+    pad's image); otherwise print the URL and serve until interrupted (returns {}).
+    screenshot: where to write a PNG of the finished page (headless).
     """
     js_requirements(need_browser=headless)
     cfg = train_config or TrainConfig()
@@ -188,7 +215,7 @@ def run_browser_demo(
         with serve(served, port) as base:
             url = f"{base}/js/demo/index.html?case=/case/"
             if headless:
-                return run_page(url, root / "out", timeout_s=300)
+                return run_page(url, root / "out", timeout_s=300, screenshot=screenshot)
             print(f"open {url}  (Ctrl-C to stop)", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
                 threading.Event().wait()

@@ -7,7 +7,7 @@
 // so no upstream fix will come: this script drops the two bogus _free calls from the bundle
 // the learner imports (dist/ort.training.wasm.min.mjs). The stack memory is released by the
 // stackRestore that follows anyway.
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -19,7 +19,15 @@ const FIXES = [
   ['o.stackRestore(r),o._free(u),o._free(f)}}', 'o.stackRestore(r),o._free(u)}}'],
 ];
 
-const root = join(dirname(fileURLToPath(import.meta.url)), 'node_modules', 'onnxruntime-web');
+// a source checkout has it in ./node_modules; an installed package beside it (hoisted), or nested
+function findOrt() {
+  for (let dir = dirname(fileURLToPath(import.meta.url)); ; dir = dirname(dir)) {
+    const candidate = join(dir, 'node_modules', 'onnxruntime-web');
+    if (existsSync(join(candidate, 'package.json'))) return candidate;
+    if (dirname(dir) === dir) throw new Error('patch-ort: onnxruntime-web is not installed');
+  }
+}
+const root = findOrt();
 const { version } = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
 if (version !== EXPECTED_VERSION) {
   throw new Error(`patch-ort: onnxruntime-web ${version} installed, the patch is for ${EXPECTED_VERSION}`);

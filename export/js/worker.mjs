@@ -1,47 +1,82 @@
 // Web Worker running one EdgeLearner (module worker: new Worker(url, {type: 'module'})).
-// Messages {id, method, args} -> {id, value} | {id, error, numeric}. `numeric` marks a bare
-// number thrown by onnxruntime-web (a C++ exception pointer, no message) or a wasm trap
-// (WebAssembly.RuntimeError): the wasm instance is then in an unknown state and the client
-// must discard this worker.
-import { EdgeLearner } from './softmask_edge.mjs';
+// Messages in: {id, method, args} | {cancel: id}. Out: {id, value, transfer} | {id, error}
+// (error: errors.mjs toWire, typed on the main thread) | {id, progress}. A bare number from
+// onnxruntime-web or a wasm trap is a FatalRuntimeError: the client discards this worker.
+import { EdgeLearner, TaskOrderError, toWire } from './softmask_edge.mjs';
 
 let ort = null;
 let learner = null;
+let pending = null; // a prepared save, adopted by commitSave
+const controllers = new Map();
 
-const methods = {
-  async init({ ortUrl, wasmPaths }) {
-    ort = await import(ortUrl);
-    ort.env.wasm.numThreads = 1;
-    ort.env.logLevel = 'error';
-    ort.env.wasm.wasmPaths = wasmPaths;
-    return true;
-  },
-  async load(source) {
-    if (learner) await learner.release();
-    learner = await EdgeLearner.load(source, ort);
-    return { manifest: learner.manifest };
-  },
-  learnTask: (batches, options) => learner.learnTask(batches, options),
-  endTask: (batches, options) => learner.endTask(batches, options),
-  predict: (inputs, options) => learner.predict(inputs, options),
-  evaluate: (batches, options) => learner.evaluate(batches, options),
-  parameters: () => learner.parameters(),
-  importance: () => learner.importance(),
-  save: () => learner.save(),
-  numTasks: () => learner.numTasks,
-  validationLosses: () => learner.validationLosses,
+const buffers = (files) => Object.values(files).map((b) => b.buffer);
+const need = () => {
+  if (!learner) throw new TaskOrderError('load() the artifacts first');
+  return learner;
 };
 
-self.onmessage = async ({ data: { id, method, args } }) => {
+const methods = {
+  async init({ ortUrl, wasmPaths, numThreads }) {
+    ort = await import(ortUrl);
+    ort.env.wasm.numThreads = numThreads;
+    ort.env.logLevel = 'error';
+    ort.env.wasm.wasmPaths = wasmPaths;
+    return { threads: ort.env.wasm.numThreads, isolated: self.crossOriginIsolated === true };
+  },
+  async load(source) {
+    const next = await EdgeLearner.load(source, ort);
+    if (learner) await learner.release();
+    learner = next;
+    pending = null;
+    return { manifest: learner.manifest };
+  },
+  learnTask: (id, batches, options = {}) =>
+    need().learnTask(batches, {
+      ...options,
+      signal: controllers.get(id).signal,
+      onEpoch: options.progress ? (p) => self.postMessage({ id, progress: p }) : undefined,
+    }),
+  endTask: (id, batches, options = {}) => need().endTask(batches, { ...options, signal: controllers.get(id).signal }),
+  predict: (id, inputs, options) => need().predict(inputs, options),
+  evaluate: (id, batches, options) => need().evaluate(batches, options),
+  parameters: () => need().parameters(),
+  importance: () => need().importance(),
+  manifest: () => need().manifest,
+  validationLosses: () => need().validationLosses,
+  async prepareSave(id, { graphs = false } = {}) {
+    pending = await need().prepareSave();
+    // copies: the reply transfers them, `pending` keeps its own
+    const all = { ...pending.files, ...(graphs ? learner.graphs : {}) };
+    const files = Object.fromEntries(Object.entries(all).map(([k, v]) => [k, v.slice()]));
+    return { files, generation: pending.manifest.generation, manifest: pending.manifest };
+  },
+  commitSave() {
+    need().commitSave(pending);
+    pending = null;
+    return { generation: learner.manifest.generation };
+  },
+  async save() {
+    const { files, generation } = await need().save();
+    return { files: Object.fromEntries(Object.entries(files).map(([k, v]) => [k, v.slice()])), generation };
+  },
+};
+const WITH_ID = new Set(['learnTask', 'endTask', 'predict', 'evaluate', 'prepareSave']);
+
+self.onmessage = async ({ data }) => {
+  if ('cancel' in data) {
+    controllers.get(data.cancel)?.abort(new Error('cancelled by the caller'));
+    return;
+  }
+  const { id, method, args } = data;
+  controllers.set(id, new AbortController());
   try {
-    if (!(method in methods)) throw new Error(`unknown method ${method}`);
-    if (method !== 'init' && method !== 'load' && !learner) throw new Error('load() the artifacts first');
-    self.postMessage({ id, value: await methods[method](...args) });
+    if (!(method in methods)) throw new TaskOrderError(`unknown method ${method}`);
+    const value = await methods[method](...(WITH_ID.has(method) ? [id, ...args] : args));
+    const transfer = value?.files ? buffers(value.files) : [];
+    self.postMessage({ id, value }, transfer);
   } catch (e) {
-    // a bare number (a C++ exception pointer) or a wasm trap: the instance's state is unknown
-    const trap = typeof WebAssembly !== 'undefined' && e instanceof WebAssembly.RuntimeError;
-    const numeric = typeof e === 'number' || trap;
-    const what = typeof e === 'number' ? `onnxruntime-web failed with bare code ${e}` : String(e?.stack ?? e);
-    self.postMessage({ id, numeric, error: `${method}: ${what}` });
+    self.postMessage({ id, error: toWire(e) });
+  } finally {
+    controllers.delete(id);
   }
 };

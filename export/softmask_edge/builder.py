@@ -60,6 +60,7 @@ from .manifest import (
     package_versions,
     sha256,
 )
+from .shapes import measure_shapes
 from .storage import decode, encode, write_history
 
 _ONNX_DTYPES = {
@@ -219,6 +220,10 @@ def build_artifacts(
     for t, n in zip(trainable_tensors, trainable):
         t.CopyFrom(params[n])
     num_classes = model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+    try:
+        measure_shapes(model)  # before ORT builds broadcast gradients from guessed shapes
+    except Exception as e:  # onnxruntime raises its own types from C++
+        raise ExportError(f"cannot run the forward graph to measure its shapes: {e}") from e
     add_gradient_outputs(model)
     add_classification_loss(model)
 

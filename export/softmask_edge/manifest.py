@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,15 @@ from typing import Any
 
 import numpy as np
 from softmask_format.atomic import atomic_write_text, recover_directory
+from softmask_format.contract import (
+    FILES,
+    LIMITS,
+    MANIFEST_FIELDS,
+    TENSORS,
+    generation_file,
+    manifest_problems,
+)
+from softmask_format.contract import PLAIN_NAME as _PLAIN_NAME
 from softmask_format.names import DEVICE_FORMAT_VERSION as FORMAT_VERSION
 from softmask_format.names import (
     EVAL_MODEL_NAME,
@@ -42,34 +50,32 @@ from .errors import (
 from .storage import NUMPY_DTYPES
 
 STATIC_FILES = (TRAINING_MODEL_NAME, EVAL_MODEL_NAME, OPTIMIZER_MODEL_NAME, IMPORTANCE_MODEL_NAME)
-IMPORTANCE_SUFFIX = ".softmask_importance"
-MEAN_IMPORTANCE = "softmask.mean_importance"  # ā, the heads' scale is 1 - ā
-SCALE_INPUT = "softmask_scale"
-CROSS_HEAD_INPUT = "softmask_cross_head"
-TASK_INPUT = "task_id"
-LABELS_INPUT = "labels"
-LOGITS_OUTPUT = "logits"
-LOSS_OUTPUT = "loss"
-GRADIENT_SUFFIX = ".softmask_gradient"  # training-graph output: P's accumulated gradient
-LEARNING_RATE_INITIALIZER = "softmask.learning_rate"  # optimizer graph's lr (format 2)
-EXPORT_ID_KEY = "softmask.export_id"  # graph metadata_props entry (format 3)
-TASK_MODES = ("task_incremental", "shared_head")
-LOSSES = ("cross_entropy",)
-OPTIMIZERS = ("sgd", "adamw")
-MAX_MANIFEST_BYTES = 4 << 20  # a manifest of a 10k-parameter model is ~1 MiB
-MAX_RANK = 16
-MAX_GENERATION = 999_999  # six digits in the file names
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_EXPORT_ID = re.compile(r"^[0-9a-f]{32}$")
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+# names and limits of the device contract (softmask_format/device_contract.json)
+IMPORTANCE_SUFFIX = TENSORS["importance_suffix"]
+MEAN_IMPORTANCE = TENSORS["mean_importance"]  # ā, the heads' scale is 1 - ā
+SCALE_INPUT = TENSORS["scale_input"]
+CROSS_HEAD_INPUT = TENSORS["cross_head_input"]
+TASK_INPUT = TENSORS["task_input"]
+LABELS_INPUT = TENSORS["labels_input"]
+LOGITS_OUTPUT = TENSORS["logits_output"]
+LOSS_OUTPUT = TENSORS["loss_output"]
+GRADIENT_SUFFIX = TENSORS["gradient_suffix"]  # training-graph output: P's accumulated gradient
+LEARNING_RATE_INITIALIZER = TENSORS["learning_rate_initializer"]  # optimizer graph's lr (format 2)
+EXPORT_ID_KEY = TENSORS["export_id_key"]  # graph metadata_props entry (format 3)
+TASK_MODES = tuple(MANIFEST_FIELDS["task_mode"]["values"])
+LOSSES = tuple(MANIFEST_FIELDS["loss"]["values"])
+OPTIMIZERS = tuple(MANIFEST_FIELDS["optimizer"]["values"])
+MAX_MANIFEST_BYTES = LIMITS["max_manifest_bytes"]  # a 10k-parameter model's manifest is ~1 MiB
+MAX_RANK = LIMITS["max_rank"]
+MAX_GENERATION = LIMITS["max_generation"]  # six digits in the file names
 
 
 def checkpoint_name(generation: int) -> str:
-    return f"checkpoint-{generation:06d}"
+    return generation_file("checkpoint_prefix", generation)
 
 
 def history_name(generation: int) -> str:
-    return f"importance_history-{generation:06d}.npz"
+    return generation_file("history_prefix", generation, FILES["history_suffix"])
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -245,7 +251,7 @@ class Manifest:
         if self.format_version >= 2 and not (self.parameter_order and self.learning_rate > 0):
             problems.append("format >= 2 needs parameter_order and a positive learning_rate")
         hashed = sorted(self.graphs_sha256)
-        if self.format_version >= 3 and not _EXPORT_ID.match(self.export_id):
+        if self.format_version >= 3 and len(self.export_id) != 32:
             problems.append("format 3 needs a 32-hex-digit export_id")
         if (self.format_version >= 3 or hashed) and hashed != sorted(STATIC_FILES):
             problems.append(f"graphs_sha256 must cover exactly {list(STATIC_FILES)}")
@@ -341,84 +347,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _is_int(v: Any, low: int = 0, high: int = 1 << 40) -> bool:
-    return type(v) is int and low <= v <= high
-
-
-def _is_str_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-def _is_shape(v: Any) -> bool:
-    return isinstance(v, list) and len(v) <= MAX_RANK and all(_is_int(d) for d in v)
-
-
-def _is_input(v: Any) -> bool:
-    if not (isinstance(v, dict) and set(v) == {"name", "dtype", "shape"}):
-        return False
-    shape = v["shape"]
-    return (
-        isinstance(v["name"], str)
-        and _is_dtype(v["dtype"])
-        and isinstance(shape, list)
-        and len(shape) <= MAX_RANK
-        and all(d is None or _is_int(d) for d in shape)
-    )
-
-
-def _is_dtype(v: Any) -> bool:
-    """A numpy dtype name a batch can be compared with (`float32`, `int64`, ...)."""
-    if not isinstance(v, str):
-        return False
-    try:
-        return np.dtype(v).kind in "biuf"
-    except TypeError:
-        return False
-
-
-def _is_str_map(v: Any, value: Any = str) -> bool:
-    return isinstance(v, dict) and all(isinstance(x, value) for x in v.values())
-
-
-_FIELDS: dict[str, Any] = {
-    "task_mode": lambda v: isinstance(v, str),
-    "inputs": lambda v: isinstance(v, list) and v and all(_is_input(s) for s in v),
-    "params": lambda v: isinstance(v, dict) and all(_is_shape(s) for s in v.values()),
-    "masked": _is_str_list,
-    "heads": _is_str_list,
-    "head_classes": lambda v: isinstance(v, list) and all(_is_int(c, 1, 1 << 31) for c in v),
-    "num_classes": lambda v: _is_int(v, 0, 1 << 31),
-    "importance_dtype": lambda v: isinstance(v, str),
-    "loss": lambda v: isinstance(v, str),
-    "optimizer": lambda v: isinstance(v, str),
-    "num_tasks": lambda v: _is_int(v, 0, 1 << 31),
-    "versions": _is_str_map,
-    "generation": lambda v: _is_int(v, 0, MAX_GENERATION),
-    "checkpoint": lambda v: isinstance(v, str),
-    "checkpoint_sha256": lambda v: isinstance(v, str) and bool(_HEX64.match(v)),
-    "history": lambda v: isinstance(v, str),
-    "history_sha256": lambda v: isinstance(v, str) and bool(_HEX64.match(v)),
-    "task_names": _is_str_list,
-    "parameter_order": _is_str_list,
-    "learning_rate": lambda v: type(v) in (int, float) and 0 <= v < float("inf"),
-    "heads_scaled": lambda v: isinstance(v, bool),
-    "export_id": lambda v: isinstance(v, str),
-    "graphs_sha256": lambda v: _is_str_map(v) and all(_HEX64.match(h) for h in v.values()),
-    "format_version": lambda v: True,  # checked first
-}
-_REQUIRED = (
-    "task_mode", "inputs", "params", "masked", "heads", "head_classes", "num_classes",
-    "importance_dtype", "loss", "optimizer", "num_tasks", "versions", "generation",
-    "checkpoint", "checkpoint_sha256", "history", "history_sha256",
-)  # fmt: skip
-
-
 def _check_schema(raw: dict[str, Any]) -> list[str]:
     """Type and range problems of the raw manifest fields (nothing is built from them yet)."""
-    problems = [f"missing {k!r}" for k in _REQUIRED if k not in raw]
-    problems += [f"unknown field {k!r}" for k in sorted(set(raw) - set(_FIELDS))]
-    problems += [f"bad {k!r}" for k, ok in _FIELDS.items() if k in raw and not ok(raw[k])]
-    return problems
+    return manifest_problems(raw)
 
 
 def package_versions(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .contract import CONTRACT
 from .names import IMPORTANCE_DTYPES
 
 __all__ = [
@@ -27,8 +28,9 @@ __all__ = [
     "decode",
     "encode",
 ]
-UINT8_STEPS_PER_OCTAVE = 16  # keep factor resolution: 2^(1/16) between neighbouring codes
-UINT8_ZERO_KEEP = 255  # the code of A = 1 (keep 0)
+_UINT8 = CONTRACT["importance_dtypes"]["uint8"]
+UINT8_STEPS_PER_OCTAVE: int = _UINT8["steps_per_octave"]  # keep resolution: 2^(1/16) per code
+UINT8_ZERO_KEEP: int = _UINT8["zero_keep_code"]  # the code of A = 1 (keep 0)
 LINEAR_UINT8_SCALE = 255.0  # format 1-2 files: A = c / 255
 
 

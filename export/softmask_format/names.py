@@ -1,6 +1,11 @@
-"""File names, format versions and importance storage dtypes (no import: the CLI reads them)."""
+"""File names, format versions and importance storage dtypes (stdlib only: the CLI reads them).
 
-IMPORTANCE_DTYPES = ("float32", "float16", "uint8")  # encoded by `codec`
+The device names come from the device contract (device_contract.json, via `contract`).
+"""
+
+from .contract import CONTRACT as _DEVICE
+
+IMPORTANCE_DTYPES = tuple(_DEVICE["importance_dtypes"])  # encoded by `codec`
 
 # torch checkpoint (softmask_peft: save_pretrained / from_pretrained)
 CONFIG_NAME = "softmask_config.json"
@@ -12,19 +17,21 @@ WEIGHTS_NAME = "model.safetensors"
 #    load with the paper's values
 FORMAT_VERSION = 4
 READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)
-LOG_UINT8_SINCE = 3  # first format (torch and device) whose uint8 importance is log-keep
+LOG_UINT8_SINCE: int = _DEVICE[
+    "log_uint8_since"
+]  # first format (torch and device) whose uint8 importance is log-keep
 
 # device artifacts (softmask_edge)
-MANIFEST_NAME = "manifest.json"
-TRAINING_MODEL_NAME = "training_model.onnx"
-EVAL_MODEL_NAME = "eval_model.onnx"
-OPTIMIZER_MODEL_NAME = "optimizer_model.onnx"
-IMPORTANCE_MODEL_NAME = "importance_update.onnx"
+MANIFEST_NAME: str = _DEVICE["files"]["manifest"]
+TRAINING_MODEL_NAME: str = _DEVICE["files"]["training_model"]
+EVAL_MODEL_NAME: str = _DEVICE["files"]["eval_model"]
+OPTIMIZER_MODEL_NAME: str = _DEVICE["files"]["optimizer_model"]
+IMPORTANCE_MODEL_NAME: str = _DEVICE["files"]["importance_model"]
 # 2: SGD flag output of rank 0, the learning rate as an optimizer-graph initializer, gradient
 #    outputs of the training graph, `parameter_order` (what onnxruntime-web needs);
 # 3: the manifest hashes the graphs too (`graphs_sha256`) and records an `export_id` stamped
 #    into every graph's metadata; uint8 importance is the log-keep code (codec.py).
 #    1 and 2 still load (their graphs are not hashed) unless their importance is uint8 (the
 #    old linear code): re-export those.
-DEVICE_FORMAT_VERSION = 3
-READABLE_DEVICE_FORMAT_VERSIONS = (1, 2, 3)
+DEVICE_FORMAT_VERSION: int = _DEVICE["format_version"]
+READABLE_DEVICE_FORMAT_VERSIONS = tuple(_DEVICE["readable_format_versions"])

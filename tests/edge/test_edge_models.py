@@ -197,3 +197,27 @@ def test_export_inference_never_overwrites_the_artifacts(mlp_case, tmp_path):
             learner.export_inference(artifacts / name)
     assert {p.name: p.read_bytes() for p in artifacts.iterdir()} == files
     learner.export_inference(artifacts / "model.onnx")  # a new name in the folder is fine
+
+
+def test_tiny_bert_importance_at_batch_4_matches_torch(tmp_path):
+    """The position table broadcasts over the batch ([1, seq, H] + [batch, seq, H]). ONNX
+    Runtime's gradient builder took the two symbolic shapes for equal and summed no batch axis:
+    a wrong position-embedding gradient at batch >= 2 (and a hang or wasm trap in the browser).
+    With measured shapes (softmask_edge.shapes) device and torch importance agree."""
+    model, data, artifacts = tiny_bert_after_one_task(tmp_path / "art")
+    assert data[0]["input_ids"].shape[0] == 4 and (data[0]["attention_mask"] == 0).any()
+    learner = EdgeLearner(artifacts)
+    device = learner.end_task([{k: v.numpy() for k, v in b.items()} for b in data])
+    model.begin_task(1)
+    expected = model.end_task(data)
+    position = "bert.embeddings.position_embeddings.weight"
+    assert np.abs(device[position] - expected[position].numpy()).max() <= 1e-4
+    # a key bias adds the same q·b to every score of a softmax row: its gradient is 0 up to
+    # rounding, so its standardized importance is noise on both sides; word-embedding rows of
+    # tokens seen only at padded positions get gradients of rounding size too (<= 0.02 apart)
+    noise = [n for n in device if n.endswith("attention.self.key.bias")]
+    assert len(noise) == 2
+    rest = [{n: v[n] for n in v if n not in noise} for v in (device, expected)]
+    assert max_diff(*rest) <= 0.02
+    word = "bert.embeddings.word_embeddings.weight"
+    assert max_diff(*({n: v[n] for n in v if n != word} for v in rest)) <= 1e-4
