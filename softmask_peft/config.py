@@ -130,7 +130,7 @@ class SoftMaskConfig:
         default="float32", metadata={"help": f"dtype on disk, one of {IMPORTANCE_DTYPES}"}
     )
     importance_sharpness: float = field(
-        default=1.0,
+        default=2.0,
         metadata={
             "help": "capacity: each task's importance γ becomes γ**sharpness before it is "
             "accumulated (>= 1; 1 = the paper): values the task barely needed fall toward 0, "
@@ -138,7 +138,7 @@ class SoftMaskConfig:
         },
     )
     importance_budget: float | None = field(
-        default=None,
+        default=0.2,
         metadata={
             "help": "capacity: per task and tensor, only the largest `budget` share of the values "
             "keep their importance, the rest get 0 (in (0, 1]; None = the paper)"
