@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..batches import model_loss, split_batch, task_loss
+from ..batches import model_forward, model_loss, split_batch, task_loss
 from ..contrastive import info_nce, mean_pool
 from ..distributed import all_reduce_count, all_reduce_sum
 from ..errors import ConfigError, EmptyDataError
@@ -382,7 +382,7 @@ class DAS(ImportanceMethod):
         _, _, hf = split_batch(batch)
         if not hf:
             raise ConfigError("DAS training_loss needs HF-style dict batches with 'labels'")
-        out = self.base_model(**hf, output_hidden_states=True)
+        out = model_forward(self.base_model, hf, output_hidden_states=True)
         loss = model_loss(out)
         weight = self.config.contrastive_weight
         if weight == 0:
