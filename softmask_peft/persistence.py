@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -71,6 +72,8 @@ from .weights import (
     save_weights,
 )
 
+PAIRING_ATTEMPTS = 3  # reads of a folder whose files a concurrent save is replacing
+PAIRING_RETRY_SECONDS = 0.05
 MAX_TASKS = 100_000
 MAX_CLASSES = 1_000_000
 
@@ -443,7 +446,9 @@ def _check_selection(
 def load_checkpoint(base_model: nn.Module, directory: str | os.PathLike) -> Checkpoint:
     """Read and validate what `save_checkpoint` wrote, for loading onto `base_model`.
 
-    Nothing in `base_model` changes here; every check passes before the caller applies it
+    Each file is read once; if the weights and the importance read come from two saves (a
+    save landed between the two reads), the folder is read again, up to `PAIRING_ATTEMPTS`
+    times. Nothing in `base_model` changes here; every check passes before the caller applies it
     (files present, config and format version known, task log sane, weights and importance
     keys, shapes, dtypes and range).
     """
@@ -460,6 +465,22 @@ def load_checkpoint(base_model: nn.Module, directory: str | os.PathLike) -> Chec
     missing = [n for n in (CONFIG_NAME, IMPORTANCE_NAME) if not (directory / n).is_file()]
     if missing:
         raise MissingFileError(f"{str(directory)!r} lacks {', '.join(missing)}")
+    for attempt in range(PAIRING_ATTEMPTS):
+        try:
+            return _read_checkpoint(base_model, directory)
+        except _MixedSaveError:
+            if attempt == PAIRING_ATTEMPTS - 1:
+                raise
+            time.sleep(PAIRING_RETRY_SECONDS)  # a save is landing: its rename order is brief
+    raise AssertionError("unreachable")
+
+
+class _MixedSaveError(CorruptFileError):
+    """Weights and importance of two different saves: a save is landing (retried) or one
+    was interrupted."""
+
+
+def _read_checkpoint(base_model: nn.Module, directory: Path) -> Checkpoint:
     raw_config = read_config_json(directory)  # one read each: config, importance, weights
     config = SoftMaskConfig.from_dict(raw_config)
     where = repr(str(directory))
@@ -468,7 +489,7 @@ def load_checkpoint(base_model: nn.Module, directory: str | os.PathLike) -> Chec
         tasks = _task_log(metadata, _version(metadata, IMPORTANCE_NAME), raw_config, IMPORTANCE_NAME)
         weights = read_weights(base_model, directory, head_shapes(base_model, tasks))
         if weights.save_id != metadata.get("save_id", ""):
-            raise CorruptFileError(
+            raise _MixedSaveError(
                 f"the weights and {IMPORTANCE_NAME} in {where} come from different saves (a "
                 "save in progress, or an interrupted one?); refusing to pair them"
             )
