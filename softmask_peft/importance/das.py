@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..batches import model_forward, model_loss, split_batch, task_loss
 from ..contrastive import info_nce, mean_pool
-from ..distributed import all_reduce_count, all_reduce_sum
+from ..distributed import agreement, all_reduce_count, all_reduce_sum
 from ..errors import ConfigError, EmptyDataError
 from ..units import apply_virtual_masks, discover_units, ones_masks, parameter_importance
 from .base import Importance, ImportanceMethod, check_finite
@@ -223,7 +223,8 @@ class DAS(ImportanceMethod):
         self.base_model.train()
         try:
             state = self.start(-1)
-            with torch.enable_grad():  # callers often sit under no_grad
+            # callers often sit under no_grad; ranks agree before the sum (distributed.agreement)
+            with agreement("DAS general importance", self.importance_shapes), torch.enable_grad():
                 for batch in batches:
                     loss, masks = self._masked_loss(batch, self.proxy_kl, rate or 0.0)
                     if rate is None:  # "auto", first batch: does the model's dropout give a signal?
