@@ -322,3 +322,29 @@ def test_weights_from_another_architecture_are_still_named_first(tmp_path):
         SoftMaskModel.from_pretrained(small_mlp(in_features=6, hidden=9), directory)
 
 
+
+
+# class 10: Python versions -----------------------------------------------------------------
+
+
+def test_the_onnx_extra_installs_the_runtime_on_python_3_12_and_nothing_on_3_13():
+    import tomllib
+    from packaging.requirements import Requirement
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    reqs = [Requirement(r) for r in extra["onnx"]]
+    assert {r.name for r in reqs} == {"onnxruntime-training-cpu", "onnx"}
+    for version, installs in [("3.10", True), ("3.11", True), ("3.12", True), ("3.13", False)]:
+        assert all(r.marker.evaluate({"python_version": version}) == installs for r in reqs), version
+
+
+def test_softmask_edge_without_its_runtime_is_a_clear_library_error():
+    script = (
+        "import sys; sys.modules['onnxruntime'] = None\n"  # as on a Python with no wheel
+        "try:\n    import softmask_edge\n"
+        "except ImportError as e:\n    print(type(e).__name__, '|', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    kind, message = out.stdout.strip().split(" | ", 1)
+    assert kind == "RuntimeUnavailableError", out.stdout + out.stderr
+    assert "onnxruntime-training-cpu==1.19.2" in message and "softmask-peft[onnx]" in message
