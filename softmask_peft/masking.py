@@ -122,8 +122,11 @@ def refuse_non_finite_gradients(
 
     One NaN feature gives NaN gradients everywhere, and NaN · keep is NaN even where keep = 0:
     without this check a single bad batch overwrites every weight, the fully protected ones
-    included. Cost: one max-abs per gradient (`torch._foreach_norm(·, inf)`, NaN-propagating)
-    and one host sync per step.
+    included. Test: ‖g‖₂ is finite for every gradient g (one multi-tensor norm, accumulated in
+    float32, `torch._foreach_norm`; NaN and Inf propagate), then one host sync per step. The
+    L2 norm has torch's fast multi-tensor path (the max-abs norm has none on the CPU: 40× the
+    time measured); its only false alarm is a finite gradient whose float32 sum of squares
+    overflows (elements ≳ 1e19), which no step should take either.
     """
     params = [p for p in params if p.grad is not None]
     by_device: dict[torch.device, list[Tensor]] = {}
@@ -131,7 +134,7 @@ def refuse_non_finite_gradients(
         by_device.setdefault(p.grad.device, []).append(p)
     bad: list[Tensor] = []
     for group in by_device.values():
-        norms = torch.stack(torch._foreach_norm([p.grad for p in group], float("inf")))
+        norms = torch.stack(torch._foreach_norm([p.grad for p in group], 2, dtype=torch.float32))
         if not bool(torch.isfinite(norms).all()):
             bad += [p for p, n in zip(group, norms.tolist()) if not math.isfinite(n)]
     if bad:

@@ -13,7 +13,7 @@ and 2 stored uint8 importance as round(255 · A), format 3 as the log-keep code
 (`softmask_format.codec`); the format version in the metadata picks the decoder, so all load.
 Everything is validated before anything is built: a file only makes us allocate what its own
 bytes justify (every header is checked against the model before its data is read, head sizes
-against the weights file's header). Each file is read once (`weights.read_safetensors`) and the
+against the weights file's header). Each file is read once (`weights.open_safetensors`) and the
 pairing is checked on the bytes read: weights and importance carry the same `save_id`, and the
 importance metadata records the config it was saved with (`config`, since 0.3: a config edited
 afterwards so that it masks other parameters is refused). The save id is provenance of a file,

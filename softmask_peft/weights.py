@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save_file, save_model
 from softmask_format.names import WEIGHTS_NAME
 from torch import Tensor, nn
@@ -228,18 +228,6 @@ def read_safetensors(
         if check is not None:
             check(f.header)
         return f.tensors(), f.header
-
-
-def header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """Shapes and metadata from a safetensors header, without reading the tensors (for tools
-    that only inspect a file; loading uses `read_safetensors`, one read)."""
-    if not path.is_file():
-        raise MissingFileError(f"{str(path)!r} does not exist")
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CorruptFileError(f"cannot read {str(path)!r}: {e}") from e
 
 
 @dataclass(frozen=True)
