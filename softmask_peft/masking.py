@@ -124,8 +124,8 @@ def refuse_non_finite_gradients(
     without this check a single bad batch overwrites every weight, the fully protected ones
     included. Test: ‖g‖₂ is finite for every gradient g (one multi-tensor norm, accumulated in
     float32, `torch._foreach_norm`; NaN and Inf propagate), then one host sync per step. The
-    L2 norm has torch's fast multi-tensor path (the max-abs norm has none on the CPU: 40× the
-    time measured); its only false alarm is a finite gradient whose float32 sum of squares
+    L2 norm has torch's fast multi-tensor path (the max-abs norm has none on the CPU: 40-80× the
+    time, measured on MiniLM's 22.7 M gradients); its only false alarm is a finite gradient whose float32 sum of squares
     overflows (elements ≳ 1e19), which no step should take either.
     """
     params = [p for p in params if p.grad is not None]
