@@ -468,9 +468,9 @@ def load_checkpoint(base_model: nn.Module, directory: str | os.PathLike) -> Chec
     for attempt in range(PAIRING_ATTEMPTS):
         try:
             return _read_checkpoint(base_model, directory)
-        except _MixedSaveError:
+        except _MixedSaveError as e:
             if attempt == PAIRING_ATTEMPTS - 1:
-                raise
+                raise CorruptFileError(str(e)) from None
             time.sleep(PAIRING_RETRY_SECONDS)  # a save is landing: its rename order is brief
     raise AssertionError("unreachable")
 
