@@ -43,6 +43,10 @@ class NonFiniteGradientError(SoftMaskError, FloatingPointError):
     """The importance pass produced NaN or Inf gradients."""
 
 
+class DistributedError(SoftMaskError, RuntimeError):
+    """Data-parallel ranks disagree (another model, a failed pass on one rank) or one is gone."""
+
+
 class TaskOrderError(SoftMaskError, RuntimeError):
     """`begin_task` / `end_task` called out of order."""
 

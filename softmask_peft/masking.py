@@ -7,7 +7,8 @@ so each transform is a handful of `torch._foreach_*` calls.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from .errors import NonFiniteGradientError
 
 
 @dataclass
@@ -109,6 +112,39 @@ def build_keep_masks(
         head_keep,
         list(added or []),
     )
+
+
+@torch.no_grad()
+def refuse_non_finite_gradients(
+    params: Iterable[Tensor], names: Mapping[int, str] | None = None
+) -> None:
+    """Raise `NonFiniteGradientError` if any gradient holds NaN or Inf, before a step writes.
+
+    One NaN feature gives NaN gradients everywhere, and NaN · keep is NaN even where keep = 0:
+    without this check a single bad batch overwrites every weight, the fully protected ones
+    included. Test: ‖g‖₂ is finite for every gradient g (one multi-tensor norm, accumulated in
+    float32, `torch._foreach_norm`; NaN and Inf propagate), then one host sync per step. The
+    L2 norm has torch's fast multi-tensor path (the max-abs norm has none on the CPU: 40-80× the
+    time, measured on MiniLM's 22.7 M gradients); its only false alarm is a finite gradient whose float32 sum of squares
+    overflows (elements ≳ 1e19), which no step should take either.
+    """
+    params = [p for p in params if p.grad is not None]
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for p in params:
+        by_device.setdefault(p.grad.device, []).append(p)
+    bad: list[Tensor] = []
+    for group in by_device.values():
+        norms = torch.stack(torch._foreach_norm([p.grad for p in group], 2, dtype=torch.float32))
+        if not bool(torch.isfinite(norms).all()):
+            bad += [p for p, n in zip(group, norms.tolist()) if not math.isfinite(n)]
+    if bad:
+        shown = [(names or {}).get(id(p), f"a parameter of shape {tuple(p.shape)}") for p in bad]
+        raise NonFiniteGradientError(
+            f"NaN/Inf gradients in {len(bad)} parameter(s) ({', '.join(shown[:5])}"
+            + (" ..." if len(bad) > 5 else "")
+            + "): the step was refused and no parameter changed; check the batch (a NaN or "
+            "Inf feature?) and the learning rate"
+        )
 
 
 def base_step(base: Optimizer, closure: Callable[[], Any] | None) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -296,7 +295,7 @@ class SoftMaskModel(nn.Module):
         """
         ckpt = load_checkpoint(base_model, directory)
         expand_heads(base_model, [t.num_classes for t in ckpt.store.tasks])
-        load_weights(base_model, Path(directory))
+        load_weights(base_model, ckpt.weights)
         model = cls(base_model, ckpt.config)
         model.store = ckpt.store
         if model.store.open_task is not None:

@@ -11,7 +11,13 @@ import torch
 from torch.optim import Optimizer
 
 from .errors import ConfigError, InputTypeError
-from .masking import MASK_MODES, MASK_TRANSFORMS, KeepMasks, base_step
+from .masking import (
+    MASK_MODES,
+    MASK_TRANSFORMS,
+    KeepMasks,
+    base_step,
+    refuse_non_finite_gradients,
+)
 
 # a SoftMaskModel, a KeepMasks value, or a callable returning the current KeepMasks (or None)
 MaskSource = Any
@@ -54,6 +60,9 @@ class SoftMaskOptimizer(Optimizer):
     schedulers see no new group. Step hooks (`register_step_pre_hook` / `_post_hook`) run
     around the masked step; state-dict hooks are registered on the base optimizer.
 
+    A step whose gradients hold NaN or Inf raises `NonFiniteGradientError` before anything
+    is written (with a closure: after each evaluation).
+
     Lifecycle guards (warnings, since both can be deliberate): a step without masks (no task
     begun) warns once and steps unmasked; a base optimizer holding none of the model's masked
     parameters (a frozen backbone?) warns at construction.
@@ -65,6 +74,8 @@ class SoftMaskOptimizer(Optimizer):
                 f"base must be a torch.optim.Optimizer, got {type(base).__name__}"
             )
         self._source = _mask_source(masks, base)
+        named = getattr(getattr(masks, "base_model", None), "named_parameters", None)
+        self._names = {id(p): n for n, p in named()} if callable(named) else {}
         default = getattr(getattr(masks, "softmask_config", None), "mask_mode", "auto")
         self.base = base
         self.mask_mode = resolve_mask_mode(default if mask_mode is None else mask_mode, base)
@@ -155,9 +166,26 @@ class SoftMaskOptimizer(Optimizer):
         again, with the base optimizer as their `optimizer` argument, before update masking.
         """
         masks = self._current()
+        if closure is None:
+            self._refuse_non_finite()
+        else:
+            closure = self._checked(closure)
         if masks is None:
             return base_step(self.base, closure)
         return self._mask.step(self.base, masks, closure)
+
+    def _refuse_non_finite(self) -> None:
+        """Nothing is written when a gradient holds NaN or Inf (`NonFiniteGradientError`)."""
+        params = (p for g in self.base.param_groups for p in g["params"])
+        refuse_non_finite_gradients(params, self._names)
+
+    def _checked(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        def checked() -> Any:
+            loss = closure()
+            self._refuse_non_finite()
+            return loss
+
+        return checked
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__.copy()

@@ -6,19 +6,25 @@ file and the base model's weights. Importance file (format 3):
     tensors   {name}: accumulated A     task.{k}.{name}: task k's importance
               general.{name}: DAS's general importance (when computed)
     metadata  format, softmask_version, format_version, num_tasks, tasks (JSON task log),
-              dtype, save_id
+              dtype, save_id, config (the config's JSON, since 0.3)
 
 Format 1 (0.1.0) kept the task log in the config and had no general importance; formats 1
 and 2 stored uint8 importance as round(255 · A), format 3 as the log-keep code
 (`softmask_format.codec`); the format version in the metadata picks the decoder, so all load.
 Everything is validated before anything is built: a file only makes us allocate what its own
-bytes justify (head sizes are checked against the weights file's header first).
+bytes justify (every header is checked against the model before its data is read, head sizes
+against the weights file's header). Each file is read once (`weights.open_safetensors`) and the
+pairing is checked on the bytes read: weights and importance carry the same `save_id`, and the
+importance metadata records the config it was saved with (`config`, since 0.3: a config edited
+afterwards so that it masks other parameters is refused). The save id is provenance of a file,
+so it lives here, never in the store: `read_importance` returns it beside the store.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -50,14 +56,24 @@ from .errors import (
     MissingFileError,
     SaveLocationError,
     SoftMaskError,
+    TargetModulesError,
     UnsupportedFormatError,
 )
 from .heads import MultiHeadClassifier
 from .importance import method_spec
 from .selection import select_parameters
 from .store import ImportanceStore, TaskRecord
-from .weights import check_weights, header, read_tensors, save_weights
+from .weights import (
+    Header,
+    SafetensorsFile,
+    SavedWeights,
+    open_safetensors,
+    read_weights,
+    save_weights,
+)
 
+PAIRING_ATTEMPTS = 3  # reads of a folder whose files a concurrent save is replacing
+PAIRING_RETRY_SECONDS = 0.05
 MAX_TASKS = 100_000
 MAX_CLASSES = 1_000_000
 
@@ -94,8 +110,11 @@ def importance_tensors(store: ImportanceStore, dtype: str) -> dict[str, Tensor]:
     return out
 
 
-def save_importance(path: Path, store: ImportanceStore, dtype: str, save_id: str = "") -> None:
-    """Write the store as safetensors atomically; `save_id` ties it to the weights saved with it."""
+def save_importance(
+    path: Path, store: ImportanceStore, dtype: str, save_id: str = "", config: str = ""
+) -> None:
+    """Write the store as safetensors atomically; `save_id` ties it to the weights saved with it,
+    `config` (the config's JSON) to the selection it was computed under."""
     tasks = [{"name": t.name, "num_classes": t.num_classes} for t in store.tasks]
     metadata = {
         "format": "pt",
@@ -105,6 +124,7 @@ def save_importance(path: Path, store: ImportanceStore, dtype: str, save_id: str
         "tasks": json.dumps(tasks),
         "dtype": dtype,
         "save_id": save_id,
+        "config": config,
     }
     tensors = importance_tensors(store, dtype)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -123,7 +143,8 @@ def save_checkpoint(
 
     def write(staging: Path) -> None:
         save_weights(base_model, staging, save_id)
-        save_importance(staging / IMPORTANCE_NAME, store, config.importance_dtype, save_id)
+        recorded = json.dumps(config.to_dict(), sort_keys=True)
+        save_importance(staging / IMPORTANCE_NAME, store, config.importance_dtype, save_id, recorded)
         config.save_pretrained(staging)
 
     try:
@@ -141,15 +162,22 @@ def save_checkpoint(
 
 @dataclass
 class Checkpoint:
-    """Everything `from_pretrained` needs, validated: the model applies it (weights with
-    `weights.load_weights` once its heads exist)."""
+    """Everything `from_pretrained` needs, read once and validated: the model applies it
+    (`weights` with `weights.load_weights` once its heads exist)."""
 
     config: SoftMaskConfig
     store: ImportanceStore
+    weights: SavedWeights
 
 
-def _open_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    return read_tensors(path), header(path)[1]
+@dataclass
+class ImportanceFile:
+    """An importance file as read: the store, and the file's provenance (the save id that
+    pairs it with the weights, the config JSON it was saved with; "" in older files)."""
+
+    store: ImportanceStore
+    save_id: str
+    config: str
 
 
 def _parse_tasks(raw: Any, where: str) -> list[TaskRecord]:
@@ -196,28 +224,26 @@ def head_shapes(base_model: nn.Module, tasks: list[TaskRecord]) -> dict[str, tup
     return shapes
 
 
-def importance_version(path: Path) -> int:
-    """The importance file's format version, from its header; unknown versions raise."""
-    _, metadata = header(path)
+def _version(metadata: Mapping[str, str], where: str) -> int:
+    """The importance file's format version, from its metadata; unknown versions raise."""
     text = metadata.get("format_version")
     if text not in [str(v) for v in READABLE_FORMAT_VERSIONS]:
         raise UnsupportedFormatError(
-            f"{path.name}: importance format_version {text!r} is not supported "
+            f"{where}: importance format_version {text!r} is not supported "
             f"(this release reads {READABLE_FORMAT_VERSIONS})"
         )
     return int(text)
 
 
-def read_task_log(path: Path, raw_config: Mapping[str, Any]) -> list[TaskRecord]:
-    """The task log: the importance file's metadata (format 2) or the config (format 1)."""
-    if importance_version(path) == 1:
+def _task_log(metadata: Mapping[str, str], version: int, raw_config: Mapping[str, Any], where: str) -> list[TaskRecord]:
+    """The task log: the importance file's metadata (format 2+) or the config (format 1)."""
+    if version == 1:
         return _legacy_tasks(raw_config, CONFIG_NAME)
-    _, metadata = header(path)
     try:
         raw = json.loads(metadata.get("tasks", "[]"))
     except (json.JSONDecodeError, RecursionError) as e:
-        raise CorruptFileError(f"{path.name}: metadata tasks is not JSON: {e}") from e
-    return _parse_tasks(raw, path.name)
+        raise CorruptFileError(f"{where}: metadata tasks is not JSON: {e}") from e
+    return _parse_tasks(raw, where)
 
 
 def importance_problem(value: Any, shape: tuple[int, ...] | torch.Size | None) -> str | None:
@@ -237,13 +263,90 @@ def importance_problem(value: Any, shape: tuple[int, ...] | torch.Size | None) -
     return None
 
 
-def load_importance(
-    path: Path,
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "uint8": "U8"}
+
+
+@dataclass
+class _Plan:
+    """What an importance file's header says, checked against the model: where each key goes."""
+
+    version: int
+    tasks: list[TaskRecord]
+    num_tasks: int
+    groups: dict[str, dict[str, str]]  # prefix -> {name: key}
+
+
+def _plan_importance(
+    head: Header,
+    where: str,
+    allowed: Mapping[str, torch.Size],
+    tasks: list[TaskRecord] | None,
+    required: set[str],
+    raw_config: Mapping[str, Any],
+) -> _Plan:
+    """Check everything an importance header tells (version, task log, keys, shapes, dtypes)
+    against the model; raise before any tensor data is read."""
+    metadata = head.metadata
+    version = _version(metadata, where)
+    if tasks is None:
+        tasks = _task_log(metadata, version, raw_config, where)
+    try:
+        num_tasks = int(metadata.get("num_tasks", ""))
+    except ValueError as e:
+        raise CorruptFileError(f"{where}: metadata num_tasks is missing or invalid") from e
+    if not 0 <= num_tasks <= len(head.shapes):
+        raise CorruptFileError(
+            f"{where}: metadata says {num_tasks} task(s) but the file holds {len(head.shapes)} "
+            "tensor(s)"
+        )
+    dtype = metadata.get("dtype", "float32")
+    if dtype not in IMPORTANCE_DTYPES:
+        raise CorruptFileError(f"{where}: metadata dtype {dtype!r} is not one of {IMPORTANCE_DTYPES}")
+    groups: dict[str, dict[str, str]] = {"": {}, GENERAL_PREFIX: {}}
+    groups.update({f"{TASK_PREFIX}{k}.": {} for k in range(num_tasks)})
+    problems = []
+    for key in sorted(head.shapes):
+        prefix = next(
+            (p for p in groups if p and key.startswith(p) and key[len(p) :] in allowed), ""
+        )
+        name = key[len(prefix) :]
+        if name not in allowed or (prefix == GENERAL_PREFIX and version < 2):
+            problems.append(f"unexpected key {key!r}")
+        elif head.dtypes[key] != _SAFETENSORS_DTYPES[dtype]:
+            problems.append(f"{key}: dtype {head.dtypes[key]} but the file's metadata says {dtype}")
+        else:
+            if head.shapes[key] != tuple(allowed[name]):
+                problems.append(f"{key}: shape {head.shapes[key]} != expected {tuple(allowed[name])}")
+            groups[prefix][name] = key
+    accumulated, general = groups[""], groups[GENERAL_PREFIX]
+    covered = {n for p, task in groups.items() if p.startswith(TASK_PREFIX) for n in task}
+    # a store saved before its first task ends has no accumulated importance yet
+    if num_tasks or accumulated:
+        problems += [f"missing key {n!r}" for n in sorted((required | covered) - set(accumulated))]
+    if general:
+        problems += [f"missing key {GENERAL_PREFIX + n!r}" for n in sorted(required - set(general))]
+    problems += [f"task {k} has no importance" for k in range(num_tasks) if not groups[f"{TASK_PREFIX}{k}."]]
+    if not num_tasks <= len(tasks) <= num_tasks + 1:
+        problems.append(f"the task log names {len(tasks)} task(s) but the file holds {num_tasks}")
+    _raise_problems(problems, where)
+    return _Plan(version, tasks, num_tasks, groups)
+
+
+def _raise_problems(problems: list[str], where: str) -> None:
+    if problems:
+        shown = problems[:20] + ([f"(+{len(problems) - 20} more)"] if len(problems) > 20 else [])
+        raise ImportanceMismatchError(f"cannot load importance from {where}:\n  " + "\n  ".join(shown))
+
+
+def read_importance(
+    source: Path | SafetensorsFile,
     allowed: Mapping[str, torch.Size],
     tasks: list[TaskRecord] | None = None,
     required: Collection[str] | None = None,
-) -> ImportanceStore:
-    """Read and validate an importance file; raise before building anything if it does not fit.
+    raw_config: Mapping[str, Any] | None = None,
+) -> ImportanceFile:
+    """Read and validate an importance file once; raise before building anything if it does
+    not fit.
 
     `allowed` maps every name the file may hold to its shape (SPG: every parameter of the
     model, since the masked set may change between tasks; DAS: the units). `required` names
@@ -251,80 +354,101 @@ def load_importance(
     covers at least one name (a task that trained only its own PEFT adapter covers a subset),
     and the accumulated importance covers every name a task does. Every problem (missing or
     unexpected key, shape, dtype other than the metadata's, value outside [0, 1]) is listed in
-    one error. `tasks` defaults to the file's own task log (format 2+).
+    one error; all but the values are found in the header, before any tensor data is read.
+    `tasks` defaults to the file's own task log (format 2+; format 1: `raw_config`'s).
+    `source`: a path, or a file the caller opened (`weights.open_safetensors`) and has read
+    the header of.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"importance file {str(path)!r} does not exist")
-    version = importance_version(path)
-    if tasks is None:
-        tasks = read_task_log(path, {})
+    if not isinstance(source, SafetensorsFile):
+        path = Path(source)
+        if not path.is_file():
+            raise MissingFileError(f"importance file {str(path)!r} does not exist")
+        with open_safetensors(path) as f:
+            return read_importance(f, allowed, tasks, required, raw_config)
+    where = repr(str(source.path))
     required = set(allowed if required is None else required)
-    tensors, metadata = _open_safetensors(path)
-    try:
-        num_tasks = int(metadata.get("num_tasks", ""))
-    except ValueError as e:
-        raise CorruptFileError(f"{path.name}: metadata num_tasks is missing or invalid") from e
-    if not 0 <= num_tasks <= len(tensors):
-        raise CorruptFileError(
-            f"{path.name}: metadata says {num_tasks} task(s) but the file holds {len(tensors)} "
-            "tensor(s)"
-        )
-    dtype = metadata.get("dtype", "float32")
-    if dtype not in IMPORTANCE_DTYPES:
-        raise CorruptFileError(f"{path.name}: metadata dtype {dtype!r} is not one of {IMPORTANCE_DTYPES}")
-    groups: dict[str, dict[str, Tensor]] = {"": {}, GENERAL_PREFIX: {}}
-    groups.update({f"{TASK_PREFIX}{k}.": {} for k in range(num_tasks)})
-    problems = []
-    for key in sorted(tensors):
-        prefix = next(
-            (p for p in groups if p and key.startswith(p) and key[len(p) :] in allowed), ""
-        )
-        name = key[len(prefix) :]
-        if name not in allowed or (prefix == GENERAL_PREFIX and version < 2):
-            problems.append(f"unexpected key {key!r}")
-        elif tensors[key].dtype != _TORCH_DTYPES[dtype]:
-            problems.append(f"{key}: dtype {tensors[key].dtype} but the file's metadata says {dtype}")
-        else:
-            groups[prefix][name] = tensors[key]
-    accumulated, general = groups.pop(""), groups.pop(GENERAL_PREFIX)
-    covered = {n for task in groups.values() for n in task}
-    # a store saved before its first task ends has no accumulated importance yet
-    if num_tasks or accumulated:
-        problems += [f"missing key {n!r}" for n in sorted((required | covered) - set(accumulated))]
-    if general:
-        problems += [f"missing key {GENERAL_PREFIX + n!r}" for n in sorted(required - set(general))]
-    problems += [f"task {k} has no importance" for k in range(num_tasks) if not groups[f"{TASK_PREFIX}{k}."]]
+    head = source.header
+    plan = _plan_importance(head, where, allowed, tasks, required, raw_config or {})
+    tensors = source.tensors()
     decoded = {
-        prefix: {n: decode(t, version) for n, t in group.items()}
-        for prefix, group in [("", accumulated), (GENERAL_PREFIX, general), *groups.items()]
+        prefix: {n: decode(tensors[key], plan.version) for n, key in group.items()}
+        for prefix, group in plan.groups.items()
     }
-    problems += [
-        f"{prefix + n}: {problem}"
-        for prefix, group in decoded.items()
-        for n, v in group.items()
-        if (problem := importance_problem(v, allowed[n]))
-    ]
-    if not num_tasks <= len(tasks) <= num_tasks + 1:
-        problems.append(f"the task log names {len(tasks)} task(s) but the file holds {num_tasks}")
-    if problems:
-        shown = problems[:20] + ([f"(+{len(problems) - 20} more)"] if len(problems) > 20 else [])
-        raise ImportanceMismatchError(
-            f"cannot load importance from {str(path)!r}:\n  " + "\n  ".join(shown)
-        )
-    return ImportanceStore.from_parts(
-        [decoded[f"{TASK_PREFIX}{k}."] for k in range(num_tasks)],
-        tasks,
+    _raise_problems(
+        [
+            f"{prefix + n}: {problem}"
+            for prefix, group in decoded.items()
+            for n, v in group.items()
+            if (problem := importance_problem(v, allowed[n]))
+        ],
+        where,
+    )
+    store = ImportanceStore.from_parts(
+        [decoded[f"{TASK_PREFIX}{k}."] for k in range(plan.num_tasks)],
+        plan.tasks,
         accumulated=decoded[""],
         general=decoded[GENERAL_PREFIX] or None,
-        save_id=metadata.get("save_id", ""),
+    )
+    return ImportanceFile(store, head.metadata.get("save_id", ""), head.metadata.get("config", ""))
+
+
+def load_importance(
+    path: Path,
+    allowed: Mapping[str, torch.Size],
+    tasks: list[TaskRecord] | None = None,
+    required: Collection[str] | None = None,
+) -> ImportanceStore:
+    """The store of `read_importance` (for callers that need no provenance)."""
+    return read_importance(path, allowed, tasks, required).store
+
+
+def _check_selection(
+    base_model: nn.Module, config: SoftMaskConfig, recorded: str, where: str
+) -> None:
+    """Refuse a config edited after saving so that it masks other parameters (a parameter
+    with importance turned into a head, say): the importance would be kept but ignored, or
+    applied where it was never measured. Edits that keep the selection (mask_mode, ...) load."""
+    if not recorded:
+        return  # saved before 0.3: no record to compare with
+    try:
+        saved = SoftMaskConfig.from_dict(json.loads(recorded))
+    except (SoftMaskError, ValueError, TypeError, RecursionError) as e:
+        raise CorruptFileError(f"{where}: the recorded config is malformed: {e}") from e
+    if saved == config:
+        return
+    now = select_parameters(base_model, config)
+    try:
+        then = select_parameters(base_model, saved)
+    except TargetModulesError:
+        then = ([], [])
+    if now == then:
+        return
+    lost = sorted(set(then[0]) - set(now[0]))
+    gained = sorted(set(now[0]) - set(then[0]))
+    fields = ("target_modules", "exclude_modules", "head_modules")
+    raise ConfigError(
+        f"{CONFIG_NAME} in {where} selects other parameters than the config the importance was "
+        "saved with (edited after saving?): "
+        + "; ".join(
+            part
+            for part in (
+                lost and f"masked when saved, not now: {lost[:5]}" + (" ..." if len(lost) > 5 else ""),
+                gained and f"masked now, not when saved: {gained[:5]}" + (" ..." if len(gained) > 5 else ""),
+                then[1] != now[1] and f"heads then {then[1][:5]}, now {now[1][:5]}",
+            )
+            if part
+        )
+        + ". Restore "
+        + ", ".join(f"{f}={getattr(saved, f)!r}" for f in fields)
     )
 
 
 def load_checkpoint(base_model: nn.Module, directory: str | os.PathLike) -> Checkpoint:
     """Read and validate what `save_checkpoint` wrote, for loading onto `base_model`.
 
-    Nothing in `base_model` changes here; every check passes before the caller applies it
+    Each file is read once; if the weights and the importance read come from two saves (a
+    save landed between the two reads), the folder is read again, up to `PAIRING_ATTEMPTS`
+    times. Nothing in `base_model` changes here; every check passes before the caller applies it
     (files present, config and format version known, task log sane, weights and importance
     keys, shapes, dtypes and range).
     """
@@ -341,18 +465,38 @@ def load_checkpoint(base_model: nn.Module, directory: str | os.PathLike) -> Chec
     missing = [n for n in (CONFIG_NAME, IMPORTANCE_NAME) if not (directory / n).is_file()]
     if missing:
         raise MissingFileError(f"{str(directory)!r} lacks {', '.join(missing)}")
-    raw_config = read_config_json(directory)
+    for attempt in range(PAIRING_ATTEMPTS):
+        try:
+            return _read_checkpoint(base_model, directory)
+        except _MixedSaveError as e:
+            if attempt == PAIRING_ATTEMPTS - 1:
+                raise CorruptFileError(str(e)) from None
+            time.sleep(PAIRING_RETRY_SECONDS)  # a save is landing: its rename order is brief
+    raise AssertionError("unreachable")
+
+
+class _MixedSaveError(CorruptFileError):
+    """Weights and importance of two different saves: a save is landing (retried) or one
+    was interrupted."""
+
+
+def _read_checkpoint(base_model: nn.Module, directory: Path) -> Checkpoint:
+    raw_config = read_config_json(directory)  # one read each: config, importance, weights
     config = SoftMaskConfig.from_dict(raw_config)
-    tasks = read_task_log(directory / IMPORTANCE_NAME, raw_config)
-    weights_id = check_weights(base_model, directory, head_shapes(base_model, tasks))
-    masked, _ = select_parameters(base_model, config)
-    method = method_spec(config.method).method_class(base_model, masked, config.method_config)
-    store = load_importance(
-        directory / IMPORTANCE_NAME, method.storable_shapes(), tasks, method.required_importance()
-    )
-    if weights_id != store.save_id:
-        raise CorruptFileError(
-            f"the weights and {IMPORTANCE_NAME} in {str(directory)!r} come from different "
-            "saves (an interrupted save_pretrained?); refusing to pair them"
+    where = repr(str(directory))
+    with open_safetensors(directory / IMPORTANCE_NAME) as importance:
+        metadata = importance.header.metadata
+        tasks = _task_log(metadata, _version(metadata, IMPORTANCE_NAME), raw_config, IMPORTANCE_NAME)
+        weights = read_weights(base_model, directory, head_shapes(base_model, tasks))
+        if weights.save_id != metadata.get("save_id", ""):
+            raise _MixedSaveError(
+                f"the weights and {IMPORTANCE_NAME} in {where} come from different saves (a "
+                "save in progress, or an interrupted one?); refusing to pair them"
+            )
+        masked, _ = select_parameters(base_model, config)
+        method = method_spec(config.method).method_class(base_model, masked, config.method_config)
+        saved = read_importance(
+            importance, method.storable_shapes(), tasks, method.required_importance()
         )
-    return Checkpoint(config, store)
+    _check_selection(base_model, config, saved.config, where)
+    return Checkpoint(config, saved.store, weights)

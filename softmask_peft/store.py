@@ -43,7 +43,6 @@ class ImportanceStore:
         self.history: list[dict[str, Tensor]] = []
         self.tasks: list[TaskRecord] = []
         self.general: dict[str, Tensor] | None = None
-        self.save_id = ""
 
     @property
     def num_tasks(self) -> int:
@@ -92,7 +91,6 @@ class ImportanceStore:
         tasks: list[TaskRecord],
         accumulated: Mapping[str, Tensor] | None = None,
         general: Mapping[str, Tensor] | None = None,
-        save_id: str = "",
     ) -> ImportanceStore:
         """A store from loaded parts; `accumulated` defaults to the max over `history`."""
         if not len(history) <= len(tasks) <= len(history) + 1:
@@ -106,5 +104,4 @@ class ImportanceStore:
         if accumulated is not None:
             store.accumulated = _own(accumulated)
         store.general = None if general is None else _own(general)
-        store.save_id = save_id
         return store

@@ -18,8 +18,9 @@ WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def launch(tmp_path: Path, modes: str, world: int = 2) -> None:
-    """Run `world` ranks of dist_worker.py; fail the test if any rank fails or hangs."""
+def launch(tmp_path: Path, modes: str, world: int = 2, may_die: tuple[int, ...] = ()) -> None:
+    """Run `world` ranks of dist_worker.py; fail the test if any rank (other than those that
+    `may_die`) fails, or any hangs."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     init = tmp_path / "rendezvous"
     procs = [
@@ -37,8 +38,8 @@ def launch(tmp_path: Path, modes: str, world: int = 2) -> None:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 or r in may_die, out[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +69,36 @@ def test_two_ranks_get_the_single_process_importance_and_masks(runs, method):
 def test_a_nan_on_one_rank_raises_on_every_rank(runs):
     texts = [(runs / f"nan_rank{r}.txt").read_text() for r in range(2)]
     assert texts == ["NonFiniteGradientError"] * 2
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory) -> Path:
+    """One 2-process launch through every fault on rank 1 (the kill last)."""
+    out = tmp_path_factory.mktemp("ddp_faults")
+    launch(out, "empty,badbatch,names,sizes,kill", may_die=(1,))
+    return out
+
+
+def outcome(runs: Path, mode: str, rank: int) -> tuple[str, float]:
+    kind, seconds = (runs / f"{mode}_rank{rank}.txt").read_text().split()
+    return kind, float(seconds)
+
+
+@pytest.mark.parametrize(
+    "mode, own",
+    [("empty", "EmptyDataError"), ("badbatch", "BatchError"), ("names", "DistributedError"),
+     ("sizes", "DistributedError")],
+)
+def test_a_fault_on_one_rank_raises_the_library_error_on_every_rank_at_once(faults, mode, own):
+    """An error on one rank, or ranks with different models (same or other sizes): every rank
+    raises within seconds (the group's timeout is 60 s here, 30 min by default)."""
+    (kind0, t0), (kind1, t1) = outcome(faults, mode, 0), outcome(faults, mode, 1)
+    assert (kind0, kind1) == ("DistributedError", own)
+    assert max(t0, t1) < 20
+
+
+def test_a_killed_rank_gives_the_survivor_a_library_error(faults):
+    kind, seconds = outcome(faults, "kill", 0)
+    assert kind == "DistributedError"
+    assert seconds < 30
+    assert not (faults / "kill_rank1.txt").exists()  # rank 1 really died

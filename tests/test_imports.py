@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import softmask_bench
-import softmask_edge
 import softmask_format
 
 import softmask_peft
@@ -89,8 +89,10 @@ def test_no_import_cycles_anywhere_function_local_imports_included() -> None:
     graph = _import_graph(
         {
             m.__name__: Path(m.__file__).parent
-            for m in (softmask_peft, softmask_edge, softmask_format, softmask_bench)
+            for m in (softmask_peft, softmask_format, softmask_bench)
         }
+        # the source only: importing softmask_edge needs ONNX Runtime (none on Python 3.13)
+        | {"softmask_edge": Path(importlib.util.find_spec("softmask_edge").origin).parent}
     )
     assert len(graph) > 40
     cycles, done = [], set()

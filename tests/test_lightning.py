@@ -77,3 +77,55 @@ def test_two_fits_equal_a_plain_masked_loop(mode):
     for k, v in ref.importance.items():
         torch.testing.assert_close(model.importance[k], v, rtol=1e-5, atol=1e-6)
     assert any(float(v.max()) > 0.5 for v in ref.importance.values())
+
+
+# issue 19, class 8 (the Lightning parts) -------------------------------------------------
+
+
+def quiet_trainer(callback, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        callbacks=[callback], max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **kwargs,
+    )
+
+
+def sgd(ps):
+    return torch.optim.SGD(ps, lr=0.1)
+
+
+@pytest.mark.parametrize("how", ["limit_train_batches=0", "empty loader"])
+def test_a_fit_without_training_batches_is_a_library_error_and_the_task_stays_open(how):
+    from softmask_peft import EmptyDataError
+
+    model = get_softmask_model(small_mlp(in_features=6), SoftMaskConfig())
+    callback = SoftMaskCallback(model)
+    (loader, _) = tasks()
+    kwargs = {"limit_train_batches": 0} if how.startswith("limit") else {}
+    if how == "empty loader":
+        x, y = loader.dataset.tensors
+        loader = DataLoader(TensorDataset(x[:0], y[:0]), batch_size=4)
+    with pytest.raises(EmptyDataError, match="no training batch|no batches"):
+        quiet_trainer(callback, **kwargs).fit(Module(model, sgd), loader)
+    assert model.current_task == 0 and model.num_tasks == 0
+
+
+def test_the_fit_end_hook_outside_a_fit_is_a_library_error():
+    from softmask_peft import EmptyDataError
+
+    model = get_softmask_model(small_mlp(in_features=6), SoftMaskConfig())
+    callback = SoftMaskCallback(model)
+    module = Module(model, sgd)
+    with pytest.raises(EmptyDataError, match="outside Trainer.fit"):
+        callback.on_fit_end(quiet_trainer(callback), module)
+
+
+def test_a_callback_bound_to_another_model_is_refused_before_training():
+    from softmask_peft import ConfigError
+
+    trained = get_softmask_model(small_mlp(in_features=6), SoftMaskConfig())
+    other = get_softmask_model(small_mlp(in_features=6), SoftMaskConfig())
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    with pytest.raises(ConfigError, match="does not train the SoftMaskModel"):
+        quiet_trainer(SoftMaskCallback(other)).fit(Module(trained, sgd), tasks()[0])
+    assert all(torch.equal(v, before[k]) for k, v in trained.state_dict().items())
+    assert other.current_task is None  # nothing begun on the wrong model

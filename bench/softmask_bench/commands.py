@@ -194,7 +194,7 @@ def _device_demo(args: argparse.Namespace) -> None:
     try:
         import softmask_edge  # noqa: F401
     except ImportError as e:
-        print(f"device part skipped: it needs the onnx extra (pip install -e '.[onnx]'): {e}")
+        print(f"device part skipped: {e}")  # softmask_edge says what to install, and where
         return
     from .device_demo import run_device_demo
     from .report import markdown_report, write_report

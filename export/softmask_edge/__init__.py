@@ -6,11 +6,44 @@ importance with an ONNX graph, and saves atomically. Depends on numpy, onnx and
 onnxruntime-training only; importing this package never imports torch.
 """
 
+import importlib.util
+import sys
+
 import softmask_format
 
-from .builder import build_artifacts
-from .checkpoint import DeviceCheckpoint, read_device_checkpoint
-from .errors import (
+from .errors import RuntimeUnavailableError
+
+# the wheels that exist: onnxruntime-training-cpu 1.19.2 (the last training release) for
+# CPython 3.8-3.12, onnx < 1.17 (newer onnx writes IR versions ORT 1.19 refuses)
+LAST_RUNTIME_PYTHON = (3, 12)
+
+
+def _check_runtime() -> None:
+    """A clear error, at import, when the device runtime is missing (not a ModuleNotFoundError
+    from deep inside a submodule)."""
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if not missing:
+        return
+    here = ".".join(map(str, sys.version_info[:2]))
+    if sys.version_info[:2] > LAST_RUNTIME_PYTHON:
+        advice = (
+            f"ONNX Runtime Training has no build for Python {here} (onnxruntime-training-cpu "
+            "1.19.2, the last release, has wheels for Python 3.8-3.12): run the device side on "
+            "Python 3.12 or older; the PyTorch side (softmask_peft) works on this Python"
+        )
+    else:
+        advice = "install it with: pip install 'softmask-peft[onnx]'"
+    raise RuntimeUnavailableError(
+        f"softmask_edge needs {' and '.join(missing)} (onnxruntime-training-cpu==1.19.2, "
+        f"onnx<1.17), not installed here; {advice}"
+    )
+
+
+_check_runtime()
+
+from .builder import build_artifacts  # noqa: E402
+from .checkpoint import DeviceCheckpoint, read_device_checkpoint  # noqa: E402
+from .errors import (  # noqa: E402
     ArgumentError,
     ArtifactMismatchError,
     BatchError,
@@ -26,9 +59,9 @@ from .errors import (
     TaskOrderError,
     UnsupportedFormatError,
 )
-from .learner import EdgeLearner
-from .manifest import Manifest
-from .schedule import EarlyStopping
+from .learner import EdgeLearner  # noqa: E402
+from .manifest import Manifest  # noqa: E402
+from .schedule import EarlyStopping  # noqa: E402
 
 __version__ = softmask_format.__version__
 
@@ -48,6 +81,7 @@ __all__ = [
     "MissingArtifactError",
     "NonFiniteGradientError",
     "OnnxRuntimeError",
+    "RuntimeUnavailableError",
     "SaveLocationError",
     "StaleWriterError",
     "TaskOrderError",

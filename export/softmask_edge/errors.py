@@ -10,6 +10,10 @@ class EdgeError(Exception):
     """Base class of every error softmask_edge raises on purpose."""
 
 
+class RuntimeUnavailableError(EdgeError, ImportError):
+    """ONNX Runtime Training (or onnx) is not installed, or cannot be on this Python."""
+
+
 class ArtifactMismatchError(EdgeError, ValueError):
     """Artifacts, checkpoint or weights belong to a different model (names, shapes, dtypes)."""
 

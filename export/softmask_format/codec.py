@@ -61,9 +61,9 @@ def encode(a: np.ndarray, dtype: str, *, float16_bits: bool = False) -> np.ndarr
 
     uint8: c = #{j : A ≥ UINT8_BOUNDARIES[j]}, i.e. round(−16 · log2(1 − A)) capped at 255.
     """
-    a = np.ascontiguousarray(a, dtype=np.float32)
+    a = np.asarray(a, dtype=np.float32, order="C")  # not ascontiguousarray: it makes 0-d 1-d
     if check_dtype(dtype) == "uint8":
-        return np.searchsorted(UINT8_BOUNDARIES, a, side="right").astype(np.uint8)
+        return np.asarray(np.searchsorted(UINT8_BOUNDARIES, a, side="right"), np.uint8)
     if dtype == "float16":
         half = a.astype(np.float16)
         return half.view(np.uint16) if float16_bits else half
@@ -76,10 +76,10 @@ def decode(a: np.ndarray, *, linear_uint8: bool = False) -> np.ndarray:
     uint8: A = 1 − 2^(−c/16), 255 -> 1; `linear_uint8` reads a format 1-2 file's c / 255.
     """
     a = np.asarray(a)
-    if a.dtype == np.uint8:
+    if a.dtype == np.uint8:  # np.asarray: numpy turns a 0-d result into a scalar
         if linear_uint8:
-            return a.astype(np.float32) / np.float32(LINEAR_UINT8_SCALE)
-        return UINT8_DECODE_TABLE[a]
+            return np.asarray(a.astype(np.float32) / np.float32(LINEAR_UINT8_SCALE))
+        return np.asarray(UINT8_DECODE_TABLE[a])
     if a.dtype == np.uint16:
         return a.view(np.float16).astype(np.float32)
     return a.astype(np.float32)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import agreement
 from ..errors import ConfigError, EmptyDataError, NonFiniteGradientError
 
 Importance = dict[str, Tensor]
@@ -79,14 +80,17 @@ class ImportanceMethod(ABC):
         batches: Iterable[Any],
         general: Mapping[str, Tensor] | None = None,
     ) -> Importance:
-        """start -> add every batch -> result."""
-        state = self.start(task_id)
-        seen = 0
-        for batch in batches:
-            state = self.add(state, batch)
-            seen += 1
-        if seen == 0:
-            raise EmptyDataError(f"the importance pass of task {task_id} got no batches")
+        """start -> add every batch -> result. Under data parallelism the ranks agree that every
+        local pass succeeded, on the same model, before `result` sums across them."""
+        what = f"{self.name} importance of task {task_id}"
+        with agreement(what, self.importance_shapes):
+            state = self.start(task_id)
+            seen = 0
+            for batch in batches:
+                state = self.add(state, batch)
+                seen += 1
+            if seen == 0:
+                raise EmptyDataError(f"the importance pass of task {task_id} got no batches")
         return self.result(state, general)
 
 

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..batches import model_loss, split_batch, task_loss
+from ..batches import model_forward, model_loss, split_batch, task_loss
 from ..contrastive import info_nce, mean_pool
-from ..distributed import all_reduce_count, all_reduce_sum
+from ..distributed import agreement, all_reduce_count, all_reduce_sum
 from ..errors import ConfigError, EmptyDataError
 from ..units import apply_virtual_masks, discover_units, ones_masks, parameter_importance
 from .base import Importance, ImportanceMethod, check_finite
@@ -223,7 +223,8 @@ class DAS(ImportanceMethod):
         self.base_model.train()
         try:
             state = self.start(-1)
-            with torch.enable_grad():  # callers often sit under no_grad
+            # callers often sit under no_grad; ranks agree before the sum (distributed.agreement)
+            with agreement("DAS general importance", self.importance_shapes), torch.enable_grad():
                 for batch in batches:
                     loss, masks = self._masked_loss(batch, self.proxy_kl, rate or 0.0)
                     if rate is None:  # "auto", first batch: does the model's dropout give a signal?
@@ -382,7 +383,7 @@ class DAS(ImportanceMethod):
         _, _, hf = split_batch(batch)
         if not hf:
             raise ConfigError("DAS training_loss needs HF-style dict batches with 'labels'")
-        out = self.base_model(**hf, output_hidden_states=True)
+        out = model_forward(self.base_model, hf, output_hidden_states=True)
         loss = model_loss(out)
         weight = self.config.contrastive_weight
         if weight == 0:

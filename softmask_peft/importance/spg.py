@@ -28,7 +28,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..batches import cross_entropy, logits_of, model_loss, split_batch, task_loss
+from ..batches import (
+    as_model_dtype,
+    cross_entropy,
+    logits_of,
+    model_forward,
+    model_loss,
+    split_batch,
+    task_loss,
+)
 from ..distributed import all_reduce_sum
 from ..errors import ConfigError, EmptyDataError
 from ..heads import MultiHeadClassifier
@@ -89,10 +97,11 @@ class SPG(ImportanceMethod):
         """Gradients of every head's loss, each stacked as (num_heads, *param.shape)."""
         base = self.base_model
         x, y, hf = split_batch(batch)
+        x = as_model_dtype(base, x)
         if isinstance(base, MultiHeadClassifier) and state.task > 0 and self.config.cross_heads:
             return self._multi_head_grads(state, base, x, y)
         if hf:
-            loss = model_loss(base(**hf))
+            loss = model_loss(model_forward(base, hf))
         else:
             out = base(x, task_id=state.task) if isinstance(base, MultiHeadClassifier) else base(x)
             loss = cross_entropy(logits_of(out), y)

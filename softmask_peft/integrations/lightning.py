@@ -22,8 +22,8 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.optim import Optimizer
 
-from ..errors import ConfigError, InputTypeError
-from ..masking import MASK_MODES, GradMask
+from ..errors import ConfigError, EmptyDataError, InputTypeError
+from ..masking import MASK_MODES, GradMask, refuse_non_finite_gradients
 from ..model import SoftMaskModel
 from ..optim import SoftMaskOptimizer, resolve_mask_mode
 
@@ -43,9 +43,16 @@ class SoftMaskCallback(pl.Callback):
         self._grad_mask = GradMask()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_trains_model(pl_module)
+        optimizers = trainer.strategy.optimizers
+        if not optimizers:
+            raise ConfigError(
+                "SoftMaskCallback: the fit has no optimizer (configure_optimizers returned "
+                "none), so there is no step to mask"
+            )
         if self.model.current_task is None:
             self.model.begin_task(self.model.num_tasks)
-        self._mode = resolve_mask_mode(self.mask_mode, trainer.strategy.optimizers[0])
+        self._mode = resolve_mask_mode(self.mask_mode, optimizers[0])
         if self._mode == "update":
             trainer.strategy.optimizers = [
                 o
@@ -57,14 +64,35 @@ class SoftMaskCallback(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        # NaN/Inf gradients: refused before the step writes anything (mask -> clip -> step)
+        refuse_non_finite_gradients(p for g in optimizer.param_groups for p in g["params"])
         if self._mode != "grad" or self.model.keep_masks is None:
             return
         self._grad_mask.mask_gradients(self.model.keep_masks)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loader = trainer.train_dataloader
+        task = self.model.current_task
+        if loader is None or trainer.num_training_batches == 0:
+            raise EmptyDataError(
+                f"SoftMaskCallback: the fit ran no training batch (an empty train dataloader, "
+                f"limit_train_batches=0, or the hook called outside Trainer.fit), so task {task} "
+                "has no data to measure its importance on; it stays open: fit again with data"
+            )
         batches = (trainer.strategy.batch_to_device(b) for b in _iterate(loader))
         self.model.end_task(batches)
+
+    def _check_trains_model(self, pl_module: pl.LightningModule) -> None:
+        """Refuse a callback bound to another SoftMaskModel than the one `pl_module` trains:
+        it would mask parameters that get no gradient and let the real ones train unmasked."""
+        trained = {id(p) for p in pl_module.parameters()}
+        named = dict(self.model.base_model.named_parameters())
+        if not any(id(named[n]) in trained for n in self.model.masked_parameter_names):
+            raise ConfigError(
+                f"SoftMaskCallback: {type(pl_module).__name__} does not train the SoftMaskModel "
+                "this callback was built with (none of its masked parameters is a parameter of "
+                "the LightningModule): build the callback with the model the module trains"
+            )
 
 
 def _iterate(loader: Any) -> Any:

@@ -164,7 +164,7 @@ class SoftMaskTrainer(Trainer):
         ckpt = load_checkpoint(base, directory)  # validates, changes nothing
         self._check_same_importance(ckpt.store, directory)
         expand_heads(base, [t.num_classes for t in ckpt.store.tasks])
-        load_weights(base, directory)
+        load_weights(base, ckpt.weights)
 
     def _check_same_importance(self, saved: ImportanceStore, directory: os.PathLike) -> None:
         mine = self.model.store
