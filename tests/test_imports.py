@@ -166,9 +166,10 @@ def _cross_package_imports(root: Path, top: str) -> list[tuple[str, str, bool]]:
 
 def test_the_four_packages_depend_one_way() -> None:
     roots = {
-        m.__name__: Path(m.__file__).parent
-        for m in (softmask_peft, softmask_edge, softmask_format, softmask_bench)
+        m.__name__: Path(m.__file__).parent for m in (softmask_peft, softmask_format, softmask_bench)
     }
+    # located, not imported: on Python 3.13 importing the device package raises by design
+    roots["softmask_edge"] = Path(importlib.util.find_spec("softmask_edge").origin).parent
     wrong = []
     peft_to_edge = []
     for top, root in roots.items():
