@@ -229,15 +229,17 @@ class SoftMaskModel(nn.Module):
         self.base_model.train()
         try:
             with torch.enable_grad():  # callers often evaluate under no_grad
-                importance = self.method.run(task, train_batches, self.store.general)
+                importance = self.method.run(
+                    task, train_batches, self.store.general, self._shape_task_importance
+                )
         finally:
             self.base_model.train(was_training)
-        cfg = self.softmask_config
-        importance = shape_task_importance(
-            importance, cfg.importance_sharpness, cfg.importance_budget
-        )
         self._close_task(importance)
         return importance
+
+    def _shape_task_importance(self, importance: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        cfg = self.softmask_config
+        return shape_task_importance(importance, cfg.importance_sharpness, cfg.importance_budget)
 
     def _close_task(self, importance: Mapping[str, Tensor]) -> None:
         """Record the open task's importance (the store's one writer), accumulated by the

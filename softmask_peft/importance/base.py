@@ -10,7 +10,7 @@ second call does can reset a pass in progress.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from ..distributed import agreement
 from ..errors import ConfigError, EmptyDataError, NonFiniteGradientError
 
 Importance = dict[str, Tensor]
+Shape = Callable[[Importance], Importance]
 
 
 class ImportanceMethod(ABC):
@@ -41,8 +42,12 @@ class ImportanceMethod(ABC):
         """Add one batch's gradient information to `state`; return the state."""
 
     @abstractmethod
-    def result(self, state: Any, general: Mapping[str, Tensor] | None) -> Importance:
-        """This task's normalised importance, keyed by store name."""
+    def result(
+        self, state: Any, general: Mapping[str, Tensor] | None, shape: Shape | None = None
+    ) -> Importance:
+        """This task's normalised importance, keyed by store name; `shape` (the capacity
+        options, `capacity.shape_task_importance`) applies to the task's own importance only,
+        before anything general is merged in."""
 
     @abstractmethod
     def training_loss(
@@ -79,6 +84,7 @@ class ImportanceMethod(ABC):
         task_id: int,
         batches: Iterable[Any],
         general: Mapping[str, Tensor] | None = None,
+        shape: Shape | None = None,
     ) -> Importance:
         """start -> add every batch -> result. Under data parallelism the ranks agree that every
         local pass succeeded, on the same model, before `result` sums across them."""
@@ -91,7 +97,7 @@ class ImportanceMethod(ABC):
                 seen += 1
             if seen == 0:
                 raise EmptyDataError(f"the importance pass of task {task_id} got no batches")
-        return self.result(state, general)
+        return self.result(state, general, shape)
 
 
 def check_finite(grads: Mapping[str, Tensor], what: str) -> None:

@@ -33,7 +33,7 @@ from ..contrastive import info_nce, mean_pool
 from ..distributed import agreement, all_reduce_count, all_reduce_sum
 from ..errors import ConfigError, EmptyDataError
 from ..units import apply_virtual_masks, discover_units, ones_masks, parameter_importance
-from .base import Importance, ImportanceMethod, check_finite
+from .base import Importance, ImportanceMethod, Shape, check_finite
 from .normalize import normalize_importance
 
 CONTRASTIVE_POSITIVES = ("detached", "grad")
@@ -194,9 +194,12 @@ class DAS(ImportanceMethod):
         """Add |∂L/∂m| of the domain loss on one batch."""
         return self._add(state, batch, self.domain_loss)
 
-    def result(self, state: DASState, general: Mapping[str, Tensor] | None = None) -> Importance:
-        """This domain's importance, max-merged with the general importance if computed."""
-        return combined_importance(self._normalized(state), general)
+    def result(
+        self, state: DASState, general: Mapping[str, Tensor] | None = None, shape: Shape | None = None
+    ) -> Importance:
+        """This domain's importance (shaped by `shape`), max-merged with the general importance."""
+        own = self._normalized(state)
+        return combined_importance(own if shape is None else shape(own), general)
 
     # the passes ------------------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ from ..batches import (
 from ..distributed import all_reduce_sum
 from ..errors import ConfigError, EmptyDataError
 from ..heads import MultiHeadClassifier
-from .base import Importance, ImportanceMethod, check_finite
+from .base import Importance, ImportanceMethod, Shape, check_finite
 from .normalize import normalize_importance
 
 
@@ -188,16 +188,19 @@ class SPG(ImportanceMethod):
             torch._foreach_add_(state.sums, grads)
         return state
 
-    def result(self, state: SPGState, general: Mapping[str, Tensor] | None = None) -> Importance:
-        """γ^t[p] = max_h |tanh(standardize(g_h[p]))| for every masked parameter."""
+    def result(
+        self, state: SPGState, general: Mapping[str, Tensor] | None = None, shape: Shape | None = None
+    ) -> Importance:
+        """γ^t[p] = max_h |tanh(standardize(g_h[p]))| for every masked parameter, then `shape`."""
         if state.sums is None:
             raise EmptyDataError(f"the importance pass of task {state.task} got no batches")
         state.sums = all_reduce_sum(state.sums)  # data-parallel ranks: sums over every shard
         check_finite(dict(zip(self.masked, state.sums)), f"SPG importance of task {state.task}")
-        return {
+        out = {
             name: torch.stack([normalize_importance(g_h) for g_h in g]).amax(dim=0)
             for name, g in zip(self.masked, state.sums)
         }
+        return out if shape is None else shape(out)
 
 
 # modules whose output depends on their input element by element (a diagonal Jacobian)
