@@ -201,7 +201,7 @@ def bench_model(
         export_for_device(model, x, root / dtype, importance_dtype=dtype)
         learner = EdgeLearner(root / dtype, threads=threads)
         sizes[dtype] = (root / dtype / learner.manifest.checkpoint).stat().st_size
-        session = learner._session
+        session = learner._runtime._session
         session.new_optimizer(0.01)
         written = _as_written(root / dtype, threads)
         t_masked, t_written, t_plain = _paired_medians(
@@ -215,7 +215,7 @@ def bench_model(
         ratios[dtype] = (t_masked / t_plain, t_written / t_plain)
         if dtype == "float32":
             times = t_masked, t_written, t_plain
-            constants = learner._constants(session.state, 1.0)
+            constants = learner._runtime._constants(session.state, 1.0)
             session_s = _paired_medians(
                 [
                     lambda s=session, c=constants: s.specialize(c, gradient_outputs=False),

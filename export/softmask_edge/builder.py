@@ -103,13 +103,16 @@ def _input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def _check_roles(
-    params: Mapping[str, onnx.TensorProto],
+def check_roles(
+    params: Mapping[str, tuple[int, ...]],
+    not_float32: Sequence[str],
     trainable: Sequence[str],
     masked: Sequence[str],
     heads: Sequence[str],
     importance: Mapping[str, np.ndarray],
 ) -> None:
+    """Every role names a float32 parameter (`params`: name -> shape), masked and heads are
+    distinct trainable ones, and every masked one has importance of its shape in [0, 1]."""
     problems = [
         f"parameter {n!r} is not an initializer of the graph" for n in trainable if n not in params
     ]
@@ -120,14 +123,12 @@ def _check_roles(
     problems += [f"importance for unmasked {n!r}" for n in sorted(set(importance) - set(masked))]
     for n in masked:
         if n in importance and n in params:
-            a, dims = importance[n], tuple(params[n].dims)
+            a, dims = importance[n], tuple(params[n])
             if a.shape != dims:
                 problems.append(f"importance of {n!r}: shape {a.shape} != parameter {dims}")
             elif a.size and not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
                 problems.append(f"importance of {n!r}: values outside [0, 1]")
-    for n in trainable:
-        if n in params and params[n].data_type != onnx.TensorProto.FLOAT:
-            problems.append(f"parameter {n!r} is not float32")
+    problems += [f"parameter {n!r} is not float32" for n in trainable if n in not_float32]
     if problems:
         raise ExportError("cannot build artifacts:\n  " + "\n  ".join(problems))
 
@@ -201,7 +202,14 @@ def build_artifacts(
     model.CopyFrom(forward)
     params = {i.name: i for i in model.graph.initializer}
     importance = {k: np.asarray(v, np.float32) for k, v in importance.items()}
-    _check_roles(params, trainable, masked, heads, importance)
+    check_roles(
+        {n: tuple(p.dims) for n, p in params.items()},
+        [n for n, p in params.items() if p.data_type != onnx.TensorProto.FLOAT],
+        trainable,
+        masked,
+        heads,
+        importance,
+    )
     has_task_input = any(i.name == TASK_INPUT for i in model.graph.input)
     if has_task_input != (task_mode == "task_incremental"):
         raise ExportError(
@@ -246,23 +254,15 @@ def build_artifacts(
         )
         (staging / "checkpoint").unlink()
         stored = [
-            numpy_helper.from_array(encode(importance[n], importance_dtype), n + IMPORTANCE_SUFFIX)
-            for n in masked
+            numpy_helper.from_array(a, n)
+            for n, a in stored_importance(masked, importance, importance_dtype).items()
         ]
-        total = sum(int(np.prod(masked_shapes[n], dtype=np.int64)) for n in masked)
-        mean = sum(float(decode(encode(importance[n], importance_dtype)).sum()) for n in masked)
-        stored.append(
-            numpy_helper.from_array(np.array([mean / max(total, 1)], np.float32), MEAN_IMPORTANCE)
-        )
         _write_checkpoint(staging / checkpoint_name(0), trainable_tensors, stored)
         checkpointed = {t.name for t in (*trainable_tensors, *stored)}
-        history_keys = {
-            task_key(k, n): encode(np.asarray(task[n], np.float32), importance_dtype)
-            for k, task in enumerate(history)
-            for n in masked
-        }
-        write_history(staging / history_name(0), history_keys)
-        manifest = Manifest(
+        manifest = first_generation(
+            staging,
+            STATIC_FILES,
+            history,
             task_mode=task_mode,
             inputs=inputs,
             params=shapes,
@@ -273,26 +273,61 @@ def build_artifacts(
             importance_dtype=importance_dtype,
             loss=loss,
             optimizer=optimizer,
-            num_tasks=len(history),
             versions=package_versions(dict(versions or {})),
-            checkpoint=checkpoint_name(0),
-            checkpoint_sha256=sha256(staging / checkpoint_name(0)),
-            history=history_name(0),
-            history_sha256=sha256(staging / history_name(0)),
             task_names=list(task_names),
             parameter_order=[i.name for i in training.graph.input if i.name in checkpointed],
             heads_scaled=scale_heads,
             learning_rate=float(learning_rate),
             export_id=export_id,
-            graphs_sha256={n: sha256(staging / n) for n in STATIC_FILES},
         )
-        manifest.save(staging)
         built.append(manifest)
 
     # a journal (staging folder + commit marker): a re-export never leaves the old manifest
     # next to new graphs; a kill after the commit point is rolled forward by the next load
     commit_files(directory, write)
     return built[0]
+
+
+def stored_importance(
+    masked: Sequence[str], importance: Mapping[str, np.ndarray], dtype: str
+) -> dict[str, np.ndarray]:
+    """`P.softmask_importance` (storage dtype) of every masked P and ā (shape [1], float32),
+    the mean of the stored, decoded A over all masked elements."""
+    stored = {n + IMPORTANCE_SUFFIX: encode(importance[n], dtype) for n in masked}
+    total = sum(a.size for a in stored.values())
+    mean = sum(float(decode(a).sum()) for a in stored.values())
+    stored[MEAN_IMPORTANCE] = np.array([mean / max(total, 1)], np.float32)
+    return stored
+
+
+def first_generation(
+    staging: Path, files: Sequence[str], history: Sequence[Mapping[str, np.ndarray]], **fields
+) -> Manifest:
+    """Write generation 0's importance history and the manifest (checkpoint already written).
+
+    `files` are the export's static files (hashed); `history` the per-task importance
+    (float32) of the tasks already learned.
+    """
+    masked, dtype = fields["masked"], fields["importance_dtype"]
+    write_history(
+        staging / history_name(0),
+        {
+            task_key(k, n): encode(np.asarray(task[n], np.float32), dtype)
+            for k, task in enumerate(history)
+            for n in masked
+        },
+    )
+    manifest = Manifest(
+        **fields,
+        num_tasks=len(history),
+        checkpoint=checkpoint_name(0),
+        checkpoint_sha256=sha256(staging / checkpoint_name(0)),
+        history=history_name(0),
+        history_sha256=sha256(staging / history_name(0)),
+        graphs_sha256={n: sha256(staging / n) for n in files},
+    )
+    manifest.save(staging)
+    return manifest
 
 
 def _save_stamped(model: onnx.ModelProto, path: Path, export_id: str) -> None:

@@ -24,12 +24,15 @@ from softmask_format.atomic import atomic_write_text, recover_directory
 from softmask_format.names import DEVICE_FORMAT_VERSION as FORMAT_VERSION
 from softmask_format.names import (
     EVAL_MODEL_NAME,
+    EVAL_PROGRAM_NAME,
     IMPORTANCE_DTYPES,
     IMPORTANCE_MODEL_NAME,
     LOG_UINT8_SINCE,
     MANIFEST_NAME,
     OPTIMIZER_MODEL_NAME,
+    TRAINING_DATA_NAME,
     TRAINING_MODEL_NAME,
+    TRAINING_PROGRAM_NAME,
 )
 from softmask_format.names import READABLE_DEVICE_FORMAT_VERSIONS as READABLE_FORMATS
 
@@ -42,6 +45,9 @@ from .errors import (
 from .storage import NUMPY_DTYPES
 
 STATIC_FILES = (TRAINING_MODEL_NAME, EVAL_MODEL_NAME, OPTIMIZER_MODEL_NAME, IMPORTANCE_MODEL_NAME)
+EXECUTORCH_FILES = (TRAINING_PROGRAM_NAME, TRAINING_DATA_NAME, EVAL_PROGRAM_NAME)
+# runtime -> the static files of its artifacts (a folder's runtime: the set its graphs_sha256 covers)
+RUNTIME_FILES = {"onnxruntime": STATIC_FILES, "executorch": EXECUTORCH_FILES}
 IMPORTANCE_SUFFIX = ".softmask_importance"
 MEAN_IMPORTANCE = "softmask.mean_importance"  # ā, the heads' scale is 1 - ā
 SCALE_INPUT = "softmask_scale"
@@ -53,6 +59,10 @@ LOSS_OUTPUT = "loss"
 GRADIENT_SUFFIX = ".softmask_gradient"  # training-graph output: P's accumulated gradient
 LEARNING_RATE_INITIALIZER = "softmask.learning_rate"  # optimizer graph's lr (format 2)
 EXPORT_ID_KEY = "softmask.export_id"  # graph metadata_props entry (format 3)
+# ExecuTorch programs name a parameter P `model.net.P` (the modules that wrap the model);
+# their inputs are the user inputs [+ task_id], labels, then, in `parameter_order`, one
+# keep_P per trainable P (training: + the cross-head scalar before them) or the weights (eval)
+PROGRAM_PARAMETER_PREFIX = "model.net."
 TASK_MODES = ("task_incremental", "shared_head")
 LOSSES = ("cross_entropy",)
 OPTIMIZERS = ("sgd", "adamw")
@@ -221,9 +231,22 @@ class Manifest:
             )
         return raw
 
+    @property
+    def runtime(self) -> str:
+        """"executorch" if the hashed static files are ExecuTorch programs, else "onnxruntime".
+
+        Derived, not stored: an ONNX manifest is byte-for-byte what it was, and a reader that
+        predates ExecuTorch refuses an ExecuTorch folder (its graphs_sha256 covers other files).
+        """
+        return "executorch" if sorted(self.graphs_sha256) == sorted(EXECUTORCH_FILES) else "onnxruntime"
+
+    def static_files(self) -> tuple[str, ...]:
+        """The graphs / programs of this export: never rewritten by a save."""
+        return RUNTIME_FILES[self.runtime]
+
     def files(self) -> list[str]:
         """Every file the manifest names: graphs, checkpoint, history."""
-        return [*STATIC_FILES, self.checkpoint, self.history]
+        return [*self.static_files(), self.checkpoint, self.history]
 
     def _check_values(self, path: Path) -> None:
         problems = []
@@ -247,8 +270,13 @@ class Manifest:
         hashed = sorted(self.graphs_sha256)
         if self.format_version >= 3 and not _EXPORT_ID.match(self.export_id):
             problems.append("format 3 needs a 32-hex-digit export_id")
-        if (self.format_version >= 3 or hashed) and hashed != sorted(STATIC_FILES):
-            problems.append(f"graphs_sha256 must cover exactly {list(STATIC_FILES)}")
+        if (self.format_version >= 3 or hashed) and hashed not in (
+            sorted(files) for files in RUNTIME_FILES.values()
+        ):
+            problems.append(
+                f"graphs_sha256 must cover exactly {list(STATIC_FILES)} (ONNX Runtime) or "
+                f"{list(EXECUTORCH_FILES)} (ExecuTorch)"
+            )
         if not self.head_classes:
             problems.append("head_classes is empty")
         declared = self.declared_tasks()
@@ -299,7 +327,7 @@ class Manifest:
                 raise CorruptArtifactError(f"cannot read {path}: {e.strerror}") from e
             if actual == digest:
                 continue
-            foreign = graph_export_id(path) if name in STATIC_FILES else None
+            foreign = graph_export_id(path) if name.endswith(".onnx") else None
             if foreign and foreign != self.export_id:
                 raise ArtifactMismatchError(
                     f"{path} belongs to another export ({foreign}); the manifest is export "

@@ -18,6 +18,11 @@ TRAINING_MODEL_NAME = "training_model.onnx"
 EVAL_MODEL_NAME = "eval_model.onnx"
 OPTIMIZER_MODEL_NAME = "optimizer_model.onnx"
 IMPORTANCE_MODEL_NAME = "importance_update.onnx"
+# the ExecuTorch runtime's static files (same manifest, checkpoint and history scheme; which
+# runtime a folder is for follows from the files its `graphs_sha256` covers)
+TRAINING_PROGRAM_NAME = "training_program.pte"  # masked forward + backward, weights external
+TRAINING_DATA_NAME = "training_program.ptd"  # the initial weights the training program loads
+EVAL_PROGRAM_NAME = "eval_program.pte"  # eval-mode forward, weights as inputs: loss, logits
 # 2: SGD flag output of rank 0, the learning rate as an optimizer-graph initializer, gradient
 #    outputs of the training graph, `parameter_order` (what onnxruntime-web needs);
 # 3: the manifest hashes the graphs too (`graphs_sha256`) and records an `export_id` stamped

@@ -225,7 +225,7 @@ def test_learner_graph_masks_with_one_mul_by_a_folded_constant(tmp_path, dtype):
     learner = EdgeLearner(artifacts)
     masked = learner.manifest.masked
     written = onnx.load(artifacts / "training_model.onnx")
-    constants = learner._constants(learner._session.state, 1.0)
+    constants = learner._runtime._constants(learner._runtime._session.state, 1.0)
     session_graph = specialize(written, constants, gradient_outputs=False)
     scale = next(i for i in session_graph.graph.initializer if i.name == "softmask_scale")
     assert list(scale.dims) == []  # the graph declares a scalar

@@ -606,7 +606,7 @@ def test_session_graphs_leave_no_copy_and_survive_a_tmp_cleaner(mlp_case, tmp_pa
     reference.end_task(data)
 
     learner = EdgeLearner(artifacts)
-    folder = Path(learner._session._workdir.name)
+    folder = Path(learner._runtime._session._workdir.name)
     assert folder.is_dir() and not list(folder.iterdir())
     shutil.rmtree(folder)
     learner.learn_task(data, epochs=2, lr=0.1)  # its graph is built: nothing to write
