@@ -106,6 +106,8 @@ class ExecuTorchRuntime:
             self._grad_start = self._train.run_method(index.format("gradients_index"), ())[0]
             self._param_start = self._train.run_method(index.format("parameters_index"), ())[0]
             fqn = list(self._train.run_method(index.format("fqn"), ()))
+            # memory is planned for the bound of the dynamic batch dimension (export's max_batch)
+            self.max_batch = int(self._train.method_meta(_METHOD).input_tensor_meta(0).sizes()[0])
         expected = [PROGRAM_PARAMETER_PREFIX + n for n in self._order]
         if fqn != expected or sorted(self._order) != sorted(manifest.params):
             raise ArtifactMismatchError(

@@ -210,6 +210,12 @@ class EdgeLearner:
             feeds[s.name] = np.ascontiguousarray(a)
         if batch_size == 0:  # onnxruntime's mean cross-entropy divides by it: SIGFPE, no exception
             raise BatchError("a batch needs at least one row, got 0")
+        limit = self._runtime.max_batch
+        if limit is not None and batch_size > limit:
+            raise BatchError(
+                f"a batch may have at most {limit} rows (the program was exported with "
+                f"max_batch={limit}), got {batch_size}: split it or export with a larger max_batch"
+            )
         return feeds, (y, batch_size)
 
     def _feeds(self, batch: Any, head: int, *, cross_head: bool) -> dict[str, np.ndarray]:

@@ -65,6 +65,7 @@ class OrtRuntime:
             )
         integer = [i.name for i in manifest.inputs if i.dtype in ("int32", "int64")]
         self.index_bounds = index_bounds(self._session.graphs[0], integer, manifest.params)
+        self.max_batch = None  # the graphs take any batch size
 
     def translated(
         self, step: str, error: type[EdgeError] = OnnxRuntimeError

@@ -26,6 +26,8 @@ class Runtime(Protocol):
 
     #: integer input name -> rows of the table it indexes (token ids); {} if unknown
     index_bounds: dict[str, int]
+    #: the most rows a batch may have (ExecuTorch plans memory for a bound); None: no limit
+    max_batch: int | None
 
     def translated(
         self, step: str, error: type[EdgeError] = ...
