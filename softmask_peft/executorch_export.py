@@ -23,7 +23,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from softmask_edge.manifest import EVAL_PROGRAM_NAME, TRAINING_DATA_NAME, TRAINING_PROGRAM_NAME
+from softmask_edge.manifest import (
+    EVAL_PROGRAM_NAME,
+    INFERENCE_PROGRAM_NAME,
+    TRAINING_DATA_NAME,
+    TRAINING_PROGRAM_NAME,
+)
 from torch import Tensor, nn
 
 from .errors import ConfigError
@@ -94,8 +99,9 @@ class _EvalStep(nn.Module):
         return F.cross_entropy(logits, labels), logits
 
 
-def _lower(program, external_weights: bool):
-    """exported program -> ExecuTorch program (bounded dynamic shapes planned at the bound)."""
+def _lower(program, external_weights: bool = False, external_constants: bool = False):
+    """exported program -> ExecuTorch program (bounded dynamic shapes planned at the bound);
+    trainable weights (mutable) or constant weights (inference) in a separate .ptd."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
@@ -103,6 +109,7 @@ def _lower(program, external_weights: bool):
     return edge.to_executorch(
         config=ExecutorchBackendConfig(
             external_mutable_weights=external_weights,
+            external_constants=external_constants,
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
         )
     )
@@ -116,7 +123,8 @@ def build_programs(
     masked: Sequence[str],
     max_batch: int,
 ) -> dict[str, bytes]:
-    """{file name: bytes} of the training program, its weights (.ptd) and the eval program.
+    """{file name: bytes} of the training program, its weights (.ptd), the eval program and
+    the inference program (weights external, keyed `net.P`).
 
     `graph(*args)` gives the logits; the first `num_inputs` args are batched (dim 0 becomes
     a dynamic dimension of at most `max_batch` rows), the rest is the task id.
@@ -134,6 +142,12 @@ def build_programs(
         ) from e
     if not (isinstance(max_batch, int) and max_batch >= 2):
         raise ConfigError(f"max_batch must be an int >= 2, got {max_batch!r}")
+    buffers = [n for n, _ in graph.named_buffers()]
+    if buffers:
+        raise ConfigError(
+            f"ExecuTorch export: buffers {buffers[:3]} (e.g. BatchNorm statistics) would be "
+            "program constants the device cannot update or save; use runtime='onnxruntime'"
+        )
     params = dict(graph.net.named_parameters())
     batch = Dim("batch", min=1, max=max_batch)
     inputs, rest = args[:num_inputs], args[num_inputs:]
@@ -155,8 +169,11 @@ def build_programs(
     eval_shapes = (*in_shapes, {0: batch}, [None] * len(weights))
     with torch.no_grad():
         evaluation = _lower(
-            export(evaluation, eval_args, dynamic_shapes=(eval_shapes,), strict=False),
-            external_weights=False,
+            export(evaluation, eval_args, dynamic_shapes=(eval_shapes,), strict=False)
+        )
+        inference = _lower(
+            export(graph.eval(), args, dynamic_shapes=tuple(in_shapes), strict=False),
+            external_constants=True,
         )
     graph.train()
     with tempfile.TemporaryDirectory(prefix="softmask_executorch.") as tmp:
@@ -167,6 +184,7 @@ def build_programs(
         TRAINING_PROGRAM_NAME: training.buffer,
         TRAINING_DATA_NAME: ptd,
         EVAL_PROGRAM_NAME: evaluation.buffer,
+        INFERENCE_PROGRAM_NAME: inference.buffer,
     }
 
 

@@ -5,6 +5,8 @@
     training_program.pte            masked forward + backward; keep_P are inputs, weights external
     training_program.ptd            the weights the training program loads (FlatTensor)
     eval_program.pte                eval-mode forward with the weights as inputs: (loss, logits)
+    inference_program.pte           eval-mode logits, weights external (`export_inference`
+                                    writes it with a .ptd of the current weights)
     checkpoint-000000               uncompressed .npz: weights, `P.softmask_importance`, ā
     importance_history-000000.npz   per-task importance `task.{k}.{P}` (storage dtype)
 

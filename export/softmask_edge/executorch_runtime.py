@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from softmask_format.atomic import atomic_write
 
 from .checkpoint import load_arrays
 from .errors import ArtifactMismatchError, EdgeError, ExecuTorchError
@@ -28,6 +29,7 @@ from .manifest import (
     CROSS_HEAD_INPUT,
     EVAL_PROGRAM_NAME,
     IMPORTANCE_SUFFIX,
+    INFERENCE_PROGRAM_NAME,
     LABELS_INPUT,
     MEAN_IMPORTANCE,
     PROGRAM_PARAMETER_PREFIX,
@@ -40,6 +42,11 @@ from .storage import decode, save_arrays
 
 try:
     import torch
+    from executorch.exir._serialize._named_data_store import NamedDataStore
+    from executorch.exir._serialize.data_serializer import DataPayload
+    from executorch.exir.scalar_type import ScalarType
+    from executorch.exir.tensor_layout import TensorLayout
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
     from executorch.extension.pybindings.portable_lib import _load_for_executorch
     from executorch.extension.training import get_sgd_optimizer
 except ImportError as e:  # pragma: no cover - depends on the install
@@ -90,6 +97,7 @@ class ExecuTorchRuntime:
         if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
             raise ExecuTorchError(f"momentum must be a number in [0, 1), got {momentum!r}")
         self.manifest, self.momentum = manifest, float(momentum)
+        self._directory = directory
         if seed is not None:
             torch.manual_seed(seed)
         arrays = load_arrays(directory, manifest)
@@ -240,7 +248,23 @@ class ExecuTorchRuntime:
         save_arrays(path, {**{n: self.get(n) for n in self._order}, **self._stored})
 
     def export_inference(self, path: str | os.PathLike) -> None:
-        raise ExecuTorchError(
-            "export_inference is not available for ExecuTorch artifacts yet: run the eval "
-            "program with the saved checkpoint's weights"
-        )
+        """The inference program at `path`, the current weights at `path` with suffix .ptd
+        (FlatTensor, keyed `net.P`; load both with `_load_for_executorch(pte, ptd)`).
+
+        The weights are written first: a crash leaves at most a .ptd without its program.
+        """
+        path = Path(path)
+        program = self._directory / INFERENCE_PROGRAM_NAME
+        atomic_write(path.with_suffix(".ptd"), lambda tmp: Path(tmp).write_bytes(self._weights_ptd()))
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(program.read_bytes()))
+
+    def _weights_ptd(self) -> bytes:
+        store = NamedDataStore()
+        for name in self._order:
+            w = np.asarray(self.get(name), np.float32, order="C")
+            layout = TensorLayout(ScalarType.FLOAT, list(w.shape), list(range(w.ndim)))
+            store.add_named_data(
+                "net." + name, w.tobytes(), tensor_layout=layout, external_tag="weights"
+            )
+        payload = DataPayload(buffers=store.buffers, named_data=store.external_data["weights"])
+        return bytes(FlatTensorSerializer().serialize(payload))

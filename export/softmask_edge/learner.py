@@ -518,14 +518,16 @@ class EdgeLearner:
 
     def export_inference(self, path: str | os.PathLike) -> Path:
         """Write an inference-only model (inputs [+ task_id] -> logits), atomically: ONNX, or
-        for ExecuTorch a `.pte` program with the weights inside.
+        for ExecuTorch a `.pte` program and its weights in `path` with the suffix `.ptd`.
 
         Refuses a path onto a file of the loaded artifacts folder (its graphs, manifest and
         generation files), which the model would overwrite.
         """
         path = Path(path)
-        if path.parent.resolve() == self.directory.resolve() and (
-            path.name in (*self.manifest.static_files(), MANIFEST_NAME) or _GENERATION_FILE.match(path.name)
+        taken = (*self.manifest.static_files(), MANIFEST_NAME)
+        if path.parent.resolve() == self.directory.resolve() and any(
+            name in taken or _GENERATION_FILE.match(name)
+            for name in (path.name, path.with_suffix(".ptd").name)
         ):
             raise SaveLocationError(
                 f"export_inference({str(path)!r}) would overwrite a file of the artifacts "
@@ -534,7 +536,7 @@ class EdgeLearner:
         with self._runtime.translated(f"export_inference({str(path)!r})", SaveLocationError):
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(path, self._runtime.export_inference)
+                self._runtime.export_inference(path)
             except OSError as e:
                 raise SaveLocationError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
         return path

@@ -27,6 +27,7 @@ from softmask_format.names import (
     EVAL_PROGRAM_NAME,
     IMPORTANCE_DTYPES,
     IMPORTANCE_MODEL_NAME,
+    INFERENCE_PROGRAM_NAME,
     LOG_UINT8_SINCE,
     MANIFEST_NAME,
     OPTIMIZER_MODEL_NAME,
@@ -45,7 +46,12 @@ from .errors import (
 from .storage import NUMPY_DTYPES
 
 STATIC_FILES = (TRAINING_MODEL_NAME, EVAL_MODEL_NAME, OPTIMIZER_MODEL_NAME, IMPORTANCE_MODEL_NAME)
-EXECUTORCH_FILES = (TRAINING_PROGRAM_NAME, TRAINING_DATA_NAME, EVAL_PROGRAM_NAME)
+EXECUTORCH_FILES = (
+    TRAINING_PROGRAM_NAME,
+    TRAINING_DATA_NAME,
+    EVAL_PROGRAM_NAME,
+    INFERENCE_PROGRAM_NAME,
+)
 # runtime -> the static files of its artifacts (a folder's runtime: the set its graphs_sha256 covers)
 RUNTIME_FILES = {"onnxruntime": STATIC_FILES, "executorch": EXECUTORCH_FILES}
 IMPORTANCE_SUFFIX = ".softmask_importance"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from softmask_format.atomic import atomic_write
 
 from . import _ort
 from .checkpoint import load_state
@@ -163,4 +164,4 @@ class OrtRuntime:
         _ort.save_checkpoint(self._session.state, path)
 
     def export_inference(self, path: str | os.PathLike) -> None:
-        self._session.export_inference(path, [LOGITS_OUTPUT])
+        atomic_write(path, lambda tmp: self._session.export_inference(tmp, [LOGITS_OUTPUT]))

@@ -78,5 +78,6 @@ class Runtime(Protocol):
         ...
 
     def export_inference(self, path: str | os.PathLike) -> None:
-        """An inference-only model (inputs [+ task_id] -> logits) at `path`."""
+        """An inference-only model (inputs [+ task_id] -> logits) at `path`, written atomically
+        (ExecuTorch: and its weights beside it, `path` with the suffix .ptd)."""
         ...

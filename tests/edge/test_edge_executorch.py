@@ -38,6 +38,7 @@ def test_the_folder_is_an_executorch_export_with_the_shared_manifest(executorch_
     assert "runtime" not in raw  # derived from the hashed files: the schema is unchanged
     assert sorted(raw["graphs_sha256"]) == [
         "eval_program.pte",
+        "inference_program.pte",
         "training_program.ptd",
         "training_program.pte",
     ]
@@ -191,3 +192,30 @@ def test_executorch_builder_refuses_missing_programs(tmp_path):
             inputs=[],
             importance={"w": np.zeros(2, np.float32)},
         )
+
+
+def test_export_inference_writes_a_program_and_its_weights(executorch_case, tmp_path):
+    """The .pte + .ptd pair gives the logits torch computes with the learned weights."""
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+    from softmask_edge import SaveLocationError
+
+    model, artifacts = executorch_case
+    learner = EdgeLearner(artifacts)
+    data = numpy_batches(batches(2))
+    learner.learn_task(data, epochs=2, lr=0.1)
+    path = learner.export_inference(tmp_path / "model.pte")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["model.ptd", "model.pte"]
+    program = _load_for_executorch(str(path), str(path.with_suffix(".ptd")))
+    x = torch.from_numpy(data[0][0])
+    logits = program.run_method("forward", (x, torch.tensor(2)))[0]
+    net = copy.deepcopy(model.base_model)
+    net.load_state_dict({n: torch.from_numpy(w) for n, w in learner.parameters().items()})
+    with torch.no_grad():
+        expected = net(x, task_id=2)
+    assert float((logits[:, :2] - expected).abs().max()) <= 1e-6
+    assert np.abs(learner.predict(data[0][0], task_id=2)[:, :2] - expected.numpy()).max() <= 1e-6
+    with pytest.raises(SaveLocationError, match="would overwrite"):
+        learner.export_inference(artifacts / "training_program.pte")
+    with pytest.raises(SaveLocationError, match="would overwrite"):
+        learner.export_inference(artifacts / "training_program.bin")  # its .ptd is taken
