@@ -197,7 +197,6 @@ def test_executorch_builder_refuses_missing_programs(tmp_path):
 def test_export_inference_writes_a_program_and_its_weights(executorch_case, tmp_path):
     """The .pte + .ptd pair gives the logits torch computes with the learned weights."""
     from executorch.extension.pybindings.portable_lib import _load_for_executorch
-
     from softmask_edge import SaveLocationError
 
     model, artifacts = executorch_case
