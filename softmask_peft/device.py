@@ -331,6 +331,14 @@ def _export_executorch(
             "runtime='onnxruntime' for AdamW on a device"
         )
     g = _device_graph(model, example_inputs, future_heads, ProgramMultiHeadGraph)
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in g.net.modules()):
+        warnings.warn(
+            "the model has dropout: ExecuTorch's dropout kernel draws from its own generator, "
+            "which EdgeLearner's seed does not reach, so device runs are not reproducible "
+            "(the ONNX Runtime learner's are); soft-masking and the importance pass are unchanged",
+            UserWarning,
+            stacklevel=3,
+        )
     roles = _roles(model, g.net, g.multi_head)
     head_classes = g.head_classes
     if head_classes is None:
