@@ -266,6 +266,7 @@ def export_for_device(
     opset: int = 17,
     runtime: str = "onnxruntime",
     max_batch: int = 256,
+    xnnpack: bool = False,
 ) -> Manifest:
     """Write device artifacts for `model` into `directory`; return the manifest.
 
@@ -282,6 +283,8 @@ def export_for_device(
         runtime: "onnxruntime" (ONNX Runtime Training graphs) or "executorch" (ExecuTorch
             programs: the `executorch` package, see docs/guides/executorch.md).
         max_batch: ExecuTorch plans its memory for batches of at most this many rows.
+        xnnpack: ExecuTorch: delegate the supported subgraphs (matmuls, forward and
+            backward) to XNNPACK (bench/executorch_step.py measures it).
     """
     if runtime not in ("onnxruntime", "executorch"):
         raise ConfigError(f"runtime must be 'onnxruntime' or 'executorch', got {runtime!r}")
@@ -290,7 +293,7 @@ def export_for_device(
     dtype = importance_dtype or cfg.importance_dtype
     if runtime == "executorch":
         return _export_executorch(
-            model, example_inputs, directory, optimizer, future_heads, dtype, max_batch, loss
+            model, example_inputs, directory, optimizer, future_heads, dtype, max_batch, loss, xnnpack
         )
     from softmask_edge import build_artifacts  # the optional `onnx` extra: only when exporting
 
@@ -315,6 +318,7 @@ def _export_executorch(
     importance_dtype: str,
     max_batch: int,
     loss: str,
+    xnnpack: bool,
 ) -> Manifest:
     """ExecuTorch programs (`executorch_export`) + the shared device files (`softmask_edge`)."""
     from softmask_edge.executorch_builder import build_executorch_artifacts
@@ -345,7 +349,7 @@ def _export_executorch(
         with torch.no_grad():
             head_classes = [int(g.module(*g.args).shape[-1])]
     programs = build_programs(
-        g.module, g.args, len(g.names), roles["trainable"], roles["masked"], max_batch
+        g.module, g.args, len(g.names), roles["trainable"], roles["masked"], max_batch, xnnpack
     )
     params = dict(g.net.named_parameters())
     return build_executorch_artifacts(

@@ -99,13 +99,29 @@ class _EvalStep(nn.Module):
         return F.cross_entropy(logits, labels), logits
 
 
-def _lower(program, external_weights: bool = False, external_constants: bool = False):
+def _lower(
+    program, external_weights: bool = False, external_constants: bool = False, xnnpack: bool = False
+):
     """exported program -> ExecuTorch program (bounded dynamic shapes planned at the bound);
-    trainable weights (mutable) or constant weights (inference) in a separate .ptd."""
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
+    trainable weights (mutable) or constant weights (inference) in a separate .ptd;
+    `xnnpack`: the subgraphs XNNPACK supports run delegated (forward and backward matmuls)."""
+    from executorch.exir import (
+        EdgeCompileConfig,
+        ExecutorchBackendConfig,
+        to_edge_transform_and_lower,
+    )
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
-    edge = to_edge(program, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    partitioners = []
+    if xnnpack:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        partitioners.append(XnnpackPartitioner())
+    edge = to_edge_transform_and_lower(
+        program,
+        partitioner=partitioners,
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+    )
     return edge.to_executorch(
         config=ExecutorchBackendConfig(
             external_mutable_weights=external_weights,
@@ -122,12 +138,14 @@ def build_programs(
     trainable: Sequence[str],
     masked: Sequence[str],
     max_batch: int,
+    xnnpack: bool = False,
 ) -> dict[str, bytes]:
     """{file name: bytes} of the training program, its weights (.ptd), the eval program and
     the inference program (weights external, keyed `net.P`).
 
     `graph(*args)` gives the logits; the first `num_inputs` args are batched (dim 0 becomes
-    a dynamic dimension of at most `max_batch` rows), the rest is the task id.
+    a dynamic dimension of at most `max_batch` rows), the rest is the task id. `xnnpack`
+    delegates what XNNPACK supports in every program (training parity checked in the tests).
     """
     try:
         from torch.export import Dim, export
@@ -161,7 +179,7 @@ def build_programs(
     train_args = (*inputs, *rest, labels, torch.tensor(0.0), keeps)
     shapes = (*in_shapes, {0: batch}, None, [None] * len(keeps))
     joint = _export_forward_backward(export(step, train_args, dynamic_shapes=(shapes,), strict=False))
-    training = _lower(joint, external_weights=True)
+    training = _lower(joint, external_weights=True, xnnpack=xnnpack)
 
     evaluation = _EvalStep(graph, trainable).eval()
     weights = [params[n].detach().clone() for n in trainable]
@@ -169,11 +187,13 @@ def build_programs(
     eval_shapes = (*in_shapes, {0: batch}, [None] * len(weights))
     with torch.no_grad():
         evaluation = _lower(
-            export(evaluation, eval_args, dynamic_shapes=(eval_shapes,), strict=False)
+            export(evaluation, eval_args, dynamic_shapes=(eval_shapes,), strict=False),
+            xnnpack=xnnpack,
         )
         inference = _lower(
             export(graph.eval(), args, dynamic_shapes=tuple(in_shapes), strict=False),
             external_constants=True,
+            xnnpack=xnnpack,
         )
     graph.train()
     with tempfile.TemporaryDirectory(prefix="softmask_executorch.") as tmp:

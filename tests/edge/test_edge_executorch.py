@@ -20,6 +20,7 @@ from edge_helpers import (
     max_diff,
     numpy_batches,
     torch_weights,
+    train_torch,
 )
 from softmask_edge import EdgeLearner, ExportError, read_device_checkpoint
 from softmask_edge.importance import normalize
@@ -218,3 +219,19 @@ def test_export_inference_writes_a_program_and_its_weights(executorch_case, tmp_
         learner.export_inference(artifacts / "training_program.pte")
     with pytest.raises(SaveLocationError, match="would overwrite"):
         learner.export_inference(artifacts / "training_program.bin")  # its .ptd is taken
+
+
+def test_xnnpack_delegated_programs_keep_parity(tmp_path):
+    """XNNPACK runs the matmuls of the joint graph; the weights it reads are still the
+    program's mutable ones, so steps and importance stay torch's."""
+    from edge_helpers import mlp_model_after_two_tasks
+
+    model = mlp_model_after_two_tasks()
+    artifacts = export_copy(model, tmp_path / "xnn", runtime="executorch", xnnpack=True)
+    assert b"XnnpackBackend" in (artifacts / "training_program.pte").read_bytes()
+    data = batches(2)
+    learner = EdgeLearner(artifacts)
+    learner.learn_task(numpy_batches(data), epochs=3, lr=0.1)
+    train_torch(model, 2, data, lr=0.1, epochs=3, end=False)
+    assert max_diff(learner.parameters(), torch_weights(model)) <= 1e-6
+    assert max_diff(learner.end_task(numpy_batches(data)), model.end_task(data)) <= 1e-6
