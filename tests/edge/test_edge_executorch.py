@@ -235,3 +235,48 @@ def test_xnnpack_delegated_programs_keep_parity(tmp_path):
     train_torch(model, 2, data, lr=0.1, epochs=3, end=False)
     assert max_diff(learner.parameters(), torch_weights(model)) <= 1e-6
     assert max_diff(learner.end_task(numpy_batches(data)), model.end_task(data)) <= 1e-6
+
+
+class _ConvNet(torch.nn.Module):
+    """conv -> relu -> flatten -> linear head `fc` (no pooling: see the next test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = torch.nn.Linear(2 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.conv(x)).flatten(1))
+
+
+def test_a_shared_head_conv_net_trains_and_exports_inference(tmp_path):
+    """Domain-incremental (no task input): a conv layer and a shared head, against torch."""
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+    torch.manual_seed(0)
+    model = get_softmask_model(_ConvNet(), SoftMaskConfig(head_modules=["fc"]))
+    data = batches(4, n=3, classes=3, shape=(1, 8, 8))
+    train_torch(model, 0, data, classes=None)
+    artifacts = export_copy(
+        model, tmp_path / "conv", runtime="executorch", example=torch.randn(2, 1, 8, 8)
+    )
+    learner = EdgeLearner(artifacts)
+    learner.learn_task(numpy_batches(data), epochs=2, lr=0.1)
+    train_torch(model, 1, data, classes=None, epochs=2, end=False)
+    assert max_diff(learner.parameters(), torch_weights(model)) <= 1e-6
+    assert max_diff(learner.end_task(numpy_batches(data)), model.end_task(data)) <= 1e-6
+    path = learner.export_inference(tmp_path / "conv.pte")
+    program = _load_for_executorch(str(path), str(path.with_suffix(".ptd")))
+    x = data[0][0]
+    with torch.no_grad():
+        expected = model(x)
+    assert float((program.run_method("forward", (x,))[0] - expected).abs().max()) <= 1e-5
+
+
+def test_pooling_is_refused_since_its_executorch_backward_is_wrong(tmp_path):
+    from edge_helpers import SmallCNN
+
+    model = get_softmask_model(SmallCNN(), SoftMaskConfig(head_modules=["fc"]))
+    with pytest.raises(ConfigError, match="max_pool2d_with_indices_backward"):
+        export_for_device(model, torch.randn(2, 1, 8, 8), tmp_path / "a", runtime="executorch")
+    assert not (tmp_path / "a").exists()
