@@ -131,11 +131,18 @@ def _lower(
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
         partitioners.append(XnnpackPartitioner())
-    edge = to_edge_transform_and_lower(
-        program,
-        partitioner=partitioners,
-        compile_config=EdgeCompileConfig(_check_ir_validity=False),
-    )
+    try:
+        edge = to_edge_transform_and_lower(
+            program,
+            partitioner=partitioners,
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        )
+    except RuntimeError as e:
+        if not xnnpack:
+            raise
+        raise ConfigError(
+            f"XNNPACK could not delegate this model's program ({e}); export without xnnpack"
+        ) from e
     return edge.to_executorch(
         config=ExecutorchBackendConfig(
             external_mutable_weights=external_weights,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from softmask_format.keys import task_key
 
-from . import _ort
 from .errors import ArtifactMismatchError, CorruptArtifactError
 from .manifest import IMPORTANCE_SUFFIX, MEAN_IMPORTANCE, Manifest
 from .storage import NUMPY_DTYPES, decode, read_history
@@ -27,9 +27,11 @@ def importance_problems(name: str, stored: np.ndarray, dtype: np.dtype) -> list[
     return []
 
 
-def load_state(directory: Path, manifest: Manifest) -> _ort.C.CheckpointState:
+def load_state(directory: Path, manifest: Manifest) -> Any:
     """Load the ONNX Runtime checkpoint named by the manifest (hashes verified by the caller)
-    and check its names, shapes, dtypes and importance values."""
+    and check its names, shapes, dtypes and importance values (a `CheckpointState`)."""
+    from . import _ort  # onnxruntime: not needed by ExecuTorch artifacts
+
     with _ort.translated(f"cannot read checkpoint {manifest.checkpoint}", CorruptArtifactError):
         state = _ort.load_checkpoint(directory / manifest.checkpoint)
         found = {n: _ort.get_parameter(state, n) for n in _ort.parameter_names(state)}
@@ -111,6 +113,8 @@ def read_device_checkpoint(directory: str | os.PathLike) -> DeviceCheckpoint:
     if manifest.runtime == "executorch":
         state = load_arrays(directory, manifest)
     else:
+        from . import _ort  # onnxruntime: not needed by ExecuTorch artifacts
+
         ort_state = load_state(directory, manifest)
         state = {n: _ort.get_parameter(ort_state, n) for n in _ort.parameter_names(ort_state)}
     history = load_history(directory, manifest)

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from softmask_format.atomic import commit_files
 
-from .builder import check_roles, first_generation, stored_importance
 from .errors import ExportError
+from .generation import check_roles, first_generation, stored_importance
 from .manifest import (
     EXECUTORCH_FILES,
     IMPORTANCE_DTYPES,

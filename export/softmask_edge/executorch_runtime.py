@@ -249,7 +249,7 @@ class ExecuTorchRuntime:
 
     def export_inference(self, path: str | os.PathLike) -> None:
         """The inference program at `path`, the current weights at `path` with suffix .ptd
-        (FlatTensor, keyed `net.P`; load both with `_load_for_executorch(pte, ptd)`).
+        (FlatTensor, keyed `model.net.P`; load both with `_load_for_executorch(pte, ptd)`).
 
         The weights are written first: a crash leaves at most a .ptd without its program.
         """
@@ -264,7 +264,10 @@ class ExecuTorchRuntime:
             w = np.asarray(self.get(name), np.float32, order="C")
             layout = TensorLayout(ScalarType.FLOAT, list(w.shape), list(range(w.ndim)))
             store.add_named_data(
-                "net." + name, w.tobytes(), tensor_layout=layout, external_tag="weights"
+                PROGRAM_PARAMETER_PREFIX + name,
+                w.tobytes(),
+                tensor_layout=layout,
+                external_tag="weights",
             )
         payload = DataPayload(buffers=store.buffers, named_data=store.external_data["weights"])
         return bytes(FlatTensorSerializer().serialize(payload))

@@ -280,3 +280,42 @@ def test_pooling_is_refused_since_its_executorch_backward_is_wrong(tmp_path):
     with pytest.raises(ConfigError, match="max_pool2d_with_indices_backward"):
         export_for_device(model, torch.randn(2, 1, 8, 8), tmp_path / "a", runtime="executorch")
     assert not (tmp_path / "a").exists()
+
+
+ET_DEVICE_SCRIPT = """
+import sys
+sys.modules["onnx"] = None  # no ONNX, no ONNX Runtime: a Python 3.13 device
+sys.modules["onnxruntime"] = None
+import json
+import numpy as np
+from softmask_edge import EdgeLearner, read_device_checkpoint
+
+artifacts, data = sys.argv[1], json.loads(sys.argv[2])
+batches = [(np.asarray(x, np.float32), np.asarray(y, np.int64)) for x, y in data]
+learner = EdgeLearner(artifacts)
+losses = learner.learn_task(batches, epochs=3, lr=0.1)
+learner.end_task(batches)
+learner.save(artifacts)
+learner.export_inference(artifacts + "/model.pte")
+print(json.dumps({"losses": losses, "num_tasks": read_device_checkpoint(artifacts).manifest.num_tasks}))
+"""
+
+
+def test_the_executorch_device_cycle_needs_neither_onnx_nor_onnxruntime(executorch_case):
+    import subprocess
+    import sys
+    import textwrap
+
+    _, artifacts = executorch_case
+    data = [(x.tolist(), y.tolist()) for x, y in numpy_batches(batches(2))]
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(ET_DEVICE_SCRIPT), str(artifacts), json.dumps(data)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["num_tasks"] == 3
+    assert result["losses"][-1] < result["losses"][0]
+    assert (artifacts / "model.pte").is_file() and (artifacts / "model.ptd").is_file()
