@@ -1,7 +1,7 @@
 """ExecuTorch device learner vs torch eager vs the ONNX Runtime learner: step time, sizes, start.
 
-For the digits-sized MLP of bench/edge_step.py (64-256-256-10, shared head, dropout 0, batch
-32) and a wider one (64-1024-1024-10); CNNs are left out: executorch 1.5.1's pooling backward
+For the digits-sized MLP of bench/edge_step.py (64-256-256-10, ReLU, shared head, dropout 0,
+batch 32), a wider one (64-1024-1024-10) and a tanh one XNNPACK can delegate; CNNs are left out: executorch 1.5.1's pooling backward
 kernels are wrong, and the export refuses them:
 * `torch_ms`: eager zero_grad + forward + backward + SoftMaskOptimizer(SGD) step (grad mode);
 * `ort_ms`: one `EdgeLearner` step on ONNX Runtime Training artifacts (masked, SGD);
@@ -37,9 +37,12 @@ from softmask_peft.errors import ConfigError
 def _models() -> dict[str, nn.Module]:
     torch.manual_seed(0)
     small, wide = MLP(64, dropout=0.0), MLP(64, hidden=(1024, 1024), dropout=0.0)
+    tanh = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh())
     return {
         "mlp 64-256-256-10": SharedHeadClassifier(small, small.out_features, 10),
         "mlp 64-1024-1024-10": SharedHeadClassifier(wide, wide.out_features, 10),
+        # XNNPACK delegates this joint graph (it refuses the ReLU ones: pass-through tensors)
+        "mlp tanh 64-256-256-10": SharedHeadClassifier(tanh, 256, 10),
     }
 
 

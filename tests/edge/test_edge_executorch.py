@@ -19,6 +19,7 @@ from edge_helpers import (
     export_copy,
     max_diff,
     numpy_batches,
+    run_device_process,
     torch_weights,
     train_torch,
 )
@@ -302,20 +303,8 @@ print(json.dumps({"losses": losses, "num_tasks": read_device_checkpoint(artifact
 
 
 def test_the_executorch_device_cycle_needs_neither_onnx_nor_onnxruntime(executorch_case):
-    import subprocess
-    import sys
-    import textwrap
-
     _, artifacts = executorch_case
-    data = [(x.tolist(), y.tolist()) for x, y in numpy_batches(batches(2))]
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(ET_DEVICE_SCRIPT), str(artifacts), json.dumps(data)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_device_process(ET_DEVICE_SCRIPT, artifacts, numpy_batches(batches(2)))
     assert result["num_tasks"] == 3
     assert result["losses"][-1] < result["losses"][0]
     assert (artifacts / "model.pte").is_file() and (artifacts / "model.ptd").is_file()
