@@ -23,7 +23,7 @@ import numpy as np
 from softmask_format.atomic import atomic_write
 
 from .checkpoint import load_arrays
-from .errors import ArtifactMismatchError, EdgeError, ExecuTorchError
+from .errors import ArgumentError, ArtifactMismatchError, EdgeError, ExecuTorchError
 from .importance import update_importance
 from .manifest import (
     CROSS_HEAD_INPUT,
@@ -95,7 +95,7 @@ class ExecuTorchRuntime:
         momentum: float,
     ) -> None:
         if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-            raise ExecuTorchError(f"momentum must be a number in [0, 1), got {momentum!r}")
+            raise ArgumentError(f"momentum must be a number in [0, 1), got {momentum!r}")
         self.manifest, self.momentum = manifest, float(momentum)
         self._directory = directory
         if seed is not None:

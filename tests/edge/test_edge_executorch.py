@@ -157,12 +157,14 @@ def test_adamw_and_unknown_runtimes_are_refused(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_momentum_on_onnx_artifacts_is_refused(mlp_case):
+def test_momentum_on_onnx_artifacts_and_out_of_range_is_refused(mlp_case, executorch_source):
     from softmask_edge import ArgumentError
 
     _, artifacts = mlp_case
     with pytest.raises(ArgumentError, match="momentum is an ExecuTorch learner option"):
         EdgeLearner(artifacts, momentum=0.9)
+    with pytest.raises(ArgumentError, match=r"momentum must be a number in \[0, 1\)"):
+        EdgeLearner(executorch_source[1], momentum=1.5)
 
 
 def test_a_batch_above_max_batch_is_refused_before_any_step(executorch_case):
