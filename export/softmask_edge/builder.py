@@ -34,10 +34,10 @@ from .graphs import (
     add_gradient_outputs,
     add_importance_inputs,
     expose_gradients,
-    importance_update_model,
     insert_masking,
     record_learning_rate,
 )
+from .importance_graph import importance_update_model
 from .manifest import (
     EVAL_MODEL_NAME,
     EXPORT_ID_KEY,

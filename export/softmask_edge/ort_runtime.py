@@ -14,7 +14,6 @@ from softmask_format.atomic import atomic_write
 from . import _ort
 from .checkpoint import load_state
 from .errors import ArtifactMismatchError, EdgeError, OnnxRuntimeError
-from .graphs import index_bounds
 from .manifest import (
     EVAL_MODEL_NAME,
     IMPORTANCE_MODEL_NAME,
@@ -26,6 +25,7 @@ from .manifest import (
     TRAINING_MODEL_NAME,
     Manifest,
 )
+from .session_graphs import index_bounds
 
 
 class OrtRuntime:

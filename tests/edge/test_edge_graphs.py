@@ -10,15 +10,15 @@ import torch
 from edge_helpers import export_copy, mlp_model_after_two_tasks
 from onnx import TensorProto, helper, numpy_helper
 from softmask_edge import EdgeLearner
-from softmask_edge.graphs import (
+from softmask_edge.graphs import add_gradient_outputs
+from softmask_edge.importance_graph import (
     STORAGE_TYPES,
     add_codec_constants,
-    add_gradient_outputs,
     decode_nodes,
     encode_nodes,
     importance_update_model,
-    specialize,
 )
+from softmask_edge.session_graphs import specialize
 from softmask_format import codec
 
 from softmask_peft.importance import normalize_importance
