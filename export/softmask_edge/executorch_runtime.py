@@ -79,7 +79,8 @@ class ExecuTorchRuntime:
 
     Args:
         directory, manifest: the loaded artifacts (files verified by the caller).
-        seed: torch's seed for dropout kernels of the program (None leaves it).
+        seed: unused: ExecuTorch's dropout kernel draws from its own generator, which no
+            Python call reaches (programs with dropout are not reproducible; the export warns).
         threads: unused (the portable kernels run on the calling thread).
         momentum: SGD momentum (torch.optim.SGD's formula, dampening 0).
     """
@@ -98,8 +99,6 @@ class ExecuTorchRuntime:
             raise ArgumentError(f"momentum must be a number in [0, 1), got {momentum!r}")
         self.manifest, self.momentum = manifest, float(momentum)
         self._directory = directory
-        if seed is not None:
-            torch.manual_seed(seed)
         arrays = load_arrays(directory, manifest)
         self._stored = {n: arrays[n] for n in arrays if n not in manifest.params}
         self._order = list(manifest.parameter_order)
