@@ -46,3 +46,16 @@ def write_json(path: str | Path, name: str, rows: list[dict]) -> None:
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def paired_medians(fns: list, repeats: int, warmup: int = 5) -> list[float]:
+    """Median time of each function, run alternately so load drift hits all of them alike."""
+    for fn in fns:
+        median_time(fn, 1, warmup)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(bucket) for bucket in times]

@@ -22,16 +22,14 @@ Run: python bench/edge_step.py --out results/bench_edge_step.json
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from _common import median_time, print_table, write_json
+from _common import paired_medians, print_table, write_json
 from onnxruntime.training import artifacts as ort_artifacts
 from softmask_bench.models import CNN, MLP, SharedHeadClassifier
 from softmask_edge import EdgeLearner, Manifest, _ort
@@ -151,19 +149,6 @@ def _plain_artifacts(model, x, directory: Path, threads: int) -> _ort.TrainingSe
     return session
 
 
-def _paired_medians(fns: list, repeats: int, warmup: int = 5) -> list[float]:
-    """Median time of each function, run alternately so load drift hits all of them alike."""
-    for fn in fns:
-        median_time(fn, 1, warmup)
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, bucket in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - start)
-    return [statistics.median(bucket) for bucket in times]
-
-
 def _torch_step(model, optimizer, x, y) -> None:
     optimizer.zero_grad()
     out = model(**x) if isinstance(x, dict) else model(x)
@@ -188,10 +173,10 @@ def bench_model(
         export_for_device(model, x, root / dtype, importance_dtype=dtype)
         learner = EdgeLearner(root / dtype, threads=threads)
         sizes[dtype] = (root / dtype / learner.manifest.checkpoint).stat().st_size
-        session = learner._session
+        session = learner._runtime._session
         session.new_optimizer(0.01)
         written = _as_written(root / dtype, threads)
-        t_masked, t_written, t_plain = _paired_medians(
+        t_masked, t_written, t_plain = paired_medians(
             [
                 lambda s=session: _ort_step(s, feeds),
                 lambda s=written: _ort_step(s, feeds),
@@ -202,8 +187,8 @@ def bench_model(
         ratios[dtype] = (t_masked / t_plain, t_written / t_plain)
         if dtype == "float32":
             times = t_masked, t_written, t_plain
-            constants = learner._constants(session.state, 1.0)
-            session_s = _paired_medians(
+            constants = learner._runtime._constants(session.state, 1.0)
+            session_s = paired_medians(
                 [
                     lambda s=session, c=constants: s.specialize(c, gradient_outputs=False),
                     lambda s=written: s.specialize({}, gradient_outputs=True),
@@ -216,7 +201,7 @@ def bench_model(
     trainable = [p for p in net.parameters() if p.requires_grad]
     masked_opt = SoftMaskOptimizer(torch.optim.SGD(trainable, lr=0.01), model)
     plain_opt = torch.optim.SGD(trainable, lr=0.01)
-    t_torch_masked, t_torch_plain = _paired_medians(
+    t_torch_masked, t_torch_plain = paired_medians(
         [lambda: _torch_step(model, masked_opt, x, y), lambda: _torch_step(net, plain_opt, x, y)],
         repeats,
     )

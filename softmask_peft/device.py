@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .batches import logits_of
 from .errors import ConfigError, InputTypeError, TaskOrderError
 from .heads import MultiHeadClassifier
+from .persistence import importance_problem
 from .selection import select_parameters
 from .store import TaskRecord
 
@@ -141,15 +142,25 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "softmask-peft": package_version()}
 
 
-def _forward_graph(
-    model: Any, example_inputs: Any, future_heads: Sequence[int], opset: int
-) -> tuple[Any, nn.Module, list[int]]:
-    """(forward ONNX graph, the traced copy of the base model, class count of every head).
+@dataclass
+class _DeviceGraph:
+    """The model as a device graph: `module(*args)` -> logits, before any tracing."""
 
-    The graph takes the example inputs' names (dim 0 dynamic, and dim 1 of integer rank-2
-    mapping inputs) [+ `task_id`], returns `logits`, and names its initializers like the
-    base model's parameters.
-    """
+    module: nn.Module
+    net: nn.Module  # the deep copy of the base model `module` computes with
+    args: tuple[Tensor, ...]
+    input_names: list[str]  # user inputs [+ "task_id"]
+    names: list[str]  # user inputs only
+    tensors: tuple[Tensor, ...]
+    by_keyword: bool
+    multi_head: bool
+    head_classes: list[int] | None  # None: a shared head, read from the traced output
+
+
+def _device_graph(
+    model: Any, example_inputs: Any, future_heads: Sequence[int], multi_head_graph: type
+) -> _DeviceGraph:
+    """Copy the base model, add `future_heads`, wrap it as one graph with a task input."""
     tensors, names, by_keyword = _inputs(example_inputs)
     net = copy.deepcopy(model.base_model)
     multi_head = isinstance(net, MultiHeadClassifier)
@@ -157,6 +168,7 @@ def _forward_graph(
         raise ConfigError("future_heads needs a MultiHeadClassifier (task-incremental) model")
     for classes in future_heads:
         net.add_head(int(classes))
+    head_classes = None
     if multi_head:
         if len(net.heads) <= model.num_tasks:
             raise ConfigError(
@@ -166,23 +178,86 @@ def _forward_graph(
         if by_keyword or len(tensors) != 1:
             raise ConfigError("a MultiHeadClassifier takes exactly one input tensor")
         head_classes = [h.out_features for h in net.heads]
-        graph: nn.Module = _MultiHeadGraph(net, max(head_classes))
+        module: nn.Module = multi_head_graph(net, max(head_classes))
         args = (*tensors, torch.tensor(0, dtype=torch.int64))
         input_names = [*names, "task_id"]
     else:
-        graph = _SharedHeadGraph(net, names if by_keyword else None)
+        module = _SharedHeadGraph(net, names if by_keyword else None)
         args = tensors
         input_names = names
-    dynamic = {n: {0: "batch"} for n in names}
-    for n, t in zip(names, tensors):
-        if by_keyword and t.dim() == 2 and not t.is_floating_point():
+    return _DeviceGraph(
+        module, net, args, input_names, names, tensors, by_keyword, multi_head, head_classes
+    )
+
+
+def _forward_graph(
+    model: Any, example_inputs: Any, future_heads: Sequence[int], opset: int
+) -> tuple[Any, nn.Module, list[int]]:
+    """(forward ONNX graph, the traced copy of the base model, class count of every head).
+
+    The graph takes the example inputs' names (dim 0 dynamic, and dim 1 of integer rank-2
+    mapping inputs) [+ `task_id`], returns `logits`, and names its initializers like the
+    base model's parameters.
+    """
+    g = _device_graph(model, example_inputs, future_heads, _MultiHeadGraph)
+    dynamic = {n: {0: "batch"} for n in g.names}
+    for n, t in zip(g.names, g.tensors):
+        if g.by_keyword and t.dim() == 2 and not t.is_floating_point():
             dynamic[n][1] = "sequence"
     dynamic["logits"] = {0: "batch"}
-    forward = _trace(graph, args, input_names, dynamic, opset)
+    forward = _trace(g.module, g.args, g.input_names, dynamic, opset)
     _strip_prefix(forward, _PREFIX)
-    if not multi_head:
-        head_classes = [forward.graph.output[0].type.tensor_type.shape.dim[-1].dim_value]
-    return forward, net, head_classes
+    head_classes = g.head_classes or [
+        forward.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+    ]
+    return forward, g.net, head_classes
+
+
+def _check_exportable(model: Any) -> None:
+    if not hasattr(model, "softmask_config") or not hasattr(model, "store"):
+        raise InputTypeError(f"model must be a SoftMaskModel, got {type(model).__name__}")
+    cfg = model.softmask_config
+    if cfg.method != "spg":
+        raise ConfigError(
+            f"device export supports parameter-level importance (method='spg'), got {cfg.method!r}"
+        )
+    if model.current_task is not None:
+        raise TaskOrderError(
+            f"task {model.current_task} is still open: call end_task() before exporting"
+        )
+
+
+def _roles(model: Any, net: nn.Module, multi_head: bool) -> dict[str, Any]:
+    """Parameter roles, importance and history of `net` (the exported copy), as numpy."""
+    cfg = model.softmask_config
+    masked, heads = select_parameters(net, cfg)
+    params = dict(net.named_parameters())
+
+    def of(tensors: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+        return {
+            n: tensors[n].detach().cpu().numpy()
+            if n in tensors
+            else np.zeros(tuple(params[n].shape), np.float32)
+            for n in masked
+        }
+
+    return {
+        "trainable": [n for n, p in params.items() if p.requires_grad],
+        "masked": masked,
+        "heads": heads,
+        "task_mode": "task_incremental" if multi_head else "shared_head",
+        "importance": of(model.parameter_importance()),
+        "history": [of(t) for t in model.store.history],
+        "task_names": [t.name for t in model.task_log],
+        "versions": _versions(),
+        "scale_heads": not (multi_head and cfg.head_scaling == "except_new"),
+        "capacity": {
+            "sharpness": cfg.importance_sharpness,
+            "budget": cfg.importance_budget,
+            "decay": cfg.importance_decay,
+            "cross_heads": cfg.method_config.cross_heads,
+        },
+    }
 
 
 def export_for_device(
@@ -195,69 +270,106 @@ def export_for_device(
     future_heads: Sequence[int] = (),
     importance_dtype: str | None = None,
     opset: int = 17,
+    runtime: str = "onnxruntime",
+    max_batch: int = 256,
+    xnnpack: bool = False,
 ) -> Manifest:
-    """Write ONNX Runtime Training artifacts for `model` into `directory`; return the manifest.
+    """Write device artifacts for `model` into `directory`; return the manifest.
 
     Args:
         example_inputs: one batch of model inputs (no labels); dim 0 is exported as dynamic,
-            and dim 1 of integer rank-2 mapping inputs (token ids, masks) too.
+            and dim 1 of integer rank-2 mapping inputs (token ids, masks) too (ONNX only).
         loss: "cross_entropy" (the task loss; SPG's cross-head term is built in).
         optimizer: "sgd" (plain, as the official SPG) or "adamw" (betas 0.9/0.999, eps 1e-8,
-            no weight decay, so a parameter with importance 1 stays exactly unchanged).
+            no weight decay, so a parameter with importance 1 stays exactly unchanged);
+            ExecuTorch: "sgd" only (momentum is an `EdgeLearner` option there).
         future_heads: class counts of heads added now for tasks the device will learn
             (task-incremental models only).
         importance_dtype: storage of A in the checkpoint; default the config's.
+        runtime: "onnxruntime" (ONNX Runtime Training graphs) or "executorch" (ExecuTorch
+            programs: the `executorch` package, see docs/guides/executorch.md).
+        max_batch: ExecuTorch plans its memory for batches of at most this many rows.
+        xnnpack: ExecuTorch: delegate the supported subgraphs (matmuls, forward and
+            backward) to XNNPACK (bench/executorch_step.py measures it).
     """
+    if runtime not in ("onnxruntime", "executorch"):
+        raise ConfigError(f"runtime must be 'onnxruntime' or 'executorch', got {runtime!r}")
+    _check_exportable(model)
+    cfg = model.softmask_config
+    dtype = importance_dtype or cfg.importance_dtype
+    if runtime == "executorch":
+        return _export_executorch(
+            model, example_inputs, directory, optimizer, future_heads, dtype, max_batch, loss, xnnpack
+        )
     from softmask_edge import build_artifacts  # the optional `onnx` extra: only when exporting
 
-    if not hasattr(model, "softmask_config") or not hasattr(model, "store"):
-        raise InputTypeError(f"model must be a SoftMaskModel, got {type(model).__name__}")
-    cfg = model.softmask_config
-    if cfg.method != "spg":
-        raise ConfigError(
-            f"device export supports parameter-level importance (method='spg'), got {cfg.method!r}"
-        )
-    if model.current_task is not None:
-        raise TaskOrderError(
-            f"task {model.current_task} is still open: call end_task() before exporting"
-        )
     forward, net, head_classes = _forward_graph(model, example_inputs, future_heads, opset)
-    multi_head = isinstance(net, MultiHeadClassifier)
-    masked, heads = select_parameters(net, cfg)
-    params = dict(net.named_parameters())
-    trainable = [n for n, p in params.items() if p.requires_grad]
-    accumulated = model.parameter_importance()
-    importance = {
-        n: accumulated[n].detach().cpu().numpy()
-        if n in accumulated
-        else np.zeros(tuple(params[n].shape), np.float32)
-        for n in masked
-    }
     return build_artifacts(
         forward,
         directory,
-        trainable=trainable,
-        masked=masked,
-        heads=heads,
         head_classes=head_classes,
-        task_mode="task_incremental" if multi_head else "shared_head",
-        importance=importance,
-        history=[
-            {n: t[n].cpu().numpy() if n in t else np.zeros(tuple(params[n].shape), np.float32) for n in masked}
-            for t in model.store.history
-        ],
-        importance_dtype=importance_dtype or cfg.importance_dtype,
+        importance_dtype=dtype,
         loss=loss,
         optimizer=optimizer,
-        task_names=[t.name for t in model.task_log],
-        versions=_versions(),
-        scale_heads=not (multi_head and cfg.head_scaling == "except_new"),
-        capacity={
-            "sharpness": cfg.importance_sharpness,
-            "budget": cfg.importance_budget,
-            "decay": cfg.importance_decay,
-            "cross_heads": cfg.method_config.cross_heads,
-        },
+        **_roles(model, net, isinstance(net, MultiHeadClassifier)),
+    )
+
+
+def _export_executorch(
+    model: Any,
+    example_inputs: Any,
+    directory: str | os.PathLike,
+    optimizer: str,
+    future_heads: Sequence[int],
+    importance_dtype: str,
+    max_batch: int,
+    loss: str,
+    xnnpack: bool,
+) -> Manifest:
+    """ExecuTorch programs (`executorch_export`) + the shared device files (`softmask_edge`)."""
+    from softmask_edge.executorch_builder import build_executorch_artifacts
+    from softmask_edge.manifest import InputSpec
+
+    from .executorch_export import ProgramMultiHeadGraph, build_programs
+
+    if loss != "cross_entropy":
+        raise ConfigError(f"loss must be 'cross_entropy', got {loss!r}")
+    if optimizer != "sgd":
+        raise ConfigError(
+            f"the ExecuTorch runtime's optimizer is SGD (momentum, weight decay, Nesterov), got "
+            f"{optimizer!r}: AdamW would need its moments outside the program; use "
+            "runtime='onnxruntime' for AdamW on a device"
+        )
+    g = _device_graph(model, example_inputs, future_heads, ProgramMultiHeadGraph)
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in g.net.modules()):
+        warnings.warn(
+            "the model has dropout: ExecuTorch's dropout kernel draws from its own generator, "
+            "which EdgeLearner's seed does not reach, so device runs are not reproducible "
+            "(the ONNX Runtime learner's are); soft-masking and the importance pass are unchanged",
+            UserWarning,
+            stacklevel=3,
+        )
+    roles = _roles(model, g.net, g.multi_head)
+    head_classes = g.head_classes
+    if head_classes is None:
+        with torch.no_grad():
+            head_classes = [int(g.module(*g.args).shape[-1])]
+    programs = build_programs(
+        g.module, g.args, len(g.names), roles["trainable"], roles["masked"], max_batch, xnnpack
+    )
+    params = dict(g.net.named_parameters())
+    return build_executorch_artifacts(
+        directory,
+        programs=programs,
+        weights={n: params[n].detach().cpu().numpy().copy() for n in roles["trainable"]},
+        head_classes=head_classes,
+        inputs=[
+            InputSpec(n, str(t.detach().cpu().numpy().dtype), [None, *t.shape[1:]])
+            for n, t in zip(g.names, g.tensors)
+        ],
+        importance_dtype=importance_dtype,
+        optimizer=optimizer,
+        **roles,
     )
 
 
@@ -294,6 +406,47 @@ def read_device_checkpoint(directory: str | os.PathLike) -> DeviceState:
         tasks=tasks,
         masked=list(m.masked),
     )
+
+
+def device_state_problems(model: Any, state: DeviceState, shapes: dict[str, tuple]) -> list[str]:
+    """Everything that keeps a device state from replacing `model`'s weights and store.
+
+    `model` is the `SoftMaskModel` (its `load_device_state` calls this before changing
+    anything); `shapes` are its parameters' shapes with the heads the device learned added.
+    """
+    problems = [f"the model has no parameter {n!r}" for n in state.masked if n not in shapes]
+    problems += [f"checkpoint lacks {n!r}" for n in sorted(set(shapes) - set(state.weights))]
+    problems += [
+        f"{n}: device shape {tuple(state.weights[n].shape)} != model {shapes[n]}"
+        for n in sorted(set(shapes) & set(state.weights))
+        if tuple(state.weights[n].shape) != shapes[n]
+    ]
+    for k, task in enumerate([state.accumulated, *state.history]):
+        what = "accumulated importance" if k == 0 else f"importance of task {k - 1}"
+        problems += [
+            f"{what} of {n!r}: {problem}"
+            for n, a in sorted(task.items())
+            if (problem := importance_problem(a, shapes.get(n)))
+        ]
+    if set(state.masked) != set(model.masked_parameter_names):
+        problems.append(
+            f"masked parameters differ: device {sorted(state.masked)} vs model "
+            f"{sorted(model.masked_parameter_names)}"
+        )
+    ours, theirs = model.store.tasks[: model.num_tasks], state.tasks[: len(state.history)]
+    if len(theirs) < len(ours):
+        problems.append(
+            f"the device learned {len(theirs)} task(s) and the model {len(ours)}: the device "
+            "checkpoint is behind this model (loading it would drop tasks); export again"
+        )
+    elif [t.name for t in theirs[: len(ours)]] != [t.name for t in ours]:
+        problems.append(
+            f"the device's task log {[t.name for t in theirs]} diverges from the model's "
+            f"{[t.name for t in ours]}: it was exported from another run"
+        )
+    if model.store.open_task is not None:
+        problems.append(f"task {model.store.open_task} is open on the model: end_task() first")
+    return problems
 
 
 def load_device_checkpoint(model: Any, directory: str | os.PathLike) -> Any:

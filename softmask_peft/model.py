@@ -22,6 +22,7 @@ from .capacity import (
     shape_task_importance,
 )
 from .config import SoftMaskConfig
+from .device import device_state_problems
 from .errors import ConfigError, ImportanceMismatchError, InputTypeError, TaskOrderError
 from .heads import MultiHeadClassifier, expand_heads
 from .importance import ImportanceMethod, method_spec
@@ -310,7 +311,7 @@ class SoftMaskModel(nn.Module):
         learned = list(state.tasks[: len(state.history)])  # declared, untrained heads stay out
         shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
         shapes |= head_shapes(base, learned)
-        problems = _device_problems(self, state, shapes)
+        problems = device_state_problems(self, state, shapes)
         if problems:
             raise ImportanceMismatchError(
                 f"device checkpoint {state.source!r} does not fit this model:\n  "
@@ -330,40 +331,3 @@ class SoftMaskModel(nn.Module):
 def get_softmask_model(model: nn.Module, config: SoftMaskConfig) -> SoftMaskModel:
     """Wrap `model` (any nn.Module, transformers model or PeftModel) for soft-masked continual learning."""
     return SoftMaskModel(model, config)
-
-
-def _device_problems(model: SoftMaskModel, state: Any, shapes: dict[str, tuple]) -> list[str]:
-    """Everything that keeps a device state from replacing `model`'s weights and store."""
-    problems = [f"the model has no parameter {n!r}" for n in state.masked if n not in shapes]
-    problems += [f"checkpoint lacks {n!r}" for n in sorted(set(shapes) - set(state.weights))]
-    problems += [
-        f"{n}: device shape {tuple(state.weights[n].shape)} != model {shapes[n]}"
-        for n in sorted(set(shapes) & set(state.weights))
-        if tuple(state.weights[n].shape) != shapes[n]
-    ]
-    for k, task in enumerate([state.accumulated, *state.history]):
-        what = "accumulated importance" if k == 0 else f"importance of task {k - 1}"
-        problems += [
-            f"{what} of {n!r}: {problem}"
-            for n, a in sorted(task.items())
-            if (problem := importance_problem(a, shapes.get(n)))
-        ]
-    if set(state.masked) != set(model.masked_parameter_names):
-        problems.append(
-            f"masked parameters differ: device {sorted(state.masked)} vs model "
-            f"{sorted(model.masked_parameter_names)}"
-        )
-    ours, theirs = model.store.tasks[: model.num_tasks], state.tasks[: len(state.history)]
-    if len(theirs) < len(ours):
-        problems.append(
-            f"the device learned {len(theirs)} task(s) and the model {len(ours)}: the device "
-            "checkpoint is behind this model (loading it would drop tasks); export again"
-        )
-    elif [t.name for t in theirs[: len(ours)]] != [t.name for t in ours]:
-        problems.append(
-            f"the device's task log {[t.name for t in theirs]} diverges from the model's "
-            f"{[t.name for t in ours]}: it was exported from another run"
-        )
-    if model.store.open_task is not None:
-        problems.append(f"task {model.store.open_task} is open on the model: end_task() first")
-    return problems

@@ -8,6 +8,7 @@ command imports what it needs when it is chosen, which keeps `softmask-peft --he
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from dataclasses import fields
 from pathlib import Path
@@ -189,12 +190,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_RUNTIMES = {  # --runtime -> (module it needs, extra that installs it, name in reports)
+    "onnxruntime": ("onnxruntime.capi._pybind_state", "onnx", "ONNX Runtime Training"),
+    "executorch": ("executorch.extension.training", "executorch", "ExecuTorch"),
+}
+
+
 def _device_demo(args: argparse.Namespace) -> None:
-    """Continue on the device: the first tasks in torch, the last `--device-tasks` on ORT."""
+    """Continue on the device: the first tasks in torch, the last `--device-tasks` on the
+    runtime `--runtime` names."""
+    module, extra, runtime_name = _RUNTIMES[args.runtime]
     try:
-        import softmask_edge  # noqa: F401
+        importlib.import_module(module)
     except ImportError as e:
-        print(f"device part skipped: {e}")  # softmask_edge says what to install, and where
+        print(f"device part skipped: it needs the {extra} extra (pip install -e '.[{extra}]'): {e}")
         return
     from .device_demo import run_device_demo
     from .report import markdown_report, write_report
@@ -207,6 +216,7 @@ def _device_demo(args: argparse.Namespace) -> None:
         seed=args.seed,
         train_config=_train_config(args),
         importance_dtype=args.importance_dtype,
+        runtime=args.runtime,
     )
     runs = [
         RunResult(
@@ -225,7 +235,7 @@ def _device_demo(args: argparse.Namespace) -> None:
     ]
     settings = {
         "tasks in torch": result.torch_tasks,
-        "tasks on the device (ONNX Runtime Training)": result.device_tasks,
+        f"tasks on the device ({runtime_name})": result.device_tasks,
         "importance_dtype": args.importance_dtype,
     }
     print(markdown_report(runs, settings))
@@ -272,8 +282,14 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         choices=range(0, 5),
         default=2,
-        help="then learn the last N tasks on the device with ONNX Runtime Training, soft-masked "
+        help="then learn the last N tasks on the device (--runtime), soft-masked "
         "vs unmasked (0: skip; default: %(default)s)",
+    )
+    p.add_argument(
+        "--runtime",
+        choices=sorted(_RUNTIMES),
+        default="onnxruntime",
+        help="the device runtime: ONNX Runtime Training or ExecuTorch (default: %(default)s)",
     )
     _add_common(p, "softmask_demo")
     _add_budget_arguments(p, epochs=50)

@@ -1,4 +1,5 @@
-"""Server-then-device demo: the first tasks in PyTorch, the rest on an ONNX Runtime "device".
+"""Server-then-device demo: the first tasks in PyTorch, the rest on a "device" (ONNX Runtime
+Training or ExecuTorch, `runtime`).
 
 Tasks 0..k-1 are learned with SPG in PyTorch (SGD, early stopping on validation loss, as the
 benchmarks), the model is exported with one declared head per remaining task
@@ -46,6 +47,7 @@ class DeviceDemoResult:
     matrices: dict[str, list[list[float | None]]]
     metrics: dict[str, dict[str, float | None]]
     seconds: dict[str, float] = field(default_factory=dict)
+    runtime: str = "onnxruntime"
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -146,6 +148,7 @@ def run_device_demo(
     device_early_stopping: bool = True,
     importance_dtype: str = "uint8",
     workdir: str | Path | None = None,
+    runtime: str = "onnxruntime",
 ) -> DeviceDemoResult:
     """Learn `torch_tasks` tasks in PyTorch, the rest on the device; return both matrices.
 
@@ -154,7 +157,8 @@ def run_device_demo(
     torch protocol's budget (at most `device_epochs`, default the torch epochs; lr decay on
     plateaus, early stop, best weights kept; one shuffle of the batches); without it,
     `device_epochs` (default 10) epochs at a constant lr on batches reshuffled per epoch.
-    Artifacts go to `workdir` (kept) or a temporary directory (removed).
+    Artifacts go to `workdir` (kept) or a temporary directory (removed). `runtime` picks the
+    device runtime ("onnxruntime" or "executorch"); the learner code is the same.
     """
     cfg = train_config or TrainConfig()
     bench = get_benchmark(benchmark, seed)
@@ -174,7 +178,9 @@ def run_device_demo(
         source = root / "exported"
         example = bench.tasks[0].train.x[:2]
         future = [t.num_classes for t in bench.tasks[torch_tasks:]]
-        export_for_device(model, example, source, future_heads=future, optimizer="sgd")
+        export_for_device(
+            model, example, source, future_heads=future, optimizer="sgd", runtime=runtime
+        )
         seconds["export"] = time.perf_counter() - start
         matrices = {}
         for name, masked in (("softmask", True), ("finetune", False)):
@@ -206,4 +212,5 @@ def run_device_demo(
         matrices=matrices,
         metrics={name: compute_metrics(m) for name, m in matrices.items()},
         seconds=seconds,
+        runtime=runtime,
     )

@@ -143,6 +143,9 @@ export const CONTRACT = Object.freeze({
       "required": true,
       "type": "hex"
     },
+    "cross_heads": {
+      "type": "bool"
+    },
     "export_id": {
       "length": 32,
       "since": 3,
@@ -187,6 +190,16 @@ export const CONTRACT = Object.freeze({
       "required": true,
       "type": "hex"
     },
+    "importance_budget": {
+      "max": 1,
+      "min": 0,
+      "type": "number"
+    },
+    "importance_decay": {
+      "max": 1,
+      "min": 0,
+      "type": "number"
+    },
     "importance_dtype": {
       "required": true,
       "type": "enum",
@@ -195,6 +208,10 @@ export const CONTRACT = Object.freeze({
         "float16",
         "uint8"
       ]
+    },
+    "importance_sharpness": {
+      "min": 1,
+      "type": "number"
     },
     "inputs": {
       "required": true,

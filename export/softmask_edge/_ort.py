@@ -22,7 +22,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _errors
 from onnxruntime.capi.onnxruntime_inference_collection import OrtValue, get_ort_device_type
 
 from .errors import ArtifactMismatchError, EdgeError, OnnxRuntimeError, SaveLocationError
-from .graphs import set_learning_rate, specialize
+from .session_graphs import set_learning_rate, specialize
 
 # onnxruntime's own exception types subclass Exception directly, not RuntimeError; pybind11
 # raises UnicodeDecodeError for a name in a damaged graph or checkpoint that is not UTF-8

@@ -27,26 +27,24 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 from softmask_format.atomic import atomic_write, commit_files
-from softmask_format.keys import task_key
 
 from .errors import ExportError
+from .generation import check_roles, first_generation, stored_importance
 from .graphs import (
     add_classification_loss,
     add_gradient_outputs,
     add_importance_inputs,
     expose_gradients,
-    importance_update_model,
     insert_masking,
     record_learning_rate,
 )
+from .importance_graph import importance_update_model
 from .manifest import (
     EVAL_MODEL_NAME,
     EXPORT_ID_KEY,
     IMPORTANCE_DTYPES,
     IMPORTANCE_MODEL_NAME,
-    IMPORTANCE_SUFFIX,
     LOSSES,
-    MEAN_IMPORTANCE,
     OPTIMIZER_MODEL_NAME,
     OPTIMIZERS,
     STATIC_FILES,
@@ -55,13 +53,11 @@ from .manifest import (
     TRAINING_MODEL_NAME,
     InputSpec,
     Manifest,
+    capacity_fields,
     checkpoint_name,
-    history_name,
     package_versions,
-    sha256,
 )
 from .shapes import measure_shapes
-from .storage import decode, encode, write_history
 
 _ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: "float32",
@@ -103,35 +99,6 @@ def _input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         shape = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
         specs.append(InputSpec(value.name, _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), shape))
     return specs
-
-
-def _check_roles(
-    params: Mapping[str, onnx.TensorProto],
-    trainable: Sequence[str],
-    masked: Sequence[str],
-    heads: Sequence[str],
-    importance: Mapping[str, np.ndarray],
-) -> None:
-    problems = [
-        f"parameter {n!r} is not an initializer of the graph" for n in trainable if n not in params
-    ]
-    problems += [f"masked {n!r} is not trainable" for n in masked if n not in trainable]
-    problems += [f"head {n!r} is not trainable" for n in heads if n not in trainable]
-    problems += [f"{n!r} is both masked and a head" for n in sorted(set(masked) & set(heads))]
-    problems += [f"no importance for masked {n!r}" for n in masked if n not in importance]
-    problems += [f"importance for unmasked {n!r}" for n in sorted(set(importance) - set(masked))]
-    for n in masked:
-        if n in importance and n in params:
-            a, dims = importance[n], tuple(params[n].dims)
-            if a.shape != dims:
-                problems.append(f"importance of {n!r}: shape {a.shape} != parameter {dims}")
-            elif a.size and not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
-                problems.append(f"importance of {n!r}: values outside [0, 1]")
-    for n in trainable:
-        if n in params and params[n].data_type != onnx.TensorProto.FLOAT:
-            problems.append(f"parameter {n!r} is not float32")
-    if problems:
-        raise ExportError("cannot build artifacts:\n  " + "\n  ".join(problems))
 
 
 def _check_logits(model: onnx.ModelProto) -> None:
@@ -206,7 +173,14 @@ def build_artifacts(
     model.CopyFrom(forward)
     params = {i.name: i for i in model.graph.initializer}
     importance = {k: np.asarray(v, np.float32) for k, v in importance.items()}
-    _check_roles(params, trainable, masked, heads, importance)
+    check_roles(
+        {n: tuple(p.dims) for n, p in params.items()},
+        [n for n, p in params.items() if p.data_type != onnx.TensorProto.FLOAT],
+        trainable,
+        masked,
+        heads,
+        importance,
+    )
     has_task_input = any(i.name == TASK_INPUT for i in model.graph.input)
     if has_task_input != (task_mode == "task_incremental"):
         raise ExportError(
@@ -255,23 +229,15 @@ def build_artifacts(
         )
         (staging / "checkpoint").unlink()
         stored = [
-            numpy_helper.from_array(encode(importance[n], importance_dtype), n + IMPORTANCE_SUFFIX)
-            for n in masked
+            numpy_helper.from_array(a, n)
+            for n, a in stored_importance(masked, importance, importance_dtype).items()
         ]
-        total = sum(int(np.prod(masked_shapes[n], dtype=np.int64)) for n in masked)
-        mean = sum(float(decode(encode(importance[n], importance_dtype)).sum()) for n in masked)
-        stored.append(
-            numpy_helper.from_array(np.array([mean / max(total, 1)], np.float32), MEAN_IMPORTANCE)
-        )
         _write_checkpoint(staging / checkpoint_name(0), trainable_tensors, stored)
         checkpointed = {t.name for t in (*trainable_tensors, *stored)}
-        history_keys = {
-            task_key(k, n): encode(np.asarray(task[n], np.float32), importance_dtype)
-            for k, task in enumerate(history)
-            for n in masked
-        }
-        write_history(staging / history_name(0), history_keys)
-        manifest = Manifest(
+        manifest = first_generation(
+            staging,
+            STATIC_FILES,
+            history,
             task_mode=task_mode,
             inputs=inputs,
             params=shapes,
@@ -282,20 +248,14 @@ def build_artifacts(
             importance_dtype=importance_dtype,
             loss=loss,
             optimizer=optimizer,
-            num_tasks=len(history),
             versions=package_versions(dict(versions or {})),
-            checkpoint=checkpoint_name(0),
-            checkpoint_sha256=sha256(staging / checkpoint_name(0)),
-            history=history_name(0),
-            history_sha256=sha256(staging / history_name(0)),
             task_names=list(task_names),
             parameter_order=[i.name for i in training.graph.input if i.name in checkpointed],
             heads_scaled=scale_heads,
+            **capacity_fields(capacity),
             learning_rate=float(learning_rate),
             export_id=export_id,
-            graphs_sha256={n: sha256(staging / n) for n in STATIC_FILES},
         )
-        manifest.save(staging)
         built.append(manifest)
 
     # a journal (staging folder + commit marker): a re-export never leaves the old manifest

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from softmask_format.keys import task_key
 
-from . import _ort
 from .errors import ArtifactMismatchError, CorruptArtifactError
 from .manifest import IMPORTANCE_SUFFIX, MEAN_IMPORTANCE, Manifest
 from .storage import NUMPY_DTYPES, decode, read_history
@@ -27,12 +27,27 @@ def importance_problems(name: str, stored: np.ndarray, dtype: np.dtype) -> list[
     return []
 
 
-def load_state(directory: Path, manifest: Manifest) -> _ort.C.CheckpointState:
-    """Load the checkpoint named by the manifest (hashes verified by the caller) and check its
-    names, shapes, dtypes and importance values."""
+def load_state(directory: Path, manifest: Manifest) -> Any:
+    """Load the ONNX Runtime checkpoint named by the manifest (hashes verified by the caller)
+    and check its names, shapes, dtypes and importance values (a `CheckpointState`)."""
+    from . import _ort  # onnxruntime: not needed by ExecuTorch artifacts
+
     with _ort.translated(f"cannot read checkpoint {manifest.checkpoint}", CorruptArtifactError):
         state = _ort.load_checkpoint(directory / manifest.checkpoint)
         found = {n: _ort.get_parameter(state, n) for n in _ort.parameter_names(state)}
+    check_checkpoint(found, manifest)
+    return state
+
+
+def load_arrays(directory: Path, manifest: Manifest) -> dict[str, np.ndarray]:
+    """Load and check the ExecuTorch checkpoint: an uncompressed .npz of the same tensors."""
+    found = read_history(directory / manifest.checkpoint, "checkpoint")
+    check_checkpoint(found, manifest)
+    return found
+
+
+def check_checkpoint(found: dict[str, np.ndarray], manifest: Manifest) -> None:
+    """Weights float32 of the manifest's shapes, A_P in the storage dtype within [0, 1], ā."""
     expected = {n: (tuple(s), np.dtype(np.float32)) for n, s in manifest.params.items()}
     stored = np.dtype(NUMPY_DTYPES[manifest.importance_dtype])
     expected.update(
@@ -54,7 +69,6 @@ def load_state(directory: Path, manifest: Manifest) -> _ort.C.CheckpointState:
             f"checkpoint {manifest.checkpoint} does not fit the manifest:\n  "
             + "\n  ".join(problems)
         )
-    return state
 
 
 def load_history(directory: Path, manifest: Manifest) -> dict[str, np.ndarray]:
@@ -96,14 +110,18 @@ def read_device_checkpoint(directory: str | os.PathLike) -> DeviceCheckpoint:
     directory = Path(directory)
     manifest = Manifest.load(directory)
     manifest.verify_files(directory)
-    state = load_state(directory, manifest)
+    if manifest.runtime == "executorch":
+        state = load_arrays(directory, manifest)
+    else:
+        from . import _ort  # onnxruntime: not needed by ExecuTorch artifacts
+
+        ort_state = load_state(directory, manifest)
+        state = {n: _ort.get_parameter(ort_state, n) for n in _ort.parameter_names(ort_state)}
     history = load_history(directory, manifest)
     return DeviceCheckpoint(
         manifest=manifest,
-        weights={n: _ort.get_parameter(state, n).copy() for n in manifest.params},
-        importance={
-            n: decode(_ort.get_parameter(state, n + IMPORTANCE_SUFFIX)) for n in manifest.masked
-        },
+        weights={n: state[n].copy() for n in manifest.params},
+        importance={n: decode(state[n + IMPORTANCE_SUFFIX]) for n in manifest.masked},
         history=[
             {n: decode(history[task_key(k, n)]) for n in manifest.masked}
             for k in range(manifest.num_tasks)

@@ -64,3 +64,7 @@ class OnnxRuntimeError(EdgeError, RuntimeError):
 
 class ArgumentError(EdgeError, ValueError):
     """An argument of a public call is out of range (epochs, learning rate)."""
+
+
+class ExecuTorchError(EdgeError, RuntimeError):
+    """The ExecuTorch runtime failed inside a step, or is not installed; the message names it."""

@@ -1,4 +1,5 @@
-"""EdgeLearner: continual learning on a device with onnxruntime-training and numpy only.
+"""EdgeLearner: continual learning on a device with numpy and one runtime (no torch needed for
+ONNX Runtime; ExecuTorch's Python bindings bring their own torch).
 
     learner = EdgeLearner("artifacts/")
     learner.learn_task(batches, epochs=3, lr=0.05)   # masked by the accumulated importance
@@ -24,12 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from softmask_format.atomic import atomic_write, recover_directory
 from softmask_format.keys import task_key
 
-from . import _ort
-from .checkpoint import load_history, load_state
+from .checkpoint import load_history
 from .errors import (
     ArgumentError,
     ArtifactMismatchError,
@@ -40,26 +39,19 @@ from .errors import (
     StaleWriterError,
     TaskOrderError,
 )
-from .graphs import index_bounds
 from .manifest import (
     CROSS_HEAD_INPUT,
-    EVAL_MODEL_NAME,
-    IMPORTANCE_MODEL_NAME,
     IMPORTANCE_SUFFIX,
     LABELS_INPUT,
-    LOGITS_OUTPUT,
     MANIFEST_NAME,
     MEAN_IMPORTANCE,
-    OPTIMIZER_MODEL_NAME,
-    SCALE_INPUT,
-    STATIC_FILES,
     TASK_INPUT,
-    TRAINING_MODEL_NAME,
     Manifest,
     checkpoint_name,
     history_name,
     sha256,
 )
+from .runtime import Runtime
 from .schedule import EarlyStopping, Plateau
 from .storage import decode, write_history
 
@@ -84,9 +76,9 @@ def _check_labels(y: Any, batch_size: int, num_classes: int) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _writing(path: Path) -> Iterator[None]:
-    """OS and onnxruntime write failures (disk full, read-only) -> SaveLocationError naming `path`."""
-    with _ort.translated(f"cannot write {path}", SaveLocationError):
+def _writing(runtime: Runtime, path: Path) -> Iterator[None]:
+    """OS and runtime write failures (disk full, read-only) -> SaveLocationError naming `path`."""
+    with runtime.translated(f"cannot write {path}", SaveLocationError):
         try:
             yield
         except OSError as e:
@@ -102,89 +94,71 @@ def _remove(*paths: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def open_runtime(
+    directory: Path, manifest: Manifest, seed: int | None, threads: int | None, momentum: float
+) -> Runtime:
+    """The runtime the artifacts were exported for (`Manifest.runtime`)."""
+    if manifest.runtime == "executorch":
+        from .executorch_runtime import ExecuTorchRuntime  # its bindings import torch
+
+        return ExecuTorchRuntime(directory, manifest, seed, threads, momentum)
+    if momentum:
+        raise ArgumentError(
+            "momentum is an ExecuTorch learner option; ONNX Runtime artifacts carry their "
+            f"optimizer in the graph ({manifest.optimizer!r})"
+        )
+    from .availability import require_onnx_runtime
+
+    require_onnx_runtime()  # onnxruntime-training: not needed for ExecuTorch
+    from .ort_runtime import OrtRuntime
+
+    return OrtRuntime(directory, manifest, seed, threads)
+
+
 class EdgeLearner:
     """Load artifacts, learn tasks soft-masked, measure and accumulate their importance, save.
 
     SPG on the device: after a task, one raw-gradient pass (scale 0) per head
     h <= t sums ∂L_h/∂P over the task's batches; L_t is the task's cross-entropy, L_h (h < t,
-    task-incremental) the sum of head h's logits. The importance-update graph turns the
-    stacked sums into γ^t = max_h |tanh(standardize(g_h))| and A <- max(A, γ^t).
+    task-incremental) the sum of head h's logits. The importance update turns the stacked
+    sums into γ^t = max_h |tanh(standardize(g_h))| and A <- max(A, γ^t).
     A new optimizer (fresh momentum / Adam state) is created per task, as the official code.
+    The runtime (ONNX Runtime Training or ExecuTorch) is the one the folder was exported for;
+    everything else here is shared by both (`runtime.Runtime` is the cut).
 
     Args:
-        directory: artifacts written by `build_artifacts` (or a previous `save`).
-        seed: onnxruntime's global random seed (dropout in training graphs); None leaves it.
-        threads: intra-op threads of the sessions (default: onnxruntime's choice).
+        directory: artifacts written by `build_artifacts` / `export_for_device` (or a `save`).
+        seed: the runtime's random seed (dropout in training graphs); None leaves it.
+        threads: intra-op threads of the sessions (default: the runtime's choice).
+        momentum: SGD momentum of the ExecuTorch runtime's optimizer (torch.optim.SGD's
+            formula, dampening 0); ONNX Runtime artifacts fix their optimizer at export.
     """
 
     def __init__(
-        self, directory: str | os.PathLike, *, seed: int | None = 0, threads: int | None = None
+        self,
+        directory: str | os.PathLike,
+        *,
+        seed: int | None = 0,
+        threads: int | None = None,
+        momentum: float = 0.0,
     ) -> None:
         self.directory = Path(directory)
         self.manifest = Manifest.load(self.directory)
-        self.manifest.verify_files(self.directory)  # before onnxruntime parses any byte
-        if seed is not None:
-            ort.set_seed(seed)
-        self._options = ort.SessionOptions()
-        if threads is not None:
-            self._options.intra_op_num_threads = threads
-        self._options.log_severity_level = 3
-        # idle worker threads sleep instead of spinning: a device shares its cores with the app
-        self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        state = load_state(self.directory, self.manifest)
+        self.manifest.verify_files(self.directory)  # before a runtime parses any byte
         self._history = load_history(self.directory, self.manifest)
-        self._scale: float | None = 1.0  # s in the session's training graph (None: rebuild)
-        with self._fitting():
-            self._session = _ort.TrainingSession(
-                self.directory / TRAINING_MODEL_NAME,
-                self.directory / EVAL_MODEL_NAME,
-                self.directory / OPTIMIZER_MODEL_NAME,
-                state,
-                self._options,
-                lr_in_graph=self.manifest.format_version >= 2,
-                constants=self._constants(state, 1.0),
-            )
-            self._importance_session = ort.InferenceSession(
-                self.directory / IMPORTANCE_MODEL_NAME,
-                self._options,
-                providers=["CPUExecutionProvider"],
-            )
+        self._runtime = open_runtime(self.directory, self.manifest, seed, threads, momentum)
         self._optimizer_task: int | None = None
-        integer = [i.name for i in self.manifest.inputs if i.dtype in ("int32", "int64")]
-        self._index_bounds = index_bounds(self._session.graphs[0], integer, self.manifest.params)
+        self._index_bounds = self._runtime.index_bounds
 
-    # sessions -----------------------------------------------------------------------------
-
-    def _fitting(self) -> contextlib.AbstractContextManager[None]:
-        return _ort.translated(
-            f"the graphs in {str(self.directory)!r} do not fit its checkpoint",
-            ArtifactMismatchError,
-        )
-
-    def _constants(self, state: Any, scale: float) -> dict[str, np.ndarray]:
-        """What a session's training graph holds as constants: s, the stored A and ā."""
-        names = [n + IMPORTANCE_SUFFIX for n in self.manifest.masked] + [MEAN_IMPORTANCE]
-        return {
-            SCALE_INPUT: np.array(scale, np.float32),
-            **{n: _ort.get_parameter(state, n) for n in names},
-        }
+    @property
+    def runtime(self) -> str:
+        """"onnxruntime" or "executorch": what the loaded artifacts run on."""
+        return self.manifest.runtime
 
     def _use(self, scale: float) -> None:
-        """Rebuild the session's training graph for `scale` unless it already runs it.
-
-        The stored importance changes only in `end_task`, which forces the next rebuild; a
-        rebuild drops the optimizer, so the next `learn_task` starts a new one. The Python
-        learner reads gradients from the state, so its graphs drop the gradient outputs.
-        """
-        if self._scale == scale:
-            return
-        self._scale = None
-        self._optimizer_task = None
-        with self._fitting():
-            self._session.specialize(
-                self._constants(self._session.state, scale), gradient_outputs=False
-            )
-        self._scale = scale
+        """Train with keep = 1 − scale·A; a rebuilt session needs a new optimizer."""
+        if self._runtime.use_scale(scale):
+            self._optimizer_task = None
 
     # batches ------------------------------------------------------------------------------
 
@@ -239,6 +213,12 @@ class EdgeLearner:
             feeds[s.name] = np.ascontiguousarray(a)
         if batch_size == 0:  # onnxruntime's mean cross-entropy divides by it: SIGFPE, no exception
             raise BatchError("a batch needs at least one row, got 0")
+        limit = self._runtime.max_batch
+        if limit is not None and batch_size > limit:
+            raise BatchError(
+                f"a batch may have at most {limit} rows (the program was exported with "
+                f"max_batch={limit}), got {batch_size}: split it or export with a larger max_batch"
+            )
         return feeds, (y, batch_size)
 
     def _feeds(self, batch: Any, head: int, *, cross_head: bool) -> dict[str, np.ndarray]:
@@ -272,14 +252,11 @@ class EdgeLearner:
 
     def parameters(self) -> dict[str, np.ndarray]:
         """Copies of the trainable weights, keyed by the framework's parameter names."""
-        return {n: _ort.get_parameter(self._session.state, n).copy() for n in self.manifest.params}
+        return {n: self._runtime.get(n).copy() for n in self.manifest.params}
 
     def importance(self) -> dict[str, np.ndarray]:
         """Accumulated importance A (float32) of every masked parameter."""
-        return {
-            n: decode(_ort.get_parameter(self._session.state, n + IMPORTANCE_SUFFIX))
-            for n in self.manifest.masked
-        }
+        return {n: decode(self._runtime.get(n + IMPORTANCE_SUFFIX)) for n in self.manifest.masked}
 
     def task_importance(self, task_id: int) -> dict[str, np.ndarray]:
         """Importance of task `task_id` alone (float32)."""
@@ -330,13 +307,12 @@ class EdgeLearner:
         self._use(1.0 if masked else 0.0)
         start = self.parameters()
         try:
-            with _ort.translated(f"learn_task({t})"):
+            with self._runtime.translated(f"learn_task({t})"):
                 return self._train(t, prepared, val, float(lr), early_stopping, int(epochs), start)
         except BaseException:
-            # a batch onnxruntime refuses mid-pass (e.g. longer than the position table): the
+            # a batch the runtime refuses mid-pass (e.g. longer than the position table): the
             # weights go back to where the call started, and the task's optimizer restarts
-            for n, w in start.items():
-                _ort.set_parameter(self._session.state, n, w)
+            self._runtime.set(start)
             self._optimizer_task = None
             raise
 
@@ -350,10 +326,11 @@ class EdgeLearner:
         epochs: int,
         start: dict[str, np.ndarray],
     ) -> list[float]:
+        runtime = self._runtime
         if self._optimizer_task != t:
-            self._session.new_optimizer(lr)
+            runtime.new_optimizer(lr)
             self._optimizer_task = t
-        self._session.set_learning_rate(lr)
+        runtime.set_learning_rate(lr)
         plateau = Plateau(early_stopping or EarlyStopping(), lr)
         best = start  # the weights the call started from, until validation improves
         losses: list[float] = []
@@ -361,23 +338,20 @@ class EdgeLearner:
         for _ in range(epochs):
             total = 0.0
             for feeds in prepared:
-                self._session.reset_gradients()
-                total += float(self._session.run(feeds, training=True)[0])
-                self._session.optimizer_step()
+                total += runtime.train_step(feeds)
             losses.append(total / len(prepared))
             if val is None:
                 continue
-            val_loss = sum(float(self._session.run(f, training=False)[0]) for f in val) / len(val)
+            val_loss = sum(runtime.eval_step(f)[0] for f in val) / len(val)
             self.validation_losses.append(val_loss)
             improved, stop = plateau.update(val_loss)
             if improved:
                 best = self.parameters()
             if stop:
                 break
-            self._session.set_learning_rate(plateau.lr)
+            runtime.set_learning_rate(plateau.lr)
         if val is not None:
-            for n, w in best.items():
-                _ort.set_parameter(self._session.state, n, w)
+            runtime.set(best)
         return losses
 
     def end_task(self, batches: Iterable[Any], name: str | None = None) -> dict[str, np.ndarray]:
@@ -388,7 +362,7 @@ class EdgeLearner:
             raise EmptyDataError(f"the importance pass of task {t} got no batches")
         own = [self._feeds(b, t, cross_head=False) for b in batches]
         self._use(0.0)
-        with _ort.translated(f"end_task({t})"):
+        with self._runtime.translated(f"end_task({t})"):
             return self._measure(t, batches, own, name)
 
     def _measure(
@@ -397,38 +371,24 @@ class EdgeLearner:
         heads = range(t + 1) if self.manifest.task_mode == "task_incremental" else [t]
         sums: dict[str, list[np.ndarray]] = {n: [] for n in self.manifest.masked}
         for h in heads:
-            self._session.reset_gradients()
-            for batch, feeds in zip(batches, own):
-                if h != t:
-                    feeds = self._feeds(batch, h, cross_head=True)
-                self._session.run(feeds, training=True)
-            for n in self.manifest.masked:
-                sums[n].append(_ort.get_gradient(self._session.state, n).copy())
+            feeds = own if h == t else [self._feeds(b, h, cross_head=True) for b in batches]
+            for n, g in self._runtime.gradient_sums(feeds, self.manifest.masked).items():
+                sums[n].append(g)
         bad = sorted(n for n, gs in sums.items() if not all(np.isfinite(g).all() for g in gs))
         if bad:
             raise NonFiniteGradientError(
                 f"importance of task {t}: NaN/Inf gradients in {', '.join(bad[:10])}"
             )
-        feeds = {}
+        task, updated, mean = self._runtime.update_importance(sums)
+        self._runtime.set(
+            {**{n + IMPORTANCE_SUFFIX: a for n, a in updated.items()}, MEAN_IMPORTANCE: mean}
+        )
         for n in self.manifest.masked:
-            feeds[n + ".grads"] = np.stack(sums[n])
-            feeds[n + IMPORTANCE_SUFFIX] = _ort.get_parameter(
-                self._session.state, n + IMPORTANCE_SUFFIX
-            )
-        names = [o.name for o in self._importance_session.get_outputs()]
-        out = dict(zip(names, self._importance_session.run(names, feeds)))
-        state = self._session.state
-        for n in self.manifest.masked:
-            _ort.set_parameter(
-                state, n + IMPORTANCE_SUFFIX, out[n + IMPORTANCE_SUFFIX + ".updated"]
-            )
-            self._history[task_key(t, n)] = out[n + ".task_importance"]
-        _ort.set_parameter(state, MEAN_IMPORTANCE, out[MEAN_IMPORTANCE + ".updated"])
-        self._scale = None  # the session's constants hold the old importance
+            self._history[task_key(t, n)] = task[n]
         task_names = [*self.manifest.task_names[:t], name or f"task_{t}"]
         self.manifest = replace(self.manifest, num_tasks=t + 1, task_names=task_names)
         self._optimizer_task = None
-        return {n: decode(out[n + ".task_importance"]) for n in self.manifest.masked}
+        return {n: decode(task[n]) for n in self.manifest.masked}
 
     # inference ----------------------------------------------------------------------------
 
@@ -440,8 +400,8 @@ class EdgeLearner:
         feeds[CROSS_HEAD_INPUT] = np.array(0.0, np.float32)
         if self.manifest.task_mode == "task_incremental":
             feeds[TASK_INPUT] = np.array(head, np.int64)
-        with _ort.translated("predict"):
-            return self._session.run(feeds, training=False)[1]
+        with self._runtime.translated("predict"):
+            return self._runtime.eval_step(feeds)[1]
 
     def evaluate(self, batches: Iterable[Any], task_id: int | None = None) -> float:
         """Accuracy of head `task_id` on `(x, y)` batches."""
@@ -492,15 +452,15 @@ class EdgeLearner:
         switched = False
         try:
             if not same and Manifest.peek(target) is None:
-                for name in STATIC_FILES:
+                for name in self.manifest.static_files():
                     src = self.directory / name
-                    with _writing(target / name):
+                    with _writing(self._runtime, target / name):
                         atomic_write(target / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
-            with _writing(ckpt):
-                atomic_write(ckpt, lambda tmp: _ort.save_checkpoint(self._session.state, tmp))
-            with _writing(hist):
+            with _writing(self._runtime, ckpt):
+                atomic_write(ckpt, self._runtime.write_checkpoint)
+            with _writing(self._runtime, hist):
                 write_history(hist, self._history)
-            with _writing(target / MANIFEST_NAME):
+            with _writing(self._runtime, target / MANIFEST_NAME):
                 manifest = replace(
                     self.manifest,
                     generation=generation,
@@ -549,7 +509,7 @@ class EdgeLearner:
             return self.manifest.generation + 1
         differing = [
             n
-            for n in STATIC_FILES
+            for n in self.manifest.static_files()
             if not (target / n).is_file() or sha256(target / n) != sha256(self.directory / n)
         ]
         if differing:
@@ -560,23 +520,26 @@ class EdgeLearner:
         return max(current["generation"], self.manifest.generation) + 1
 
     def export_inference(self, path: str | os.PathLike) -> Path:
-        """Write an inference-only ONNX model (inputs [+ task_id] -> logits), atomically.
+        """Write an inference-only model (inputs [+ task_id] -> logits), atomically: ONNX, or
+        for ExecuTorch a `.pte` program and its weights in `path` with the suffix `.ptd`.
 
         Refuses a path onto a file of the loaded artifacts folder (its graphs, manifest and
         generation files), which the model would overwrite.
         """
         path = Path(path)
-        if path.parent.resolve() == self.directory.resolve() and (
-            path.name in (*STATIC_FILES, MANIFEST_NAME) or _GENERATION_FILE.match(path.name)
+        taken = (*self.manifest.static_files(), MANIFEST_NAME)
+        if path.parent.resolve() == self.directory.resolve() and any(
+            name in taken or _GENERATION_FILE.match(name)
+            for name in (path.name, path.with_suffix(".ptd").name)
         ):
             raise SaveLocationError(
                 f"export_inference({str(path)!r}) would overwrite a file of the artifacts "
                 "folder; write the inference model elsewhere (e.g. model.onnx)"
             )
-        with _ort.translated(f"export_inference({str(path)!r})", SaveLocationError):
+        with self._runtime.translated(f"export_inference({str(path)!r})", SaveLocationError):
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(path, lambda tmp: self._session.export_inference(tmp, [LOGITS_OUTPUT]))
+                self._runtime.export_inference(path)
             except OSError as e:
                 raise SaveLocationError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
         return path

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,16 @@ from softmask_format.contract import PLAIN_NAME as _PLAIN_NAME
 from softmask_format.names import DEVICE_FORMAT_VERSION as FORMAT_VERSION
 from softmask_format.names import (
     EVAL_MODEL_NAME,
+    EVAL_PROGRAM_NAME,
     IMPORTANCE_DTYPES,
     IMPORTANCE_MODEL_NAME,
+    INFERENCE_PROGRAM_NAME,
     LOG_UINT8_SINCE,
     MANIFEST_NAME,
     OPTIMIZER_MODEL_NAME,
+    TRAINING_DATA_NAME,
     TRAINING_MODEL_NAME,
+    TRAINING_PROGRAM_NAME,
 )
 from softmask_format.names import READABLE_DEVICE_FORMAT_VERSIONS as READABLE_FORMATS
 
@@ -50,6 +55,14 @@ from .errors import (
 from .storage import NUMPY_DTYPES
 
 STATIC_FILES = (TRAINING_MODEL_NAME, EVAL_MODEL_NAME, OPTIMIZER_MODEL_NAME, IMPORTANCE_MODEL_NAME)
+EXECUTORCH_FILES = (
+    TRAINING_PROGRAM_NAME,
+    TRAINING_DATA_NAME,
+    EVAL_PROGRAM_NAME,
+    INFERENCE_PROGRAM_NAME,
+)
+# runtime -> the static files of its artifacts (a folder's runtime: the set its graphs_sha256 covers)
+RUNTIME_FILES = {"onnxruntime": STATIC_FILES, "executorch": EXECUTORCH_FILES}
 # names and limits of the device contract (softmask_format/device_contract.json)
 IMPORTANCE_SUFFIX = TENSORS["importance_suffix"]
 MEAN_IMPORTANCE = TENSORS["mean_importance"]  # ā, the heads' scale is 1 - ā
@@ -68,6 +81,10 @@ OPTIMIZERS = tuple(MANIFEST_FIELDS["optimizer"]["values"])
 MAX_MANIFEST_BYTES = LIMITS["max_manifest_bytes"]  # a 10k-parameter model's manifest is ~1 MiB
 MAX_RANK = LIMITS["max_rank"]
 MAX_GENERATION = LIMITS["max_generation"]  # six digits in the file names
+# ExecuTorch programs name a parameter P `model.net.P` (the modules that wrap the model);
+# their inputs are the user inputs [+ task_id], labels, then, in `parameter_order`, one
+# keep_P per trainable P (training: + the cross-head scalar before them) or the weights (eval)
+PROGRAM_PARAMETER_PREFIX = "model.net."
 
 
 def checkpoint_name(generation: int) -> str:
@@ -126,6 +143,19 @@ class InputSpec:
     shape: list[int | None]
 
 
+def capacity_fields(capacity: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Manifest fields of the capacity options (`importance_update_model`'s keyword arguments:
+    sharpness, budget, decay, cross_heads); None or a missing key: the paper's value."""
+    c = dict(capacity or {})
+    budget = c.get("budget")
+    return {
+        "importance_sharpness": float(c.get("sharpness", 1.0)),
+        "importance_budget": 1.0 if budget is None else float(budget),
+        "importance_decay": float(c.get("decay", 1.0)),
+        "cross_heads": bool(c.get("cross_heads", True)),
+    }
+
+
 @dataclass
 class Manifest:
     """Everything a loader needs to check artifacts against a model and a batch."""
@@ -153,6 +183,12 @@ class Manifest:
     parameter_order: list[str] = field(default_factory=list)
     learning_rate: float = 0.0  # the lr recorded in the optimizer graph (format 2)
     heads_scaled: bool = True  # False: head gradients train unscaled (head_scaling="except_new")
+    # capacity options of the importance update (softmask_peft.capacity); absent: the paper's
+    # rule. Optional fields like heads_scaled (format 3 unchanged); budget 1 keeps everything
+    importance_sharpness: float = 1.0
+    importance_budget: float = 1.0
+    importance_decay: float = 1.0
+    cross_heads: bool = True
     # format 3: a random id per export, stamped into every graph, and the graphs' SHA-256
     export_id: str = ""
     graphs_sha256: dict[str, str] = field(default_factory=dict)
@@ -227,9 +263,22 @@ class Manifest:
             )
         return raw
 
+    @property
+    def runtime(self) -> str:
+        """"executorch" if the hashed static files are ExecuTorch programs, else "onnxruntime".
+
+        Derived, not stored: an ONNX manifest is byte-for-byte what it was, and a reader that
+        predates ExecuTorch refuses an ExecuTorch folder (its graphs_sha256 covers other files).
+        """
+        return "executorch" if sorted(self.graphs_sha256) == sorted(EXECUTORCH_FILES) else "onnxruntime"
+
+    def static_files(self) -> tuple[str, ...]:
+        """The graphs / programs of this export: never rewritten by a save."""
+        return RUNTIME_FILES[self.runtime]
+
     def files(self) -> list[str]:
         """Every file the manifest names: graphs, checkpoint, history."""
-        return [*STATIC_FILES, self.checkpoint, self.history]
+        return [*self.static_files(), self.checkpoint, self.history]
 
     def _check_values(self, path: Path) -> None:
         problems = []
@@ -253,8 +302,13 @@ class Manifest:
         hashed = sorted(self.graphs_sha256)
         if self.format_version >= 3 and len(self.export_id) != 32:
             problems.append("format 3 needs a 32-hex-digit export_id")
-        if (self.format_version >= 3 or hashed) and hashed != sorted(STATIC_FILES):
-            problems.append(f"graphs_sha256 must cover exactly {list(STATIC_FILES)}")
+        if (self.format_version >= 3 or hashed) and hashed not in (
+            sorted(files) for files in RUNTIME_FILES.values()
+        ):
+            problems.append(
+                f"graphs_sha256 must cover exactly {list(STATIC_FILES)} (ONNX Runtime) or "
+                f"{list(EXECUTORCH_FILES)} (ExecuTorch)"
+            )
         if not self.head_classes:
             problems.append("head_classes is empty")
         declared = self.declared_tasks()
@@ -305,7 +359,7 @@ class Manifest:
                 raise CorruptArtifactError(f"cannot read {path}: {e.strerror}") from e
             if actual == digest:
                 continue
-            foreign = graph_export_id(path) if name in STATIC_FILES else None
+            foreign = graph_export_id(path) if name.endswith(".onnx") else None
             if foreign and foreign != self.export_id:
                 raise ArtifactMismatchError(
                     f"{path} belongs to another export ({foreign}); the manifest is export "

@@ -24,7 +24,7 @@ from .errors import CorruptArtifactError
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.uint16, "uint8": np.uint8}
 
 
-__all__ = ["NUMPY_DTYPES", "decode", "encode", "read_history", "write_history"]
+__all__ = ["NUMPY_DTYPES", "decode", "encode", "read_history", "save_arrays", "write_history"]
 
 
 def encode(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -33,17 +33,19 @@ def encode(a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def write_history(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
-    """Write `{task.{k}.{name}: array}` as an uncompressed .npz, atomically."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **{k: np.ascontiguousarray(v) for k, v in tensors.items()})
-
-    atomic_write(path, write)
+    """Write `{task.{k}.{name}: array}` (or any named arrays: the ExecuTorch checkpoint) as an
+    uncompressed .npz, atomically."""
+    atomic_write(path, lambda tmp: save_arrays(tmp, tensors))
 
 
-def read_history(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a history file (object arrays refused: allow_pickle=False).
+def save_arrays(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
+    """Named arrays into a new uncompressed .npz at `path` (not atomic: callers wrap it)."""
+    with open(path, "wb") as f:
+        np.savez(f, **{k: np.ascontiguousarray(v) for k, v in tensors.items()})
+
+
+def read_history(path: str | os.PathLike, what: str = "importance history") -> dict[str, np.ndarray]:
+    """Read a history file, or another .npz of named arrays (object arrays refused).
 
     Only stored (uncompressed) members are accepted, so the arrays can never take more memory
     than the file's own bytes (no zip bomb).
@@ -55,7 +57,7 @@ def read_history(path: str | os.PathLike) -> dict[str, np.ndarray]:
             ]
         if packed:
             raise CorruptArtifactError(
-                f"importance history {str(path)!r}: compressed members {packed[:3]} "
+                f"{what} {str(path)!r}: compressed members {packed[:3]} "
                 "(softmask_edge writes uncompressed .npz files)"
             )
         with np.load(Path(path), allow_pickle=False) as data:
@@ -63,4 +65,4 @@ def read_history(path: str | os.PathLike) -> dict[str, np.ndarray]:
     # zipfile refuses members it cannot read (encrypted, patched, a newer zip version) with
     # RuntimeError or its subclass NotImplementedError: a damaged header can set those bits
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError) as e:
-        raise CorruptArtifactError(f"cannot read importance history {str(path)!r}: {e}") from e
+        raise CorruptArtifactError(f"cannot read {what} {str(path)!r}: {e}") from e

@@ -27,6 +27,12 @@ TRAINING_MODEL_NAME: str = _DEVICE["files"]["training_model"]
 EVAL_MODEL_NAME: str = _DEVICE["files"]["eval_model"]
 OPTIMIZER_MODEL_NAME: str = _DEVICE["files"]["optimizer_model"]
 IMPORTANCE_MODEL_NAME: str = _DEVICE["files"]["importance_model"]
+# the ExecuTorch runtime's static files (same manifest, checkpoint and history scheme; which
+# runtime a folder is for follows from the files its `graphs_sha256` covers)
+TRAINING_PROGRAM_NAME = "training_program.pte"  # masked forward + backward, weights external
+TRAINING_DATA_NAME = "training_program.ptd"  # the initial weights the training program loads
+EVAL_PROGRAM_NAME = "eval_program.pte"  # eval-mode forward, weights as inputs: loss, logits
+INFERENCE_PROGRAM_NAME = "inference_program.pte"  # eval-mode logits, weights in a .ptd beside it
 # 2: SGD flag output of rank 0, the learning rate as an optimizer-graph initializer, gradient
 #    outputs of the training graph, `parameter_order` (what onnxruntime-web needs);
 # 3: the manifest hashes the graphs too (`graphs_sha256`) and records an `export_id` stamped

@@ -41,3 +41,20 @@ def test_device_softmask_forgets_less_than_device_finetuning():
     assert soft["acc"] > fine["acc"]
     assert soft["forgetting"] < fine["forgetting"]
     assert math.isfinite(soft["bwt"])
+
+
+def test_demo_runs_on_executorch_with_the_numbers_of_onnx_runtime(tmp_path):
+    """The same demo on both device runtimes. The demo's MLP has dropout, whose random draws
+    differ between the runtimes (ExecuTorch's kernel is not seeded), so the matrices agree
+    within noise, not exactly: ACC within 10 points, far from chance (50 %)."""
+    pytest.importorskip("executorch")
+    kwargs = dict(torch_tasks=3, train_config=TrainConfig(epochs=1, batch_size=64), device_epochs=2)
+    ort = run_device_demo(**kwargs)
+    with pytest.warns(UserWarning, match="not reproducible"):
+        et = run_device_demo(**kwargs, workdir=tmp_path, runtime="executorch")
+    assert et.runtime == "executorch" and ort.runtime == "onnxruntime"
+    assert (tmp_path / "device_softmask" / "training_program.pte").is_file()
+    assert et.matrices["softmask"][:3] == ort.matrices["softmask"][:3]  # the shared torch part
+    for name in ("softmask", "finetune"):
+        assert abs(et.metrics[name]["acc"] - ort.metrics[name]["acc"]) <= 10.0
+        assert et.metrics[name]["acc"] >= 70.0

@@ -17,3 +17,25 @@ def mlp_source(tmp_path_factory):
 def mlp_case(mlp_source, tmp_path):
     model, artifacts = mlp_source
     return clone_case(model, artifacts, tmp_path / "artifacts")
+
+
+@pytest.fixture(scope="session")
+def executorch_source(tmp_path_factory):
+    """The same MLP exported for ExecuTorch (a program export takes ~10 s)."""
+    pytest.importorskip("executorch")
+    model = mlp_model_after_two_tasks()
+    return model, export_copy(
+        model, tmp_path_factory.mktemp("et") / "artifacts", runtime="executorch"
+    )
+
+
+@pytest.fixture
+def executorch_case(executorch_source, tmp_path):
+    model, artifacts = executorch_source
+    return clone_case(model, artifacts, tmp_path / "artifacts")
+
+
+@pytest.fixture(params=["onnxruntime", "executorch"])
+def device_case(request):
+    """A (model, artifacts) copy for each device runtime: the reliability checks run on both."""
+    return request.getfixturevalue(f"{'mlp' if request.param == 'onnxruntime' else 'executorch'}_case")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -171,3 +173,16 @@ def device_script(artifacts: Path, x: np.ndarray, y: np.ndarray, then: str) -> s
         learner.end_task([(x, y)])
         """
     return textwrap.dedent(head) + textwrap.dedent(then)
+
+
+def run_device_process(script: str, artifacts: Path, data: list) -> dict:
+    """Run `script` in a fresh interpreter with (artifacts, JSON batches); its last line's JSON."""
+    batches_json = json.dumps([(x.tolist(), y.tolist()) for x, y in data])
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), str(artifacts), batches_json],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -43,8 +43,8 @@ def test_missing_directory_and_missing_files(mlp_case, tmp_path):
         EdgeLearner(artifacts)
 
 
-def test_corrupted_checkpoint_is_detected_before_onnxruntime_reads_it(mlp_case):
-    _, artifacts = mlp_case
+def test_corrupted_checkpoint_is_detected_before_onnxruntime_reads_it(device_case):
+    _, artifacts = device_case
     ckpt = artifacts / _manifest(artifacts)["checkpoint"]
     data = bytearray(ckpt.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -53,8 +53,8 @@ def test_corrupted_checkpoint_is_detected_before_onnxruntime_reads_it(mlp_case):
         EdgeLearner(artifacts)
 
 
-def test_bad_manifest(mlp_case):
-    _, artifacts = mlp_case
+def test_bad_manifest(device_case):
+    _, artifacts = device_case
     raw = _manifest(artifacts)
     (artifacts / "manifest.json").write_text(json.dumps({**raw, "format_version": 99}))
     with pytest.raises(UnsupportedFormatError, match="format_version 99"):
@@ -86,8 +86,8 @@ def test_checkpoint_of_another_model_is_refused(mlp_source, tmp_path):
         EdgeLearner(mine)
 
 
-def test_bad_batches_raise_and_change_nothing(mlp_case):
-    _, artifacts = mlp_case
+def test_bad_batches_raise_and_change_nothing(device_case):
+    _, artifacts = device_case
     learner = EdgeLearner(artifacts)
     before = learner.parameters()
     bad = [
@@ -113,8 +113,8 @@ def test_bad_batches_raise_and_change_nothing(mlp_case):
     assert learner.num_tasks == 2
 
 
-def test_declared_heads_run_out(mlp_case):
-    _, artifacts = mlp_case
+def test_declared_heads_run_out(device_case):
+    _, artifacts = device_case
     learner = EdgeLearner(artifacts)
     for _ in range(2):  # heads 2 and 3 were declared
         learner.learn_task([(X, Y)])
@@ -123,8 +123,8 @@ def test_declared_heads_run_out(mlp_case):
         learner.learn_task([(X, Y)])
 
 
-def test_exception_during_save_keeps_the_previous_checkpoint(mlp_case, monkeypatch):
-    _, artifacts = mlp_case
+def test_exception_during_save_keeps_the_previous_checkpoint(device_case, monkeypatch):
+    _, artifacts = device_case
     learner = EdgeLearner(artifacts)
     learner.learn_task([(X, Y)], lr=0.5)
     learner.end_task([(X, Y)])

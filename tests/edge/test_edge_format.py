@@ -83,8 +83,8 @@ def test_gradient_outputs_are_the_accumulated_gradients(mlp_case):
 
     _, artifacts = mlp_case
     learner = EdgeLearner(artifacts)
-    session = learner._session
-    session.specialize(learner._constants(session.state, 1.0), gradient_outputs=True)
+    session = learner._runtime._session
+    session.specialize(learner._runtime._constants(session.state, 1.0), gradient_outputs=True)
     data = numpy_batches(batches(2, n=2))
     session.reset_gradients()
     for batch in data:

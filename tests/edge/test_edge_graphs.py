@@ -10,15 +10,15 @@ import torch
 from edge_helpers import export_copy, mlp_model_after_two_tasks
 from onnx import TensorProto, helper, numpy_helper
 from softmask_edge import EdgeLearner
-from softmask_edge.graphs import (
+from softmask_edge.graphs import add_gradient_outputs
+from softmask_edge.importance_graph import (
     STORAGE_TYPES,
     add_codec_constants,
-    add_gradient_outputs,
     decode_nodes,
     encode_nodes,
     importance_update_model,
-    specialize,
 )
+from softmask_edge.session_graphs import specialize
 from softmask_format import codec
 
 from softmask_peft.importance import normalize_importance
@@ -244,7 +244,7 @@ def test_learner_graph_masks_with_one_mul_by_a_folded_constant(tmp_path, dtype):
     learner = EdgeLearner(artifacts)
     masked = learner.manifest.masked
     written = onnx.load(artifacts / "training_model.onnx")
-    constants = learner._constants(learner._session.state, 1.0)
+    constants = learner._runtime._constants(learner._runtime._session.state, 1.0)
     session_graph = specialize(written, constants, gradient_outputs=False)
     scale = next(i for i in session_graph.graph.initializer if i.name == "softmask_scale")
     assert list(scale.dims) == []  # the graph declares a scalar

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
-from edge_helpers import batches, numpy_batches
+from edge_helpers import batches, numpy_batches, run_device_process
 
 DEVICE_SCRIPT = """
 import sys
@@ -42,15 +37,7 @@ print(json.dumps({
 
 def test_device_cycle_runs_with_torch_blocked(mlp_case):
     _, artifacts = mlp_case
-    data = [(x.tolist(), y.tolist()) for x, y in numpy_batches(batches(2))]
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(DEVICE_SCRIPT), str(artifacts), json.dumps(data)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_device_process(DEVICE_SCRIPT, artifacts, numpy_batches(batches(2)))
     assert result["torch_modules"] == []
     assert result["num_tasks"] == 3
     assert result["logits_match"]

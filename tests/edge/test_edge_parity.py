@@ -9,8 +9,8 @@ from edge_helpers import batches, export_copy, max_diff, numpy_batches, torch_we
 from softmask_edge import EdgeLearner
 
 
-def test_initial_weights_and_importance_are_the_models(mlp_case):
-    model, artifacts = mlp_case
+def test_initial_weights_and_importance_are_the_models(device_case):
+    model, artifacts = device_case
     learner = EdgeLearner(artifacts)
     assert learner.num_tasks == 2
     assert max_diff(learner.parameters(), torch_weights(model)) == 0.0
@@ -46,18 +46,21 @@ def test_one_masked_sgd_step_is_the_closed_form(mlp_case):
     assert max_diff(learner.parameters(), expected) <= 1e-6
 
 
-def test_sgd_steps_match_softmask_optimizer_and_importance_matches_spg(mlp_case):
-    model, artifacts = mlp_case
+def test_sgd_steps_match_softmask_optimizer_and_importance_matches_spg(device_case):
+    """Three epochs of soft-masked SGD, then the importance pass (heads 0..2, cross-head terms
+    for the earlier heads). ExecuTorch runs torch's own kernels: within 1e-6 there."""
+    model, artifacts = device_case
     data = batches(2)
     learner = EdgeLearner(artifacts)
+    exact = learner.runtime == "executorch"
     learner.learn_task(numpy_batches(data), epochs=3, lr=0.1)
     train_torch(model, 2, data, lr=0.1, epochs=3, end=False)
-    assert max_diff(learner.parameters(), torch_weights(model)) <= 1e-5
+    assert max_diff(learner.parameters(), torch_weights(model)) <= (1e-6 if exact else 1e-5)
 
     device_task = learner.end_task(numpy_batches(data))
     torch_task = model.end_task(data)
-    assert max_diff(device_task, torch_task) <= 1e-4
-    assert max_diff(learner.importance(), model.importance) <= 1e-4
+    assert max_diff(device_task, torch_task) <= (1e-6 if exact else 1e-4)
+    assert max_diff(learner.importance(), model.importance) <= (1e-6 if exact else 1e-4)
     assert max_diff(learner.task_importance(2), model.task_importance(2)) <= 1e-4
     # the new task mattered: some importance went up
     before = {

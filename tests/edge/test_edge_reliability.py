@@ -246,8 +246,8 @@ def _trained(artifacts: Path) -> EdgeLearner:
     return learner
 
 
-def test_a_stale_writer_is_refused_and_changes_nothing(mlp_case, tmp_path):
-    _, artifacts = mlp_case
+def test_a_stale_writer_is_refused_and_changes_nothing(device_case, tmp_path):
+    _, artifacts = device_case
     first, second = _trained(artifacts), _trained(artifacts)
     first.save()
     before = _snapshot(artifacts)
@@ -269,8 +269,8 @@ def test_saving_into_another_exports_folder_is_refused(mlp_source, tmp_path):
     assert _snapshot(other) == before
 
 
-def test_saving_into_a_copy_at_a_later_generation_goes_above_it(mlp_case, tmp_path):
-    _, artifacts = mlp_case
+def test_saving_into_a_copy_at_a_later_generation_goes_above_it(device_case, tmp_path):
+    _, artifacts = device_case
     ahead = tmp_path / "ahead"
     shutil.copytree(artifacts, ahead)
     for _ in range(3):
@@ -284,10 +284,10 @@ class Crash(BaseException):
     """An interrupt at a chosen step (BaseException: no `except Exception` may swallow it)."""
 
 
-def test_a_kill_at_any_step_of_a_save_leaves_a_loadable_folder(mlp_case, tmp_path, monkeypatch):
+def test_a_kill_at_any_step_of_a_save_leaves_a_loadable_folder(device_case, tmp_path, monkeypatch):
     """Interrupt the k-th file operation of a save for every k: the folder loads with either
     the old or the new generation, and the next save from a fresh learner succeeds."""
-    _, base = mlp_case
+    _, base = device_case
     old = EdgeLearner(base).parameters()
     k, completed = 0, False
     while not completed:
@@ -405,8 +405,8 @@ def test_onnxruntime_errors_inside_a_step_are_wrapped(mlp_source, tmp_path):
 
 
 @pytest.mark.parametrize("poison", [np.nan, np.inf, -np.inf])
-def test_non_finite_batches_are_refused_before_any_step(mlp_case, poison):
-    _, artifacts = mlp_case
+def test_non_finite_batches_are_refused_before_any_step(device_case, poison):
+    _, artifacts = device_case
     learner = EdgeLearner(artifacts)
     weights, importance = learner.parameters(), learner.importance()
     bad = X.copy()
@@ -553,8 +553,8 @@ def test_a_reexport_killed_at_any_step_leaves_one_whole_export(mlp_case, tmp_pat
     assert outcomes == {"old", "new"} and k > 4
 
 
-def test_unusable_save_locations_raise_save_location_error(mlp_case, tmp_path):
-    _, artifacts = mlp_case
+def test_unusable_save_locations_raise_save_location_error(device_case, tmp_path):
+    _, artifacts = device_case
     learner = EdgeLearner(artifacts)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -606,7 +606,7 @@ def test_session_graphs_leave_no_copy_and_survive_a_tmp_cleaner(mlp_case, tmp_pa
     reference.end_task(data)
 
     learner = EdgeLearner(artifacts)
-    folder = Path(learner._session._workdir.name)
+    folder = Path(learner._runtime._session._workdir.name)
     assert folder.is_dir() and not list(folder.iterdir())
     shutil.rmtree(folder)
     learner.learn_task(data, epochs=2, lr=0.1)  # its graph is built: nothing to write

@@ -23,7 +23,7 @@ def test_plateau_decays_the_lr_then_stops():
 
 def _val_loss(learner: EdgeLearner, data, task: int) -> float:
     feeds = [learner._feeds(b, task, cross_head=False) for b in data]
-    return float(np.mean([learner._session.run(f, training=False)[0] for f in feeds]))
+    return float(np.mean([learner._runtime.eval_step(f)[0] for f in feeds]))
 
 
 def test_best_validation_weights_are_kept_and_training_stops_early(mlp_case):

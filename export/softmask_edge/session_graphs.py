@@ -1,0 +1,86 @@
+"""What a learner does to the graphs it loads: per-session specialization, the learning rate,
+the token-id bounds. numpy + onnx only.
+
+* `specialize`: the graphs one training session runs, with s, A and ā as constants.
+* `set_learning_rate`: rewrite the lr recorded in an optimizer graph (format 2).
+* `index_bounds`: the row count of the table each integer input indexes (token ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .manifest import GRADIENT_SUFFIX, LEARNING_RATE_INITIALIZER
+
+
+def specialize(
+    model: onnx.ModelProto,
+    constants: Mapping[str, np.ndarray],
+    unused: Sequence[str] = (),
+    gradient_outputs: bool = True,
+) -> onnx.ModelProto:
+    """A copy of a session's graph: inputs in `constants` become constants, `unused` are dropped.
+
+    A learner calls this when it opens a session, with s = `softmask_scale` (1 to learn,
+    0 for the raw-gradient pass) and the stored A and ā as they are at that moment (they
+    only change between tasks). ONNX Runtime then folds keep = 1 − s·decode(A) once, when the
+    session is created, and every step runs one `Mul(P_grad, keep_P)` per masked tensor
+    instead of the decode and the two scale nodes (uint8 storage: the table lookup over every
+    element, each step). The artifacts' graph stays as written (hashed, and complete for
+    runtimes that feed A themselves). The eval graph declares A and ā without reading them:
+    ONNX Runtime feeds it the parameters the training graph takes, so they go (`unused`).
+    `gradient_outputs=False` drops the `P + GRADIENT_SUFFIX` outputs, which only the JS
+    raw-gradient pass reads: fetching them copies every gradient each step.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    gone = {*constants, *unused}
+    inputs = [i for i in g.input if i.name not in gone]
+    del g.input[:]
+    g.input.extend(inputs)
+    g.initializer.extend(
+        numpy_helper.from_array(np.asarray(value), name) for name, value in constants.items()
+    )
+    if not gradient_outputs:
+        outputs = [o for o in g.output if not o.name.endswith(GRADIENT_SUFFIX)]
+        del g.output[:]
+        g.output.extend(outputs)
+    return out
+
+
+def index_bounds(
+    model: onnx.ModelProto, inputs: Sequence[str], shapes: Mapping[str, Sequence[int]]
+) -> dict[str, int]:
+    """Input name -> rows of the smallest table a `Gather` indexes with it directly.
+
+    Token ids feed an embedding's Gather: an id outside [0, rows) fails inside onnxruntime
+    (negative ids even wrap around), after earlier batches of the pass already stepped; the
+    learners refuse such a batch before the first step. `shapes` holds the parameters'
+    shapes; frozen tables are initializers of the graph.
+    """
+    tables = {n: list(v) for n, v in shapes.items()}
+    tables.update({i.name: list(i.dims) for i in model.graph.initializer})
+    bounds: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2 or node.input[1] not in inputs:
+            continue
+        table = tables.get(node.input[0])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if table and axis == 0:
+            name = node.input[1]
+            bounds[name] = min(bounds.get(name, table[0]), table[0])
+    return bounds
+
+
+def set_learning_rate(model: onnx.ModelProto, lr: float) -> None:
+    """Rewrite the recorded learning rate of an optimizer graph from `record_learning_rate`."""
+    for init in model.graph.initializer:
+        if init.name == LEARNING_RATE_INITIALIZER:
+            init.CopyFrom(numpy_helper.from_array(np.array([lr], np.float32), init.name))
+            return
+    raise ValueError(f"the optimizer graph has no {LEARNING_RATE_INITIALIZER!r} initializer")
