@@ -146,6 +146,13 @@ class GradMask:
 
         return base.step(masked_closure)
 
+    def before_step(self, masks: KeepMasks) -> None:
+        """For a host loop that steps itself (a Trainer callback): mask the gradients."""
+        self.mask_gradients(masks)
+
+    def after_step(self, masks: KeepMasks) -> None:
+        """Nothing to do after the step."""
+
 
 class UpdateMask:
     """Scale the parameter change: `p <- lerp(p_new, p_old, A) = keep * p_new + A * p_old`.
@@ -179,6 +186,14 @@ class UpdateMask:
             torch._foreach_lerp_(g.params, old, g.importance)
         if masks.head_keep != 1.0 and masks.heads:
             torch._foreach_lerp_(masks.heads, self._old_heads, 1.0 - masks.head_keep)
+
+    def before_step(self, masks: KeepMasks) -> None:
+        """For a host loop that steps itself (a Trainer callback): remember p_old."""
+        self._remember(masks)
+
+    def after_step(self, masks: KeepMasks) -> None:
+        """Pull the stepped parameters back towards p_old by A."""
+        self._pull_back(masks)
 
     def step(self, base: Optimizer, masks: KeepMasks, closure: Callable[[], Any] | None) -> Any:
         self._remember(masks)

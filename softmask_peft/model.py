@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checkpointing import gradient_checkpointing_off
 from .config import SoftMaskConfig
 from .errors import ConfigError, ImportanceMismatchError, InputTypeError, TaskOrderError
 from .heads import MultiHeadClassifier, expand_heads
@@ -186,7 +187,8 @@ class SoftMaskModel(nn.Module):
         was_training = self.base_model.training
         self.base_model.train()
         try:
-            with torch.enable_grad():  # callers often evaluate under no_grad
+            # callers often evaluate under no_grad; checkpointed recomputation breaks the pass
+            with torch.enable_grad(), gradient_checkpointing_off(self.base_model):
                 importance = self.method.run(task, train_batches, self.store.general)
         finally:
             self.base_model.train(was_training)
@@ -200,7 +202,8 @@ class SoftMaskModel(nn.Module):
         Call it before `begin_task(0)`, on a sample of the first domain; it masks every
         domain from the first on and is saved with the checkpoint.
         """
-        return self.set_general_importance(self.method.general_importance(batches))
+        with gradient_checkpointing_off(self.base_model):
+            return self.set_general_importance(self.method.general_importance(batches))
 
     def set_general_importance(self, importance: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Keep a general importance computed elsewhere: unit tensors in [0, 1], as

@@ -126,14 +126,24 @@ def save_checkpoint(
         save_importance(staging / IMPORTANCE_NAME, store, config.importance_dtype, save_id)
         config.save_pretrained(staging)
 
+    created = not Path(directory).exists()
     try:
         commit_files(ensure_directory(directory, SaveLocationError), write)
     except SoftMaskError:
+        _remove_if_created_empty(directory, created)
         raise
     except (OSError, ValueError, SafetensorError) as e:  # full disk, read-only, bad path
+        _remove_if_created_empty(directory, created)
         raise SaveLocationError(
             f"cannot save into {str(directory)!r}: {e}; nothing was changed there"
         ) from e
+
+
+def _remove_if_created_empty(directory: str | os.PathLike, created: bool) -> None:
+    """A refused save leaves no trace: drop the folder it created, if still empty."""
+    path = Path(directory)
+    if created and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
 
 
 # loading ----------------------------------------------------------------------------------------
