@@ -126,7 +126,7 @@ def save_checkpoint(
         save_importance(staging / IMPORTANCE_NAME, store, config.importance_dtype, save_id)
         config.save_pretrained(staging)
 
-    created = not Path(directory).exists()
+    created = _first_missing(Path(directory))
     try:
         commit_files(ensure_directory(directory, SaveLocationError), write)
     except SoftMaskError:
@@ -139,11 +139,22 @@ def save_checkpoint(
         ) from e
 
 
-def _remove_if_created_empty(directory: str | os.PathLike, created: bool) -> None:
-    """A refused save leaves no trace: drop the folder it created, if still empty."""
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (None: `path` exists)."""
+    missing = None
+    while not path.exists() and path != path.parent:
+        missing, path = path, path.parent
+    return missing
+
+
+def _remove_if_created_empty(directory: str | os.PathLike, created: Path | None) -> None:
+    """A refused save leaves no trace: drop the folders it created, while they are empty."""
     path = Path(directory)
-    if created and path.is_dir() and not any(path.iterdir()):
+    while created is not None and path.is_dir() and not any(path.iterdir()):
         path.rmdir()
+        if path == created:
+            break
+        path = path.parent
 
 
 # loading ----------------------------------------------------------------------------------------
