@@ -77,6 +77,7 @@ class KeepMasks:
         self.heads = heads
         self.head_keep = head_keep
         self.added = added
+        self.masked_steps = 0  # counted by the transforms: a task trained with 0 was unprotected
 
     @property
     def groups(self) -> list[MaskGroup]:
@@ -125,6 +126,7 @@ class GradMask:
 
     @torch.no_grad()
     def mask_gradients(self, masks: KeepMasks) -> None:
+        masks.masked_steps += 1
         for g in masks.groups:
             pairs = [(p.grad, k) for p, k in zip(g.params, g.keep) if p.grad is not None]
             if pairs:
@@ -170,6 +172,7 @@ class UpdateMask:
 
     @torch.no_grad()
     def _remember(self, masks: KeepMasks) -> None:
+        masks.masked_steps += 1
         groups = masks.groups
         if self._for is not groups:
             self._old = [[torch.empty_like(p) for p in g.params] for g in groups]

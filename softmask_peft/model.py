@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,14 @@ class SoftMaskModel(nn.Module):
         task = self.store.open_task
         if task is None:
             raise TaskOrderError("end_task() without a matching begin_task()")
+        if task > 0 and self.keep_masks is not None and self.keep_masks.masked_steps == 0:
+            warnings.warn(
+                f"task {task} ended without a single soft-masked optimizer step: if it was "
+                "trained, nothing protected the earlier tasks. Train through SoftMaskOptimizer, "
+                "SoftMaskCallback (any transformers Trainer) or SoftMaskTrainer",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         was_training = self.base_model.training
         self.base_model.train()
         try:

@@ -175,7 +175,10 @@ class SoftMaskCallback(TrainerCallback):
     trainer's train dataloader in the importance pass (e.g. when the trainer's batches carry no
     `labels`, as in preference training): batches the wrapped model's forward accepts.
     `check_resume=False` skips the check that a resumed run carries its checkpoint's importance
-    (for trainers that check before loading, as `SoftMaskTrainer`).
+    (for trainers that check before loading, as `SoftMaskTrainer`). A method that adds a term to
+    the loss (DAS's contrastive term) needs a trainer whose `compute_loss` calls
+    `model.training_loss` (`SoftMaskTrainer` does: `loss_included=True`); a callback cannot change
+    the loss, so without it `train()` refuses rather than silently dropping the term.
     """
 
     def __init__(
@@ -185,6 +188,7 @@ class SoftMaskCallback(TrainerCallback):
         manage_tasks: bool = True,
         importance_batches: Iterable[Any] | None = None,
         check_resume: bool = True,
+        loss_included: bool = False,
     ) -> None:
         if not isinstance(model, SoftMaskModel):
             raise InputTypeError(
@@ -196,6 +200,7 @@ class SoftMaskCallback(TrainerCallback):
         self.manage_tasks = manage_tasks
         self.importance_batches = importance_batches
         self.check_resume = check_resume
+        self.loss_included = loss_included
         self._transform: Any = None  # None: the trainer's optimizer masks itself, or no task
         self._began_here = False
 
@@ -210,6 +215,14 @@ class SoftMaskCallback(TrainerCallback):
                 f"the trainer trains a {type(trained).__name__} that is not the model this "
                 "SoftMaskCallback wraps: pass the wrapped model itself to the trainer (with TRL, "
                 "build the PeftModel yourself instead of passing peft_config=...)"
+            )
+        if self.model.method.adds_loss_term() and not self.loss_included:
+            raise ConfigError(
+                f"method {self.model.softmask_config.method!r} adds a term to the training loss "
+                "(DAS's contrastive_weight > 0) that this trainer's compute_loss does not "
+                "compute: use SoftMaskTrainer, override compute_loss to return "
+                "softmask_model.training_loss(inputs) and pass loss_included=True, or set "
+                "contrastive_weight=0"
             )
         resumed = state.global_step > 0
         if resumed and self.check_resume:

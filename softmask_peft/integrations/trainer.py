@@ -89,7 +89,7 @@ class SoftMaskTrainer(Trainer):
             params = inspect.signature(inner.forward).parameters.values()
             self.model_accepts_loss_kwargs = any(p.kind == p.VAR_KEYWORD for p in params)
         self.softmask_callback = SoftMaskCallback(
-            model, mask_mode=mask_mode, manage_tasks=False, check_resume=False
+            model, mask_mode=mask_mode, manage_tasks=False, check_resume=False, loss_included=True
         )
         self.add_callback(self.softmask_callback)
 
@@ -112,6 +112,20 @@ class SoftMaskTrainer(Trainer):
         if self._signature_columns is None:
             names = list(inspect.signature(task_model(self.model).forward).parameters)
             self._signature_columns = names + list({"label", "label_ids", *self.label_names})
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        """Trainer's loss, or `SoftMaskModel.training_loss` when the method adds a term to it
+        (DAS: domain loss + contrastive_weight · InfoNCE), so `train()` minimises the method's loss."""
+        if not self.model.method.adds_loss_term():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = self.model.training_loss(inputs)
+        return (loss, None) if return_outputs else loss
 
     # the task sequence -------------------------------------------------------------------------
 
