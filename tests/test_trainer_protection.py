@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from helpers import tiny_bert, tiny_llama
-from hf_data import examples
+from hf_data import examples, trainer_kwargs
 from transformers import Trainer, TrainingArguments
 
 from softmask_peft import ConfigError, SoftMaskConfig, get_softmask_model
@@ -19,20 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 
 
 def args(out, **kw) -> TrainingArguments:
-    base = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        num_train_epochs=1,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
+    return TrainingArguments(**trainer_kwargs(out, **kw))
 
 
 def lm_examples(n: int = 8, seq_len: int = 8, seed: int = 2):

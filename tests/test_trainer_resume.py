@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 from helpers import tiny_bert
-from hf_data import examples
+from hf_data import examples, trainer_kwargs
 from peft import LoraConfig, get_peft_model
 from transformers import TrainingArguments
 
@@ -33,21 +33,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 
 
 def args(out, **kw) -> TrainingArguments:
-    base = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        num_train_epochs=3,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="steps",
-        save_steps=2,
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
+    defaults = dict(num_train_epochs=3, save_strategy="steps", save_steps=2)
+    return TrainingArguments(**trainer_kwargs(out, **{**defaults, **kw}))
 
 
 @pytest.fixture(scope="module")

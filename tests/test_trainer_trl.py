@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
+from hf_data import trainer_kwargs
 from peft import LoraConfig, PeftModel, get_peft_model
 from softmask_bench.char_lm import char_tokenizer, tiny_causal_lm
 
@@ -54,21 +55,7 @@ def plain_text(k: int, n: int = 12) -> Dataset:
 
 
 def sft_args(out, **kw):
-    base = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        num_train_epochs=1,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        max_length=64,
-        seed=0,
-        data_seed=0,
-    )
-    base.update(kw)
-    return trl.SFTConfig(**base)
+    return trl.SFTConfig(**trainer_kwargs(out, **{"max_length": 64, **kw}))
 
 
 def sft(model, out, data, callbacks=(), **kw):
