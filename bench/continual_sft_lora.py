@@ -1,6 +1,6 @@
 """Continual instruction tuning with TRL's SFTTrainer + LoRA: does soft-masking cut forgetting?
 
-    python bench/continual_sft_lora.py                       # 3 seeds, all methods (~15 min, 2 cores)
+    python bench/continual_sft_lora.py                       # 3 seeds, all methods (~12 min, 2 cores)
     python bench/continual_sft_lora.py --seeds 0 --methods plain softmask   # a quick look
 
 A tiny Llama-style causal LM (character tokenizer, `softmask_bench.char_lm`) is first pre-trained
@@ -8,8 +8,8 @@ in-repo on the offline "general" text domain (`softmask_bench.text_domains`, a p
 shared by all methods and seeds), then learns 4 instruction tasks in sequence, each through
 `trl.SFTTrainer` with completion-only loss on prompt/completion pairs over random lowercase words:
 
-    T0 "copy: abcd =>" -> "abcd"      T1 "reverse: abcd =>" -> "dcba"
-    T2 "upper: abcd =>" -> "ABCD"     T3 "shift: abcd =>" -> "bcde" (next letter)
+    T0 "copy: abcd =>" -> "abcd"      T1 "upper: abcd =>" -> "ABCD"
+    T2 "alpha: abcd =>" -> "alpha a"  T3 "omega: abcd =>" -> "omega d"
 
 The instruction names the task, so one model can hold all four; forgetting is interference.
 Accuracy = teacher-forced token accuracy on the completion (eval words unseen in training).
@@ -53,13 +53,13 @@ from trl import SFTConfig, SFTTrainer
 from softmask_peft import SoftMaskConfig, get_softmask_model
 from softmask_peft.integrations.callback import SoftMaskCallback
 
-TASKS = {
+TASKS = {  # instruction -> a fixed answer word per task, spelled out over the input word
     "copy": lambda w: w,
-    "reverse": lambda w: w[::-1],
     "upper": lambda w: w.upper(),
-    "shift": lambda w: "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in w),
+    "alpha": lambda w: "alpha " + w[0],
+    "omega": lambda w: "omega " + w[-1],
 }
-METHODS = ["plain", "softmask", "softmask-sgd", "per-task", "o-lora", "replay"]
+METHODS = ["plain", "softmask", "o-lora", "replay", "per-task", "softmask-sgd"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 
@@ -238,14 +238,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--train", type=int, default=48, help="training examples per task")
-    ap.add_argument("--eval", type=int, default=24, help="eval examples per task")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--eval", type=int, default=12, help="eval examples per task")
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--lr", type=float, default=3e-2)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--pretrain-steps", type=int, default=300)
+    ap.add_argument("--pretrain-steps", type=int, default=400)
     ap.add_argument("--replay", type=int, default=8, help="stored examples per earlier task")
     ap.add_argument("--olora-lambda", type=float, default=0.5)
     ap.add_argument("--out", default="docs/results/bench/bench_continual_sft_lora.json")
@@ -266,10 +266,13 @@ def main() -> None:
             t0 = time.time()
             r = run(method, seed, base_state, tok, args)
             runs.append({"seed": seed, "R": r, **compute_metrics(r), "seconds": time.time() - t0})
+            print(f"R = {np.round(np.asarray(r), 2).tolist()}", flush=True)
             print(f"{method:13s} seed {seed}: " + "  ".join(
                 f"{k} {runs[-1][k]:.3f}" for k in ("acc", "forgetting", "plasticity")
             ) + f"  ({runs[-1]['seconds']:.0f}s)", flush=True)
-        results["runs"][method] = runs
+            results["runs"][method] = runs
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")  # partial results
     rows = []
     header = "| method | ACC | BWT | forgetting | plasticity |"
     print("\n" + header + "\n|---|---|---|---|---|")
@@ -283,9 +286,9 @@ def main() -> None:
         s = results["summary"]
         for m in [m for m in results["runs"] if m.startswith("softmask")]:
             cut = 1 - s[m]["forgetting"][0] / s["plain"]["forgetting"][0]
-            gap = 100 * (s["plain"]["plasticity"][0] - s[m]["plasticity"][0])
+            gap = 100 * (s[m]["plasticity"][0] - s["plain"]["plasticity"][0])
             results["summary"][m]["forgetting_cut_vs_plain"] = cut
-            print(f"{m}: forgetting cut vs plain {100 * cut:.0f} %, plasticity {gap:+.1f} points below plain")
+            print(f"{m}: forgetting cut vs plain {100 * cut:.0f} %, plasticity {gap:+.1f} points vs plain")
     results["seconds"] = time.time() - start
     print(f"total {results['seconds']:.0f}s (2 shared CPU cores)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
