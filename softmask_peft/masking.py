@@ -80,6 +80,7 @@ class KeepMasks:
         self.heads = heads
         self.head_keep = head_keep
         self.added = added
+        self.masked_steps = 0  # counted by the transforms: a task trained with 0 was unprotected
 
     @property
     def groups(self) -> list[MaskGroup]:
@@ -161,6 +162,7 @@ class GradMask:
 
     @torch.no_grad()
     def mask_gradients(self, masks: KeepMasks) -> None:
+        masks.masked_steps += 1
         for g in masks.groups:
             pairs = [(p.grad, k) for p, k in zip(g.params, g.keep) if p.grad is not None]
             if pairs:
@@ -182,6 +184,13 @@ class GradMask:
 
         return base.step(masked_closure)
 
+    def before_step(self, masks: KeepMasks) -> None:
+        """For a host loop that steps itself (a Trainer callback): mask the gradients."""
+        self.mask_gradients(masks)
+
+    def after_step(self, masks: KeepMasks) -> None:
+        """Nothing to do after the step."""
+
 
 class UpdateMask:
     """Scale the parameter change: `p <- lerp(p_new, p_old, A) = keep * p_new + A * p_old`.
@@ -199,6 +208,7 @@ class UpdateMask:
 
     @torch.no_grad()
     def _remember(self, masks: KeepMasks) -> None:
+        masks.masked_steps += 1
         groups = masks.groups
         if self._for is not groups:
             self._old = [[torch.empty_like(p) for p in g.params] for g in groups]
@@ -215,6 +225,14 @@ class UpdateMask:
             torch._foreach_lerp_(g.params, old, g.importance)
         if masks.head_keep != 1.0 and masks.heads:
             torch._foreach_lerp_(masks.heads, self._old_heads, 1.0 - masks.head_keep)
+
+    def before_step(self, masks: KeepMasks) -> None:
+        """For a host loop that steps itself (a Trainer callback): remember p_old."""
+        self._remember(masks)
+
+    def after_step(self, masks: KeepMasks) -> None:
+        """Pull the stepped parameters back towards p_old by A."""
+        self._pull_back(masks)
 
     def step(self, base: Optimizer, masks: KeepMasks, closure: Callable[[], Any] | None) -> Any:
         self._remember(masks)

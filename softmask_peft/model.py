@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from .capacity import (
     importance_stats,
     shape_task_importance,
 )
+from .checkpointing import gradient_checkpointing_off
 from .config import SoftMaskConfig
 from .device import device_state_problems
 from .errors import ConfigError, ImportanceMismatchError, InputTypeError, TaskOrderError
@@ -226,10 +228,19 @@ class SoftMaskModel(nn.Module):
         task = self.store.open_task
         if task is None:
             raise TaskOrderError("end_task() without a matching begin_task()")
+        if task > 0 and self.keep_masks is not None and self.keep_masks.masked_steps == 0:
+            warnings.warn(
+                f"task {task} ended without a single soft-masked optimizer step: if it was "
+                "trained, nothing protected the earlier tasks. Train through SoftMaskOptimizer, "
+                "SoftMaskCallback (any transformers Trainer) or SoftMaskTrainer",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         was_training = self.base_model.training
         self.base_model.train()
         try:
-            with torch.enable_grad():  # callers often evaluate under no_grad
+            # callers often evaluate under no_grad; checkpointed recomputation breaks the pass
+            with torch.enable_grad(), gradient_checkpointing_off(self.base_model):
                 importance = self.method.run(
                     task, train_batches, self.store.general, self._shape_task_importance
                 )
@@ -254,7 +265,8 @@ class SoftMaskModel(nn.Module):
         Call it before `begin_task(0)`, on a sample of the first domain; it masks every
         domain from the first on and is saved with the checkpoint.
         """
-        return self.set_general_importance(self.method.general_importance(batches))
+        with gradient_checkpointing_off(self.base_model):
+            return self.set_general_importance(self.method.general_importance(batches))
 
     def set_general_importance(self, importance: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Keep a general importance computed elsewhere: unit tensors in [0, 1], as

@@ -147,14 +147,35 @@ def save_checkpoint(
         save_importance(staging / IMPORTANCE_NAME, store, config.importance_dtype, save_id, recorded)
         config.save_pretrained(staging)
 
+    created = _first_missing(Path(directory))
     try:
         commit_files(ensure_directory(directory, SaveLocationError), write)
     except SoftMaskError:
+        _remove_if_created_empty(directory, created)
         raise
     except (OSError, ValueError, SafetensorError) as e:  # full disk, read-only, bad path
+        _remove_if_created_empty(directory, created)
         raise SaveLocationError(
             f"cannot save into {str(directory)!r}: {e}; nothing was changed there"
         ) from e
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (None: `path` exists)."""
+    missing = None
+    while not path.exists() and path != path.parent:
+        missing, path = path, path.parent
+    return missing
+
+
+def _remove_if_created_empty(directory: str | os.PathLike, created: Path | None) -> None:
+    """A refused save leaves no trace: drop the folders it created, while they are empty."""
+    path = Path(directory)
+    while created is not None and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+        if path == created:
+            break
+        path = path.parent
 
 
 # loading ----------------------------------------------------------------------------------------

@@ -19,3 +19,22 @@ def examples(n: int = 8, seq_len: int = 6, vocab: int = 40, num_labels: int = 3,
         }
         for i in range(n)
     ]
+
+
+def trainer_kwargs(output_dir, **overrides) -> dict:
+    """TrainingArguments / SFTConfig keywords for fast, deterministic CPU runs in tests."""
+    kwargs = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        num_train_epochs=1,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return kwargs

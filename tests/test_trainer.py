@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tiny_bert
-from hf_data import examples
+from hf_data import examples, trainer_kwargs
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -24,21 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 def args(tmp_path, **kw) -> TrainingArguments:
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        num_train_epochs=1,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
+    return TrainingArguments(**trainer_kwargs(tmp_path, **kw))
 
 
 def run_task(trainer: SoftMaskTrainer, t: int, data) -> None:

@@ -55,6 +55,11 @@ class ImportanceMethod(ABC):
     ) -> Tensor:
         """The loss to train a task on (the task loss, plus any method-specific term)."""
 
+    def adds_loss_term(self) -> bool:
+        """True when `training_loss` adds a term to the model's own loss (DAS's contrastive
+        term): a host loop that computes the loss itself (a Trainer) must call it instead."""
+        return False
+
     def importance_shapes(self) -> dict[str, torch.Size]:
         """Store name -> shape of every importance tensor (parameter-level: the masked parameters)."""
         params = dict(self.base_model.named_parameters())

@@ -379,6 +379,9 @@ class DAS(ImportanceMethod):
             both = self.pooled(twice)
         return both[:n], both[n:]
 
+    def adds_loss_term(self) -> bool:
+        return self.config.contrastive_weight != 0
+
     def training_loss(
         self, batch: Any, accumulated: Mapping[str, Tensor], general: Mapping[str, Tensor] | None
     ) -> Tensor:

@@ -20,8 +20,13 @@ What it changes in `Trainer`, and why:
   scalar, which commutes with the elementwise mask, so only the norm needs the mask.
 * Every `checkpoint-N` and `save_model` folder is written by `SoftMaskModel.save_pretrained`:
   the softmask files beside weights the base library opens (`AutoModel...from_pretrained`,
-  `PeftModel.from_pretrained`). Resuming checks that the model carries the checkpoint's
-  importance, so protection cannot silently be lost.
+  `PeftModel.from_pretrained`), and `softmask_trainer.json` marks the checkpoint complete.
+  Resuming checks the checkpoint first (complete, `trainer_state.json` from the same save) and
+  that the model carries its importance, so protection cannot silently be lost;
+  `resume_from_checkpoint=True` takes the latest *complete* checkpoint.
+
+The checkpoint marker and resume checks are `SoftMaskCallback`'s (`.callback`), which this
+trainer adds to itself; the masking is its own optimizer's (mask -> clip -> step).
 """
 
 from __future__ import annotations
@@ -36,13 +41,18 @@ from torch import nn
 from transformers import Trainer
 from transformers.utils.generic import can_return_loss, find_labels
 
-from ..errors import ConfigError, InputTypeError, TaskOrderError
+from ..errors import ConfigError, InputTypeError, MissingFileError, TaskOrderError
 from ..heads import expand_heads
 from ..model import SoftMaskModel
 from ..optim import SoftMaskOptimizer
 from ..persistence import load_checkpoint
-from ..store import ImportanceStore
 from ..weights import load_weights
+from .callback import (
+    SoftMaskCallback,
+    check_same_importance,
+    check_trainer_checkpoint,
+    latest_complete_checkpoint,
+)
 
 
 def task_model(model: SoftMaskModel) -> nn.Module:
@@ -78,6 +88,23 @@ class SoftMaskTrainer(Trainer):
         else:
             params = inspect.signature(inner.forward).parameters.values()
             self.model_accepts_loss_kwargs = any(p.kind == p.VAR_KEYWORD for p in params)
+        self.softmask_callback = SoftMaskCallback(
+            model, mask_mode=mask_mode, manage_tasks=False, check_resume=False, loss_included=True
+        )
+        self.add_callback(self.softmask_callback)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """`Trainer.train`; a checkpoint to resume is checked first, and `True` means the
+        latest complete one in `args.output_dir` (not a folder a killed save left behind)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise MissingFileError(
+                    f"no complete checkpoint to resume in {self.args.output_dir!r}"
+                )
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            check_trainer_checkpoint(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # what Trainer reads from the model ---------------------------------------------------------
 
@@ -85,6 +112,20 @@ class SoftMaskTrainer(Trainer):
         if self._signature_columns is None:
             names = list(inspect.signature(task_model(self.model).forward).parameters)
             self._signature_columns = names + list({"label", "label_ids", *self.label_names})
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        """Trainer's loss, or `SoftMaskModel.training_loss` when the method adds a term to it
+        (DAS: domain loss + contrastive_weight · InfoNCE), so `train()` minimises the method's loss."""
+        if not self.model.method.adds_loss_term():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = self.model.training_loss(inputs)
+        return (loss, None) if return_outputs else loss
 
     # the task sequence -------------------------------------------------------------------------
 
@@ -162,26 +203,11 @@ class SoftMaskTrainer(Trainer):
         directory = Path(resume_from_checkpoint)
         base = self.model.base_model
         ckpt = load_checkpoint(base, directory)  # validates, changes nothing
-        self._check_same_importance(ckpt.store, directory)
-        expand_heads(base, [t.num_classes for t in ckpt.store.tasks])
-        load_weights(base, ckpt.weights)
-
-    def _check_same_importance(self, saved: ImportanceStore, directory: os.PathLike) -> None:
-        mine = self.model.store
-        same = (
-            saved.num_tasks == mine.num_tasks
-            and saved.accumulated.keys() == mine.accumulated.keys()
-            and all(torch.equal(v, mine.accumulated[k].cpu()) for k, v in saved.accumulated.items())
-        )
-        if not same:
-            raise TaskOrderError(
-                f"{str(directory)!r} holds the importance of {saved.num_tasks} finished task(s) "
-                f"that this model does not carry ({mine.num_tasks} task(s)): resuming would train "
-                "without their protection. Load it first: model = SoftMaskModel.from_pretrained("
-                "base, checkpoint); model.begin_task(model.num_tasks)"
-            )
+        check_same_importance(self.model, ckpt.store, directory)
         if self.model.current_task is None:
             raise TaskOrderError("call begin_task(t) before train(resume_from_checkpoint=...)")
+        expand_heads(base, [t.num_classes for t in ckpt.store.tasks])
+        load_weights(base, ckpt.weights)
 
     def _load_best_model(self) -> None:
         if self.state.best_model_checkpoint is not None:

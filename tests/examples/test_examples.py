@@ -103,3 +103,20 @@ def test_das_causal_lm_example():
 def test_device_example():
     out = run("examples/device_learner.py")
     assert "server now knows: ['task_0', 'learned_on_device']" in out
+
+
+def test_sft_lora_example(tmp_path):
+    out = run("examples/train_sft_lora.py", "--out", str(tmp_path), "--epochs", "1")
+    assert "task 1 (upper) done: 2 task(s) of importance" in out
+    from peft import PeftModel
+    from softmask_bench.char_lm import char_tokenizer, tiny_causal_lm
+    from transformers import AutoModelForCausalLM
+
+    from softmask_peft import SoftMaskModel
+    from softmask_peft.integrations.callback import latest_complete_checkpoint
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "serve")
+    base = tiny_causal_lm(len(char_tokenizer()))
+    peft = PeftModel.from_pretrained(base, tmp_path / "continual", is_trainable=True)
+    assert SoftMaskModel.from_pretrained(peft, tmp_path / "continual").num_tasks == 2
+    assert latest_complete_checkpoint(tmp_path / "upper") is not None
