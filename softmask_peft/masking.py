@@ -130,12 +130,14 @@ def refuse_non_finite_gradients(
     overflows (elements ≳ 1e19), which no step should take either.
     """
     params = [p for p in params if p.grad is not None]
-    by_device: dict[torch.device, list[Tensor]] = {}
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for p in params:
-        by_device.setdefault(p.grad.device, []).append(p)
+        groups.setdefault((p.grad.device, p.grad.dtype), []).append(p)
     bad: list[Tensor] = []
-    for group in by_device.values():
-        norms = torch.stack(torch._foreach_norm([p.grad for p in group], 2, dtype=torch.float32))
+    for (_, dtype), group in groups.items():
+        # at least float32; float64 gradients keep theirs (the norm cannot narrow them)
+        acc = torch.promote_types(dtype, torch.float32)
+        norms = torch.stack(torch._foreach_norm([p.grad for p in group], 2, dtype=acc))
         if not bool(torch.isfinite(norms).all()):
             bad += [p for p, n in zip(group, norms.tolist()) if not math.isfinite(n)]
     if bad:

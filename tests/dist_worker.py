@@ -27,6 +27,7 @@ from helpers import SmallMLP, classification_batches, small_mlp, text_batches, t
 from torch import nn  # noqa: E402
 
 from softmask_peft import SoftMaskConfig, SoftMaskError, get_softmask_model  # noqa: E402
+from softmask_peft.config import PAPER_CAPACITY  # noqa: E402
 
 
 def model_and_batches(mode: str):
@@ -34,7 +35,7 @@ def model_and_batches(mode: str):
     if mode == "nan":
         batches = classification_batches(n=16, in_features=6, batch_size=4, seed=3)
         return get_softmask_model(small_mlp(), SoftMaskConfig()), batches
-    cfg = SoftMaskConfig(method=mode, head_modules=["classifier"])
+    cfg = SoftMaskConfig(method=mode, head_modules=["classifier"], **PAPER_CAPACITY)
     return get_softmask_model(tiny_bert(dropout=0.0), cfg), text_batches(n=16, seed=4)
 
 

@@ -107,7 +107,8 @@ def test_end_task_applies_budget_and_decay():
     torch.manual_seed(0)
     shaped = run_tasks(
         get_softmask_model(
-            small_mlp(), SoftMaskConfig(importance_budget=0.25, importance_decay=0.5)
+            small_mlp(),
+            SoftMaskConfig(importance_budget=0.25, importance_sharpness=1.0, importance_decay=0.5),
         ),
         1,
     )

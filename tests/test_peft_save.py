@@ -82,7 +82,7 @@ def test_shared_adapter_round_trips_and_the_adapter_file_is_peft_readable(tmp_pa
     assert adapter < full / 4  # adapter-only, no backbone
     # float32 importance: accumulated + one per task, for the masked (LoRA) tensors only
     lora_bytes = sum(v.numel() * 4 for v in model.importance.values())
-    assert importance < 3 * lora_bytes + 4096
+    assert importance < 3 * lora_bytes + 8192  # + the header: task log and config metadata
 
 
 def test_inference_mode_adapter_and_merged_model_get_clear_errors(tmp_path):

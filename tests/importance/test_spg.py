@@ -1,5 +1,8 @@
 """SPG importance against closed-form gradients computed in the test.
 
+Every model here uses the paper's accumulation (`PAPER_CAPACITY`): the closed forms are the
+official code's; the capacity options are tested in tests/test_capacity.py.
+
 Linear models give every gradient by hand: for logits = W x + b and the batch-mean CE,
 dL/dlogits = (softmax - onehot) / B; for the sum of a head's logits, dL/dz = W_hᵀ 1.
 """
@@ -29,6 +32,7 @@ from softmask_peft import (
     SoftMaskConfig,
     get_softmask_model,
 )
+from softmask_peft.config import PAPER_CAPACITY
 from softmask_peft.heads import MultiHeadClassifier
 from softmask_peft.importance import spg as spg_module
 from softmask_peft.testing import seed_importance
@@ -68,7 +72,7 @@ def test_plain_linear_importance_closed_form():
         d = ce_dlogits(x.double() @ W.T + b, y)
         gW += d.T @ x.double()
         gb += d.sum(0)
-    model = get_softmask_model(net, SoftMaskConfig())
+    model = get_softmask_model(net, SoftMaskConfig(**PAPER_CAPACITY))
     model.begin_task(0)
     model.end_task(batches)
     assert model.masked_parameter_names == ["weight", "bias"]
@@ -100,7 +104,7 @@ def test_unused_and_one_element_parameters_get_zero_importance():
     for x, y in batches:
         d = ce_dlogits(1.5 * (x.double() @ W.T + b), y) * 1.5
         gW += d.T @ x.double()
-    model = get_softmask_model(net, SoftMaskConfig())
+    model = get_softmask_model(net, SoftMaskConfig(**PAPER_CAPACITY))
     model.begin_task(0)
     model.end_task(batches)
     imp = model.importance
@@ -131,7 +135,7 @@ def test_constant_nonzero_gradient_has_zero_std_and_gets_zero_importance():
         for x, y in batches
     )
     assert abs(gs) > 1e-3  # the gradient of each s_i is this same non-zero number
-    model = get_softmask_model(net, SoftMaskConfig())
+    model = get_softmask_model(net, SoftMaskConfig(**PAPER_CAPACITY))
     model.begin_task(0)
     model.end_task(batches)
     assert torch.equal(model.importance["s"], torch.zeros(4))
@@ -186,7 +190,7 @@ def train_a_little(model, batches, steps: int = 3, lr: float = 0.2) -> None:
 
 def test_multi_head_three_tasks_closed_form_max_over_heads_and_tasks():
     net = multi_head(in_features=4, feature_dim=5)
-    model = get_softmask_model(net, SoftMaskConfig())
+    model = get_softmask_model(net, SoftMaskConfig(**PAPER_CAPACITY))
     assert model.masked_parameter_names == ["backbone.weight", "backbone.bias"]
     classes = [2, 3, 4]
     refs = []
@@ -216,7 +220,7 @@ def test_multi_head_three_tasks_closed_form_max_over_heads_and_tasks():
 
 def test_importance_pass_leaves_weights_grads_and_mode_alone():
     net = multi_head()
-    model = get_softmask_model(net, SoftMaskConfig())
+    model = get_softmask_model(net, SoftMaskConfig(**PAPER_CAPACITY))
     model.begin_task(0, num_classes=3)
     model.eval()
     before = snapshot(net)
@@ -242,7 +246,7 @@ class ModeRecorder(nn.Module):
 
 def test_importance_pass_runs_in_train_mode_over_every_batch():
     net = ModeRecorder().eval()
-    model = get_softmask_model(net, SoftMaskConfig())
+    model = get_softmask_model(net, SoftMaskConfig(**PAPER_CAPACITY))
     model.begin_task(0)
     model.end_task(classification_batches(n=12, batch_size=4))
     assert net.modes == [True, True, True]
@@ -277,7 +281,7 @@ def test_batched_backward_equals_per_head_loop():
     modes = ((True, True), (False, True), (True, False))  # (batched backward, factored layer)
     for batched, factored in modes:
         net = multi_head(backbone="mlp", seed=5)
-        model = get_softmask_model(net, SoftMaskConfig())
+        model = get_softmask_model(net, SoftMaskConfig(**PAPER_CAPACITY))
         for t in range(2):
             model.begin_task(t, num_classes=3)
             seed_importance(model, {n: torch.zeros_like(p) for n, p in _masked(model)})
@@ -297,7 +301,7 @@ def test_batched_backward_equals_per_head_loop():
 
 def _importance_with_dropout_seeds(net, batches, task: int) -> dict[str, Tensor]:
     """Our pass with the RNG seeded per batch, so a hand loop can replay the dropout masks."""
-    model = get_softmask_model(net, SoftMaskConfig())
+    model = get_softmask_model(net, SoftMaskConfig(**PAPER_CAPACITY))
     for t in range(task):
         model.begin_task(t, num_classes=3)
         seed_importance(model, {n: torch.zeros_like(p) for n, p in _masked(model)})
@@ -397,7 +401,7 @@ def test_hf_dict_batches_use_the_model_loss():
     net = tiny_bert(num_labels=3)
     batches = text_batches(n=8, num_labels=3)
     model = get_softmask_model(
-        net, SoftMaskConfig(target_modules=["query", "value"], head_modules=["classifier"])
+        net, SoftMaskConfig(target_modules=["query", "value"], head_modules=["classifier"], **PAPER_CAPACITY)
     )
     names = model.masked_parameter_names
     params = dict(net.named_parameters())
@@ -427,7 +431,7 @@ class FixedGradient(nn.Module):
 
 def test_low_precision_models_sum_gradients_in_float32():
     batches = [{"input_ids": torch.zeros(1, 1), "labels": torch.zeros(1)}] * 600
-    model = get_softmask_model(FixedGradient(torch.bfloat16), SoftMaskConfig())
+    model = get_softmask_model(FixedGradient(torch.bfloat16), SoftMaskConfig(**PAPER_CAPACITY))
     model.begin_task(0)
     got = model.end_task(batches)["w"]  # bfloat16 sums would stall at 256, 256, 128, 32
     expected = norm_ref(600 * torch.tensor([1.0, 0.7, 0.3, 0.1]).bfloat16().double())
@@ -438,7 +442,7 @@ def test_low_precision_models_sum_gradients_in_float32():
 
 
 def test_end_task_on_empty_loader_raises_and_records_nothing():
-    model = get_softmask_model(small_mlp(), SoftMaskConfig())
+    model = get_softmask_model(small_mlp(), SoftMaskConfig(**PAPER_CAPACITY))
     model.begin_task(0)
     with pytest.raises(EmptyDataError, match="no batches"):
         model.end_task([])
@@ -447,7 +451,7 @@ def test_end_task_on_empty_loader_raises_and_records_nothing():
 
 def test_non_finite_gradients_raise_naming_the_parameters_and_record_nothing():
     net = nn.Linear(4, 3)
-    model = get_softmask_model(net, SoftMaskConfig())
+    model = get_softmask_model(net, SoftMaskConfig(**PAPER_CAPACITY))
     model.begin_task(0)
     good = classification_batches(n=8)
     bad = [good[0], (torch.full((4, 4), float("inf")), good[1][1])]
@@ -461,7 +465,7 @@ def test_non_finite_gradients_raise_naming_the_parameters_and_record_nothing():
 
 def test_dict_batch_without_labels_is_refused():
     net = tiny_bert()
-    model = get_softmask_model(net, SoftMaskConfig(head_modules=["classifier"]))
+    model = get_softmask_model(net, SoftMaskConfig(head_modules=["classifier"], **PAPER_CAPACITY))
     model.begin_task(0)
     batch = {k: v for k, v in text_batches()[0].items() if k != "labels"}
     with pytest.raises(BatchError, match="labels"):
@@ -470,7 +474,7 @@ def test_dict_batch_without_labels_is_refused():
 
 
 def test_batch_of_the_wrong_shape_is_refused():
-    model = get_softmask_model(nn.Linear(4, 3), SoftMaskConfig())
+    model = get_softmask_model(nn.Linear(4, 3), SoftMaskConfig(**PAPER_CAPACITY))
     model.begin_task(0)
     x, y = classification_batches()[0]
     with pytest.raises(BatchError, match=r"\(inputs, labels\) or a mapping.*got a 3-tuple"):
@@ -480,7 +484,7 @@ def test_batch_of_the_wrong_shape_is_refused():
 
 @pytest.mark.parametrize("labels", [[0, 3], [-1, 0], [0.0, 1.0]])
 def test_labels_that_are_not_class_indices_are_refused(labels):
-    model = get_softmask_model(nn.Linear(4, 3), SoftMaskConfig())
+    model = get_softmask_model(nn.Linear(4, 3), SoftMaskConfig(**PAPER_CAPACITY))
     model.begin_task(0)
     with pytest.raises(BatchError, match="labels must"):
         model.end_task([(torch.zeros(2, 4), torch.tensor(labels))])
@@ -496,7 +500,7 @@ def test_end_task_accepts_a_torch_dataloader():
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     net = nn.Linear(4, 3)
-    model = get_softmask_model(net, SoftMaskConfig())
+    model = get_softmask_model(net, SoftMaskConfig(**PAPER_CAPACITY))
     model.begin_task(0)
     got = model.end_task(DataLoader(TensorDataset(x, y), batch_size=4))  # batches are [x, y] lists
     W, b = net.weight.detach().double(), net.bias.detach().double()
@@ -506,7 +510,7 @@ def test_end_task_accepts_a_torch_dataloader():
 
 def test_end_task_inside_no_grad_still_computes_importance():
     net = nn.Linear(4, 3)
-    model = get_softmask_model(net, SoftMaskConfig())
+    model = get_softmask_model(net, SoftMaskConfig(**PAPER_CAPACITY))
     model.begin_task(0)
     batches = classification_batches()
     with torch.no_grad():
@@ -519,7 +523,7 @@ def test_end_task_inside_no_grad_still_computes_importance():
 def run_once(seed: int) -> dict[str, Tensor]:
     torch.manual_seed(seed)
     net = small_mlp(seed=seed, in_features=4, p=0.3)
-    model = get_softmask_model(net, SoftMaskConfig())
+    model = get_softmask_model(net, SoftMaskConfig(**PAPER_CAPACITY))
     batches = classification_batches(n=16, batch_size=4, seed=seed)
     model.begin_task(0)
     train_a_little(model, batches, steps=2)
