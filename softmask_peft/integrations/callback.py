@@ -53,7 +53,7 @@ from ..model import SoftMaskModel
 from ..optim import SoftMaskOptimizer, resolve_mask_mode
 from ..persistence import load_checkpoint
 from ..store import ImportanceStore
-from ..weights import header
+from ..weights import open_safetensors
 
 TRAINER_STATE_NAME = "trainer_state.json"  # transformers' name (trainer.TRAINER_STATE_NAME)
 MARKER_NAME = "softmask_trainer.json"
@@ -67,7 +67,8 @@ def _saved_id(directory: Path) -> str | None:
     """The save id of the softmask files in `directory`, or None when there are none."""
     if not (directory / CONFIG_NAME).is_file() or not (directory / IMPORTANCE_NAME).is_file():
         return None
-    return header(directory / IMPORTANCE_NAME)[1].get("save_id", "")
+    with open_safetensors(directory / IMPORTANCE_NAME) as f:  # the header only
+        return f.header.metadata.get("save_id", "")
 
 
 def write_trainer_checkpoint(model: SoftMaskModel, directory: str | os.PathLike, step: int) -> None:
