@@ -138,22 +138,39 @@ def split_digits(
     return Benchmark("split-digits", tasks, (1, 8, 8), "task")
 
 
-def permuted_digits(
-    seed: int = 0, num_tasks: int = 10, val_fraction: float = 0.15, test_fraction: float = 0.2
+def _digit_domains(
+    name: str,
+    num_tasks: int,
+    seed: int,
+    fractions: tuple[float, float],
+    view: Callable[[np.ndarray, np.random.Generator, int], tuple[str, np.ndarray]],
 ) -> Benchmark:
-    """Permuted-Digits: `num_tasks` fixed pixel permutations of all 10 digit classes."""
+    """All 10 digit classes seen through `view(x, rng, k)` -> (task name, images) per task k;
+    one train / val / test split shared by every task (drawn before the views)."""
     if num_tasks < 1:
         raise ConfigError(f"num_tasks must be >= 1, got {num_tasks}")
     x, y = _digits()
     rng = np.random.default_rng(seed)
-    tr, va, te = _split_indices(y, (val_fraction, test_fraction), rng)
-    perms = [rng.permutation(x.shape[1]) for _ in range(num_tasks)]
+    tr, va, te = _split_indices(y, fractions, rng)
     tasks = []
-    for k, perm in enumerate(perms):
-        xp = x[:, perm]
-        splits = [_tensor_split(xp[i], y[i], (1, 8, 8)) for i in (tr, va, te)]
-        tasks.append(Task(f"permutation {k}", 10, *splits))
-    return Benchmark("permuted-digits", tasks, (1, 8, 8), "domain")
+    for k in range(num_tasks):
+        task_name, xv = view(x, rng, k)
+        splits = [_tensor_split(xv[i], y[i], (1, 8, 8)) for i in (tr, va, te)]
+        tasks.append(Task(task_name, 10, *splits))
+    return Benchmark(name, tasks, (1, 8, 8), "domain")
+
+
+def permuted_digits(
+    seed: int = 0, num_tasks: int = 10, val_fraction: float = 0.15, test_fraction: float = 0.2
+) -> Benchmark:
+    """Permuted-Digits: `num_tasks` fixed pixel permutations of all 10 digit classes."""
+
+    def permute(x: np.ndarray, rng: np.random.Generator, k: int) -> tuple[str, np.ndarray]:
+        return f"permutation {k}", x[:, rng.permutation(x.shape[1])]
+
+    return _digit_domains(
+        "permuted-digits", num_tasks, seed, (val_fraction, test_fraction), permute
+    )
 
 
 def rotated_digits(
@@ -162,20 +179,12 @@ def rotated_digits(
     """Rotated-Digits: `num_tasks` rotations (k · 180° / num_tasks) of all 10 digit classes."""
     from scipy.ndimage import rotate
 
-    if num_tasks < 1:
-        raise ConfigError(f"num_tasks must be >= 1, got {num_tasks}")
-    x, y = _digits()
-    rng = np.random.default_rng(seed)
-    tr, va, te = _split_indices(y, (val_fraction, test_fraction), rng)
-    images = x.reshape(-1, 8, 8)
-    tasks = []
-    for k in range(num_tasks):
+    def turn(x: np.ndarray, rng: np.random.Generator, k: int) -> tuple[str, np.ndarray]:
         angle = 180.0 * k / num_tasks
-        xr = rotate(images, angle, axes=(1, 2), reshape=False, order=1, mode="constant")
-        xr = np.clip(xr, 0.0, 1.0).reshape(len(x), 64)
-        splits = [_tensor_split(xr[i], y[i], (1, 8, 8)) for i in (tr, va, te)]
-        tasks.append(Task(f"rotation {angle:g}", 10, *splits))
-    return Benchmark("rotated-digits", tasks, (1, 8, 8), "domain")
+        xr = rotate(x.reshape(-1, 8, 8), angle, axes=(1, 2), reshape=False, order=1)
+        return f"rotation {angle:g}", np.clip(xr, 0.0, 1.0).reshape(len(x), 64)
+
+    return _digit_domains("rotated-digits", num_tasks, seed, (val_fraction, test_fraction), turn)
 
 
 def permuted_mnist1d(seed: int = 0, num_tasks: int = 20, val_fraction: float = 0.15) -> Benchmark:

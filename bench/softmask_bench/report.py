@@ -10,6 +10,7 @@ import os
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from softmask_format.atomic import atomic_write, atomic_write_text, ensure_directory
@@ -159,6 +160,13 @@ def plot_curves(results: Sequence[RunResult], path: str | os.PathLike, title: st
     left.legend(fontsize=8)
     if right.lines:
         right.legend(fontsize=8)
+    _save_png(fig, path, title)
+
+
+def _save_png(fig: Any, path: str | os.PathLike, title: str) -> None:
+    """Title, write atomically as a PNG, close (matplotlib keeps every open figure)."""
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title)
     try:
@@ -190,12 +198,7 @@ def plot_heatmaps(results: Sequence[RunResult], path: str | os.PathLike, title: 
             if not np.isnan(v):
                 ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="k")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy (%)")
-    if title:
-        fig.suptitle(title)
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    _save_png(fig, path, title)
 
 
 def write_report(
