@@ -90,6 +90,30 @@ def test_numpy_normalize_matches_softmask_peft():
     assert not normalize(np.ones(1, np.float32)).any()
 
 
+def test_numpy_importance_update_applies_the_capacity_options_as_torch():
+    """The ExecuTorch learner's numpy update: budget and sharpness as
+    softmask_peft.capacity.shape_task_importance, decay on the old A, last head only
+    without cross-heads."""
+    from softmask_edge.importance import update_importance
+
+    from softmask_peft.capacity import shape_task_importance
+
+    rng = np.random.default_rng(1)
+    heads = [rng.standard_normal((6, 4)).astype(np.float32) for _ in range(3)]
+    stored = {"w": rng.uniform(0, 1, (6, 4)).astype(np.float32)}
+    for cross_heads in (True, False):
+        task, updated, mean = update_importance(
+            {"w": heads}, stored, "float32", 2.0, 0.25, 0.5, cross_heads
+        )
+        used = heads if cross_heads else heads[-1:]
+        gamma = torch.stack([normalize_importance(torch.from_numpy(g)) for g in used]).amax(0)
+        expected = shape_task_importance({"w": gamma}, 2.0, 0.25)["w"].numpy()
+        assert int((expected > 0).sum()) == 6  # ceil(0.25 * 24) values kept
+        assert np.abs(task["w"] - expected).max() <= 1e-6
+        assert np.abs(updated["w"] - np.maximum(0.5 * stored["w"], expected)).max() <= 1e-6
+        assert abs(float(mean[0]) - float(updated["w"].mean())) <= 1e-6
+
+
 def test_sgd_momentum_matches_torch(executorch_case):
     """The runtime's SGD with momentum equals torch.optim.SGD(momentum) behind grad masking."""
     model, artifacts = executorch_case
