@@ -164,6 +164,11 @@ def _device_graph(
     tensors, names, by_keyword = _inputs(example_inputs)
     net = copy.deepcopy(model.base_model)
     multi_head = isinstance(net, MultiHeadClassifier)
+    if multi_head and net.adapter_rank:
+        raise ConfigError(
+            "the device learners do not run task adapters (MultiHeadClassifier(adapter_rank > 0)): "
+            "their per-task routing is not in the exported graphs; export a model without them"
+        )
     if future_heads and not multi_head:
         raise ConfigError("future_heads needs a MultiHeadClassifier (task-incremental) model")
     for classes in future_heads:

@@ -1,27 +1,93 @@
-"""Per-task classifier heads for task-incremental learning (one head per task, task id known)."""
+"""Per-task classifier heads for task-incremental learning (one head per task, task id known),
+optionally with per-task low-rank adapters: capacity that grows with the tasks.
+
+Task adapters (`adapter_rank > 0`). Every `nn.Linear` of the backbone gets, per task t, a
+low-rank update routed by the task id, as in LoRA (Hu et al. 2021) but one per task:
+
+    y = W x + b + s · B_t (A_t x),   A_t: (r, in), B_t: (out, r), s = `adapter_scale`
+
+B_t starts at zero, so a new task starts from the shared network. Task t's adapter runs only
+when task t is routed, so a later task never changes it and it never changes an earlier task:
+the shared weights (soft-masked as usual) are the only path for forgetting, and every task gets
+fresh capacity however saturated the shared weights are. The cost is r·(in + out) parameters
+per task and linear layer, and the task id at inference (task-incremental learning only).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from functools import partial
+
+import torch
 from torch import Tensor, nn
 
-from .errors import TaskOrderError
+from .errors import ConfigError, TaskOrderError
+
+ADAPTERS = "task_adapters"  # the module holding every task's adapters
+
+
+class LowRankUpdate(nn.Module):
+    """x -> scale · B (A x): one task's adapter of one linear layer (B = 0 at creation)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # nn.Linear's own initialisation
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * ((x @ self.A.T) @ self.B.T)
 
 
 class MultiHeadClassifier(nn.Module):
     """A shared backbone followed by one linear head per task.
 
-    `features(x)` runs the backbone once; `forward(x, task_id)` returns one head's logits.
-    SPG's importance pass uses `features` + `heads` to share one backbone forward between the
-    current head's loss and the earlier heads' cross-head terms.
+    `features(x, task_id)` runs the backbone once (through `task_id`'s adapters, if any);
+    `forward(x, task_id)` returns one head's logits. SPG's importance pass uses `features` +
+    `heads` to share one backbone forward between the current head's loss and the earlier
+    heads' cross-head terms. `adapter_rank > 0` adds a task adapter to every `nn.Linear` of
+    the backbone with each head (see the module docstring).
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        adapter_rank: int = 0,
+        adapter_scale: float = 2.0,
+    ) -> None:
         super().__init__()
         if feature_dim <= 0:
             raise ValueError(f"feature_dim must be positive, got {feature_dim}")
+        if isinstance(adapter_rank, bool) or not isinstance(adapter_rank, int) or adapter_rank < 0:
+            raise ConfigError(f"adapter_rank must be an int >= 0, got {adapter_rank!r}")
+        if not isinstance(adapter_scale, (int, float)) or not 0 < adapter_scale < math.inf:
+            raise ConfigError(f"adapter_scale must be a positive number, got {adapter_scale!r}")
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.heads = nn.ModuleList()
+        self.adapter_rank = adapter_rank
+        self.adapter_scale = float(adapter_scale)
+        self._route: int | None = None  # the task whose adapters run, during one forward
+        self.adapted_linears: list[str] = []
+        if adapter_rank:
+            self.task_adapters = nn.ModuleList()
+            for name, module in backbone.named_modules():
+                if isinstance(module, nn.Linear):
+                    # a bound method in a partial: copy.deepcopy re-binds it to the copy
+                    module.register_forward_hook(partial(self._adapt, len(self.adapted_linears)))
+                    self.adapted_linears.append(name)
+            if not self.adapted_linears:
+                raise ConfigError("adapter_rank > 0 needs an nn.Linear in the backbone; it has none")
+
+    def _adapt(self, index: int, module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
+        """Forward hook of the backbone's `index`-th linear: add the routed task's update."""
+        task = self._route
+        if task is None or task >= len(self.task_adapters):
+            return out
+        return out + self.task_adapters[task][index](args[0])
 
     @property
     def active_task(self) -> int | None:
@@ -33,30 +99,76 @@ class MultiHeadClassifier(nn.Module):
         return len(self.heads) - 1 if len(self.heads) else None
 
     def add_head(self, num_classes: int) -> int:
-        """Append a head with `num_classes` outputs (on the backbone's device); return its index."""
+        """Append a head with `num_classes` outputs (and the task's adapters), on the backbone's
+        device and dtype; return its index."""
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         ref = next(self.backbone.parameters(), None)
-        head = nn.Linear(self.feature_dim, num_classes)
+        new: list[nn.Module] = [nn.Linear(self.feature_dim, num_classes)]
+        if self.adapter_rank:
+            linears = dict(self.backbone.named_modules())
+            new.append(
+                nn.ModuleList(
+                    LowRankUpdate(
+                        linears[n].in_features, linears[n].out_features,
+                        self.adapter_rank, self.adapter_scale,
+                    )
+                    for n in self.adapted_linears
+                )
+            )
         if ref is not None:
-            head = head.to(device=ref.device, dtype=ref.dtype)
-        self.heads.append(head)
+            new = [m.to(device=ref.device, dtype=ref.dtype) for m in new]
+        self.heads.append(new[0])
+        if self.adapter_rank:
+            self.task_adapters.append(new[1])
         return len(self.heads) - 1
 
-    def features(self, x: Tensor) -> Tensor:
-        return self.backbone(x)
+    def task_parameters(self, task_id: int) -> Iterator[nn.Parameter]:
+        """What only task `task_id` uses: its head and its adapters."""
+        yield from self.heads[task_id].parameters()
+        if self.adapter_rank:
+            yield from self.task_adapters[task_id].parameters()
 
-    def forward(self, x: Tensor, task_id: int | None = None) -> Tensor:
+    def task_parameter_shapes(self, task_id: int, num_classes: int) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of what `add_head(num_classes)` creates as task `task_id`."""
+        shapes = {
+            f"heads.{task_id}.weight": (num_classes, self.feature_dim),
+            f"heads.{task_id}.bias": (num_classes,),
+        }
+        linears = dict(self.backbone.named_modules())
+        for i, n in enumerate(self.adapted_linears):
+            prefix = f"{ADAPTERS}.{task_id}.{i}"
+            shapes[f"{prefix}.A"] = (self.adapter_rank, linears[n].in_features)
+            shapes[f"{prefix}.B"] = (linears[n].out_features, self.adapter_rank)
+        return shapes
+
+    def _task(self, task_id: int | None) -> int:
         task = self.active_task if task_id is None else task_id
         if task is None or not 0 <= task < len(self.heads):
             raise TaskOrderError(
                 f"no head for task {task!r}: the model has {len(self.heads)} head(s); "
                 "call begin_task(t, num_classes=...) first"
             )
-        return self.heads[task](self.features(x))
+        return task
+
+    def features(self, x: Tensor, task_id: int | None = None) -> Tensor:
+        """The backbone's output, through `task_id`'s adapters (default: the newest task's)."""
+        if not self.adapter_rank:
+            return self.backbone(x)
+        self._route = self._task(task_id)
+        try:
+            return self.backbone(x)
+        finally:
+            self._route = None
+
+    def forward(self, x: Tensor, task_id: int | None = None) -> Tensor:
+        task = self._task(task_id)
+        return self.heads[task](self.features(x, task))
 
     def forward_all(self, x: Tensor) -> list[Tensor]:
-        """Logits of every head from one backbone pass."""
+        """Logits of every head (one backbone pass without adapters, one per task with them)."""
+        if self.adapter_rank:
+            return [head(self.features(x, t)) for t, head in enumerate(self.heads)]
         z = self.features(x)
         return [head(z) for head in self.heads]
 

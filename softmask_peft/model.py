@@ -26,7 +26,7 @@ from .checkpointing import gradient_checkpointing_off
 from .config import SoftMaskConfig
 from .device import device_state_problems
 from .errors import ConfigError, ImportanceMismatchError, InputTypeError, TaskOrderError
-from .heads import MultiHeadClassifier, expand_heads
+from .heads import ADAPTERS, MultiHeadClassifier, expand_heads
 from .importance import ImportanceMethod, method_spec
 from .masking import KeepMasks, build_keep_masks
 from .persistence import head_shapes, importance_problem, load_checkpoint, save_checkpoint
@@ -57,7 +57,8 @@ class SoftMaskModel(nn.Module):
             raise InputTypeError(f"config must be a SoftMaskConfig, got {type(config).__name__}")
         config = copy.deepcopy(config)  # ours from now on: a caller's later edits change nothing
         if config.head_modules is None and isinstance(base_model, MultiHeadClassifier):
-            config.head_modules = "heads"  # regex full match: only the top-level task heads
+            # regex full match: only the top-level task heads (and task adapters: per-task too)
+            config.head_modules = f"heads|{ADAPTERS}" if base_model.adapter_rank else "heads"
         self.base_model = base_model
         self.softmask_config = config
         self.store = ImportanceStore()
@@ -185,7 +186,7 @@ class SoftMaskModel(nn.Module):
                 raise TaskOrderError("a MultiHeadClassifier needs begin_task(t, num_classes=...)")
             if len(self.base_model.heads) <= task_id:
                 self.base_model.add_head(num_classes)
-                added = list(self.base_model.heads[task_id].parameters())
+                added = list(self.base_model.task_parameters(task_id))
         self.store.open(TaskRecord(name or f"task_{task_id}", num_classes))
         self.refresh_masks(added)
 
@@ -208,8 +209,9 @@ class SoftMaskModel(nn.Module):
     def _unscaled_head_parameters(self) -> set[int]:
         """ids of the head parameters trained without the 1 - ā scale.
 
-        `head_scaling="except_new"`: the current task's own head of a `MultiHeadClassifier`
-        (no earlier task depends on it; earlier heads get no gradient from this task's loss).
+        `head_scaling="except_new"`: the current task's own head (and task adapters) of a
+        `MultiHeadClassifier` (no earlier task depends on them; earlier heads get no gradient
+        from this task's loss).
         `"all"`, the official SPG code, and any shared head: none.
         """
         net = self.base_model
@@ -220,7 +222,7 @@ class SoftMaskModel(nn.Module):
             or self.current_task >= len(net.heads)
         ):
             return set()
-        return {id(p) for p in net.heads[self.current_task].parameters()}
+        return {id(p) for p in net.task_parameters(self.current_task)}
 
     def end_task(self, train_batches: Iterable[Any]) -> dict[str, Tensor]:
         """Compute this task's importance on its training data, shape it by the capacity

@@ -232,7 +232,8 @@ def _legacy_tasks(data: Mapping[str, Any], where: str) -> list[TaskRecord]:
 
 
 def head_shapes(base_model: nn.Module, tasks: list[TaskRecord]) -> dict[str, tuple[int, ...]]:
-    """Shapes of the heads a `MultiHeadClassifier` lacks for `tasks` (none for other models)."""
+    """Shapes of the heads (and task adapters) a `MultiHeadClassifier` lacks for `tasks`
+    (none for other models)."""
     if not isinstance(base_model, MultiHeadClassifier):
         return {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -240,8 +241,7 @@ def head_shapes(base_model: nn.Module, tasks: list[TaskRecord]) -> dict[str, tup
         n = tasks[k].num_classes
         if n is None:
             raise CorruptFileError(f"the task log lacks the class count of head {k}")
-        shapes[f"heads.{k}.weight"] = (n, base_model.feature_dim)
-        shapes[f"heads.{k}.bias"] = (n,)
+        shapes |= base_model.task_parameter_shapes(k, n)
     return shapes
 
 

@@ -6,7 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from softmask_peft import SoftMaskConfig, TaskOrderError, TaskRecord, get_softmask_model
+from softmask_peft import (
+    ConfigError,
+    SoftMaskConfig,
+    SoftMaskError,
+    SoftMaskModel,
+    SoftMaskOptimizer,
+    TaskOrderError,
+    TaskRecord,
+    get_softmask_model,
+)
 from softmask_peft.heads import MultiHeadClassifier, expand_heads
 
 
@@ -126,3 +135,139 @@ def test_the_current_head_comes_from_the_store_alone():
     assert "active_task" not in vars(net)  # nothing to keep in sync with the store
     with pytest.raises(AttributeError):
         net.active_task = 0
+
+
+# task adapters ---------------------------------------------------------------------------------
+
+
+def _adapted(rank: int = 2, seed: int = 0) -> MultiHeadClassifier:
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU())
+    return MultiHeadClassifier(backbone, 5, adapter_rank=rank, adapter_scale=1.5)
+
+
+def test_task_adapter_is_a_routed_low_rank_update_of_each_linear():
+    net = _adapted()
+    net.add_head(3)
+    net.add_head(2)
+    with torch.no_grad():
+        for p in net.task_adapters.parameters():
+            p.normal_()
+    x = torch.randn(7, 4)
+    l1, l2 = net.backbone[0], net.backbone[2]
+    for t in (0, 1):
+        (A1, B1), (A2, B2) = ((a.A, a.B) for a in net.task_adapters[t])
+        h = torch.relu(x @ l1.weight.T + l1.bias + 1.5 * (x @ A1.T @ B1.T))
+        z = torch.relu(h @ l2.weight.T + l2.bias + 1.5 * (h @ A2.T @ B2.T))
+        torch.testing.assert_close(net.features(x, t), z)
+        torch.testing.assert_close(net(x, t), z @ net.heads[t].weight.T + net.heads[t].bias)
+    torch.testing.assert_close(net(x), net(x, 1))  # no task id: the newest
+    torch.testing.assert_close(net.forward_all(x)[0], net(x, 0))
+    assert not torch.equal(net(x, 0)[:, :2], net.heads[0](net.features(x, 1))[:, :2])
+
+
+def test_a_new_task_adapter_starts_as_the_shared_network():
+    net = _adapted()
+    net.add_head(3)
+    x = torch.randn(4, 4)
+    torch.testing.assert_close(net.features(x, 0), net.backbone(x))
+    assert net.task_parameter_shapes(1, 2) == {
+        "heads.1.weight": (2, 5), "heads.1.bias": (2,),
+        "task_adapters.1.0.A": (2, 4), "task_adapters.1.0.B": (6, 2),
+        "task_adapters.1.1.A": (2, 6), "task_adapters.1.1.B": (5, 2),
+    }
+    net.add_head(2)
+    created = {n: tuple(p.shape) for n, p in net.named_parameters()}
+    assert {n: created[n] for n in net.task_parameter_shapes(1, 2)} == net.task_parameter_shapes(1, 2)
+
+
+def test_deepcopy_routes_through_its_own_adapters():
+    import copy
+
+    net = _adapted()
+    net.add_head(3)
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        twin.task_adapters[0][0].B.fill_(1.0)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(net.features(x, 0), net.backbone(x))
+    assert not torch.allclose(twin.features(x, 0), twin.backbone(x))
+
+
+@pytest.mark.parametrize("rank, scale", [(-1, 1.0), (1.5, 1.0), (True, 1.0), (2, 0.0), (2, float("inf"))])
+def test_bad_adapter_options_are_config_errors(rank, scale):
+    with pytest.raises(ConfigError, match="adapter_"):
+        MultiHeadClassifier(nn.Linear(3, 4), 4, adapter_rank=rank, adapter_scale=scale)
+
+
+def test_adapters_need_a_linear_layer():
+    with pytest.raises(ConfigError, match="nn.Linear"):
+        MultiHeadClassifier(nn.Identity(), 4, adapter_rank=2)
+
+
+def _train_task(model, t: int, x, y, steps: int = 5) -> None:
+    model.begin_task(t, num_classes=3)
+    opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.end_task([(x, y)])
+
+
+def test_adapters_are_per_task_parameters_a_later_task_never_moves():
+    net = _adapted()
+    model = get_softmask_model(net, SoftMaskConfig())
+    assert model.softmask_config.head_modules == "heads|task_adapters"
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    _train_task(model, 0, x, y)
+    assert not any("task_adapters" in n for n in model.masked_parameter_names)
+    assert not any("task_adapters" in n for n in model.importance)
+    before = {n: p.detach().clone() for n, p in net.task_adapters[0].named_parameters()}
+    model.begin_task(1, num_classes=3)
+    # the new task's adapter trains unscaled, as its head (head_scaling="except_new")
+    assert {id(p) for p in net.task_parameters(1)} <= model._unscaled_head_parameters()
+    B1_start = net.task_adapters[1][0].B.detach().clone()
+    opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model)
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for n, p in net.task_adapters[0].named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert not torch.equal(net.task_adapters[1][0].B, B1_start)  # the optimizer adopted it
+
+
+def test_adapters_round_trip_through_save_and_load(tmp_path):
+    model = get_softmask_model(_adapted(), SoftMaskConfig())
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    for t in range(2):
+        _train_task(model, t, x, y)
+    model.save_pretrained(tmp_path)
+    fresh = _adapted(seed=9)
+    loaded = SoftMaskModel.from_pretrained(fresh, tmp_path)
+    assert len(fresh.task_adapters) == 2
+    model.eval(), loaded.eval()
+    for t in range(2):
+        torch.testing.assert_close(loaded(x, task_id=t), model(x, task_id=t), rtol=0, atol=0)
+
+
+def test_adapters_saved_do_not_load_into_a_model_without_them(tmp_path):
+    model = get_softmask_model(_adapted(), SoftMaskConfig())
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    _train_task(model, 0, x, y)
+    model.save_pretrained(tmp_path)
+    plain = MultiHeadClassifier(_adapted().backbone, 5)
+    with pytest.raises(SoftMaskError, match="task_adapters"):
+        SoftMaskModel.from_pretrained(plain, tmp_path)
+    assert len(plain.heads) == 0  # nothing changed
+
+
+def test_device_export_refuses_task_adapters(tmp_path):
+    from softmask_peft.device import export_for_device
+
+    model = get_softmask_model(_adapted(), SoftMaskConfig())
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    _train_task(model, 0, x, y)
+    with pytest.raises(ConfigError, match="task adapters"):
+        export_for_device(model, x[:2], tmp_path / "dev", future_heads=[3])

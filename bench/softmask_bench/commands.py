@@ -38,6 +38,8 @@ methods:
                 unscaled (head_scaling="except_new", the default)
   spg-official  SPG as the official code: every head scaled by 1 - mean(A) (head_scaling="all")
   spg-update    SPG importance, update soft-masking with AdamW
+  spg-adapters  SPG (the paper's importance rule) + a task adapter of rank --adapter-rank per
+                task and linear layer, routed by the task id (task-incremental only)
   finetune      no protection (lower bound)
   ewc           EWC (Kirkpatrick et al. 2017), diagonal Fisher; lambda picked per seed on the
                 validation data of the first two tasks unless --ewc-lambda is given
@@ -155,6 +157,8 @@ def _run_and_report(args: argparse.Namespace, methods: list[str], seeds: list[in
         settings["tasks"] = args.tasks
     if getattr(args, "spg_option", None):
         settings["spg_options"] = args.spg_option
+    if "spg-adapters" in methods:
+        settings["adapter_rank"] = args.adapter_rank
     results = run_benchmark(
         args.benchmark,
         methods,
@@ -168,6 +172,7 @@ def _run_and_report(args: argparse.Namespace, methods: list[str], seeds: list[in
         on_result=lambda so_far: write_report(so_far, args.out, settings),
         spg_options=getattr(args, "spg_option", None),
         num_tasks=getattr(args, "tasks", None),
+        adapter_rank=getattr(args, "adapter_rank", 32),
     )
     print(markdown_report(results, settings))
     paths = write_report(results, args.out, settings)
@@ -336,6 +341,12 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=JSON",
         help="a SoftMaskConfig field for spg and spg-update, e.g. importance_budget=0.1 or "
         'method_config={"cross_heads":false}; repeatable (default: the library defaults)',
+    )
+    p.add_argument(
+        "--adapter-rank",
+        type=_positive_int,
+        default=32,
+        help="spg-adapters: rank of each task adapter (default: %(default)s)",
     )
     _add_common(p, "results")
     _add_budget_arguments(p, epochs=50)

@@ -42,6 +42,7 @@ METHOD_NAMES = (
     "spg",
     "spg-official",
     "spg-update",
+    "spg-adapters",
     "finetune",
     "ewc",
     "mas",
@@ -173,7 +174,11 @@ SPG_OFFICIAL = {
 
 
 def _strategy_factory(
-    method: str, importance_dtype: str, mas_lambda: float, spg_options: Mapping[str, Any]
+    method: str,
+    importance_dtype: str,
+    mas_lambda: float,
+    spg_options: Mapping[str, Any],
+    adapter_rank: int,
 ) -> Callable[..., Strategy]:
     factories: dict[str, Callable[..., Strategy]] = {
         "spg": lambda cfg: SoftMaskStrategy(cfg, "grad", "sgd", importance_dtype, spg_options),
@@ -182,6 +187,15 @@ def _strategy_factory(
         ),
         "spg-update": lambda cfg: SoftMaskStrategy(
             cfg, "update", "adamw", importance_dtype, spg_options
+        ),
+        "spg-adapters": lambda cfg: SoftMaskStrategy(
+            cfg,
+            "grad",
+            "sgd",
+            importance_dtype,
+            {**PAPER_CAPACITY, **spg_options},
+            name="spg-adapters",
+            adapter_rank=adapter_rank,
         ),
         "finetune": FinetuneStrategy,
         "mas": lambda cfg: MASStrategy(cfg, mas_lambda),
@@ -214,9 +228,11 @@ def run_method(
     ewc_lambda: float | None = None,
     mas_lambda: float = 1.0,
     spg_options: Mapping[str, Any] | None = None,
+    adapter_rank: int = 32,
 ) -> RunResult:
     """One method on one seed. EWC picks λ by `select_ewc_lambda` unless `ewc_lambda` is given;
-    `spg_options` are SoftMaskConfig fields for spg and spg-update (spg-official ignores them)."""
+    `spg_options` are SoftMaskConfig fields for spg, spg-update and spg-adapters (spg-official
+    ignores them); `adapter_rank` is spg-adapters' task-adapter rank."""
     check_methods([method])
     if scenario not in SCENARIOS:
         raise ConfigError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
@@ -232,9 +248,9 @@ def run_method(
                 info["ewc_lambda_grid"] = list(EWC_LAMBDAS)
             strategy: Strategy = EWCStrategy(cfg, lam)
         else:
-            strategy = _strategy_factory(method, importance_dtype, mas_lambda, spg_options or {})(
-                cfg
-            )
+            strategy = _strategy_factory(
+                method, importance_dtype, mas_lambda, spg_options or {}, adapter_rank
+            )(cfg)
         capacity: list[dict[str, float]] = []
         matrix, epochs = run_sequence(strategy, bench, scenario, arch, seed, cfg, capacity=capacity)
         info.update(strategy.info())
@@ -269,6 +285,7 @@ def run_benchmark(
     on_result: Callable[[list[RunResult]], None] | None = None,
     spg_options: Mapping[str, Any] | None = None,
     num_tasks: int | None = None,
+    adapter_rank: int = 32,
 ) -> list[RunResult]:
     """Every method on every seed (the benchmark's data is rebuilt per seed).
 
@@ -292,6 +309,7 @@ def run_benchmark(
                 ewc_lambda,
                 mas_lambda,
                 spg_options,
+                adapter_rank,
             )
             tqdm.write(
                 f"{benchmark} ({scen}) seed {seed} {method}: "

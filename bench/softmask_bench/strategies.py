@@ -39,7 +39,8 @@ from torch.func import functional_call, grad, vmap
 from torch.optim import Optimizer
 
 from softmask_peft import SoftMaskConfig, SoftMaskModel, SoftMaskOptimizer, get_softmask_model
-from softmask_peft.heads import MultiHeadClassifier
+from softmask_peft.errors import ConfigError
+from softmask_peft.heads import ADAPTERS, MultiHeadClassifier
 
 from .benchmarks import Task
 from .models import head_module_names
@@ -104,8 +105,10 @@ class SoftMaskStrategy(Strategy):
         importance_dtype: str = "float32",
         options: Mapping[str, Any] | None = None,
         name: str | None = None,
+        adapter_rank: int = 0,
     ) -> None:
         super().__init__(cfg)
+        self.adapter_rank = adapter_rank  # > 0: task adapters (task-incremental only)
         self.mask_mode, self.optimizer, self.importance_dtype = (
             mask_mode,
             optimizer,
@@ -115,10 +118,16 @@ class SoftMaskStrategy(Strategy):
         self.name = name or ("spg" if mask_mode == "grad" else f"spg-{mask_mode}")
 
     def setup(self, net: nn.Module, scenario: str) -> None:
+        if self.adapter_rank:
+            if not isinstance(net, MultiHeadClassifier):
+                raise ConfigError(
+                    f"{self.name} routes task adapters by the task id: task-incremental only"
+                )
+            net = MultiHeadClassifier(net.backbone, net.feature_dim, adapter_rank=self.adapter_rank)
         config = SoftMaskConfig(
             method="spg",
             mask_mode=self.mask_mode,
-            head_modules=head_module_names(scenario),
+            head_modules=head_module_names(scenario) + ([ADAPTERS] if self.adapter_rank else []),
             importance_dtype=self.importance_dtype,
             **self.options,
         )
@@ -154,6 +163,7 @@ class SoftMaskStrategy(Strategy):
             "importance_budget": c.importance_budget,
             "importance_decay": c.importance_decay,
             "cross_heads": c.method_config.cross_heads,
+            **({"adapter_rank": self.adapter_rank} if self.adapter_rank else {}),
         }
 
 

@@ -143,11 +143,12 @@ def classification_loss(model: nn.Module, x: Tensor, y: Tensor, task_ids: Tensor
     tasks = torch.unique(task_ids).tolist()
     if len(tasks) == 1:
         return F.cross_entropy(model(x, task_id=tasks[0]), y)
-    z = net.features(x)
-    total = z.new_zeros(())
-    for t in tasks:
-        sel = task_ids == t
-        total = total + F.cross_entropy(net.heads[t](z[sel]), y[sel], reduction="sum")
+    if net.adapter_rank:  # task adapters: one backbone pass per task
+        parts = [(task_ids == t, net(x[task_ids == t], task_id=t)) for t in tasks]
+    else:
+        z = net.features(x)
+        parts = [(task_ids == t, net.heads[t](z[task_ids == t])) for t in tasks]
+    total = sum(F.cross_entropy(logits, y[sel], reduction="sum") for sel, logits in parts)
     return total / len(y)
 
 
@@ -164,11 +165,10 @@ def evaluate(
             loss_sum += float(classification_loss(model, x, y, tid)) * len(y)
             net = _unwrap(model)
             if isinstance(net, MultiHeadClassifier):
-                z = net.features(x)
                 pred = torch.empty_like(y)
                 for t in torch.unique(tid).tolist():
                     sel = tid == t
-                    pred[sel] = net.heads[t](z[sel]).argmax(dim=1)
+                    pred[sel] = net(x[sel], task_id=t).argmax(dim=1)
             else:
                 pred = model(x).argmax(dim=1)
             correct += int((pred == y).sum())

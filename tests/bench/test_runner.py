@@ -301,3 +301,32 @@ def test_per_task_index_curves_from_the_matrix_and_capacity() -> None:
     assert curves["plasticity"] == pytest.approx([90.0, 75.0])
     assert curves["saturation"] == pytest.approx([0.15, 0.4])
     assert curves["mean_keep"] == pytest.approx([0.5, 0.3])
+
+
+def test_mixed_task_loss_routes_each_sample_through_its_tasks_adapters() -> None:
+    torch.manual_seed(0)
+    net = MultiHeadClassifier(MLP(64, hidden=(16,)), 16, adapter_rank=2).eval()
+    for _ in range(2):
+        net.add_head(2)
+    with torch.no_grad():
+        for p in net.task_adapters.parameters():
+            p.normal_()
+    x, y, tid = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        expected = sum(
+            F.cross_entropy(net(x[i : i + 1], task_id=int(t)), y[i : i + 1])
+            for i, t in enumerate(tid)
+        ) / len(y)
+        loss = classification_loss(net, x, y, tid)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_spg_adapters_keep_every_task_adapter_and_refuse_a_shared_head(two_tasks) -> None:
+    result = run_method("spg-adapters", two_tasks, "task", "mlp", 0, TINY, adapter_rank=3)
+    model = result.model
+    assert len(model.base_model.task_adapters) == 2
+    assert model.base_model.task_adapters[0][0].A.shape == (3, 64)
+    assert result.info["adapter_rank"] == 3 and result.info["importance_budget"] is None
+    assert not any("task_adapters" in n for n in model.importance)
+    with pytest.raises(ConfigError, match="task-incremental only"):
+        run_method("spg-adapters", two_tasks, "domain", "mlp", 0, TINY)

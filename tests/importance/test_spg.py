@@ -537,3 +537,30 @@ def test_same_seed_gives_bit_identical_importance():
     assert all(torch.equal(a[k], b[k]) for k in a)
     c = run_once(8)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_task_adapters_keep_the_factored_path_equal_to_plain_autograd():
+    """With task adapters the last linear's output carries the routed adapter's term; the
+    factored last-layer path must still give the plain autograd gradients."""
+    batches = classification_batches(n=10, num_classes=3, batch_size=4, seed=3)
+    results = []
+    for factored in (True, False):
+        torch.manual_seed(11)
+        backbone = nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 5), nn.Tanh())
+        net = MultiHeadClassifier(backbone, 5, adapter_rank=2)
+        model = get_softmask_model(net, SoftMaskConfig(**PAPER_CAPACITY))
+        for t in range(2):
+            model.begin_task(t, num_classes=3)
+            seed_importance(model, {n: torch.zeros_like(p) for n, p in _masked(model)})
+        model.begin_task(2, num_classes=3)
+        with torch.no_grad():
+            for p in net.task_adapters.parameters():
+                p.normal_(generator=torch.Generator().manual_seed(p.numel()))
+        state = model.method.start(2)
+        state.factored_last_layer = factored
+        for b in batches:
+            state = model.method.add(state, b)
+        results.append(model.method.result(state))
+    assert set(results[0]) == {"backbone.0.weight", "backbone.0.bias", "backbone.2.weight", "backbone.2.bias"}
+    assert_importance_close(results[0], {k: v.double() for k, v in results[1].items()})
+    assert float(results[0]["backbone.0.weight"].max()) > 0.5  # a real signal
