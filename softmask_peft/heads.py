@@ -165,6 +165,26 @@ class MultiHeadClassifier(nn.Module):
         task = self._task(task_id)
         return self.heads[task](self.features(x, task))
 
+    def forward_inferred(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits, task ids): each sample scored by the task whose head is most sure of it.
+
+        For inputs whose task is not given (domain-incremental use): every learned task's head
+        runs (through its adapters), and sample i takes task k_i = argmax_t logsumexp(f_t(x_i)),
+        the lowest energy -logsumexp (the energy score of Liu et al. 2020, used here to route
+        between tasks). Every head needs the same classes; the cost is one backbone pass per
+        task with adapters, one in all without.
+        """
+        if not len(self.heads):
+            raise TaskOrderError("no head yet: call begin_task(t, num_classes=...) first")
+        widths = {h.out_features for h in self.heads}
+        if len(widths) > 1:
+            raise ConfigError(
+                f"forward_inferred compares heads of the same classes; these have {sorted(widths)}"
+            )
+        logits = torch.stack(self.forward_all(x))  # (tasks, batch, classes)
+        tasks = torch.logsumexp(logits, dim=-1).argmax(dim=0)
+        return logits[tasks, torch.arange(logits.shape[1], device=logits.device)], tasks
+
     def forward_all(self, x: Tensor) -> list[Tensor]:
         """Logits of every head (one backbone pass without adapters, one per task with them)."""
         if self.adapter_rank:

@@ -271,3 +271,44 @@ def test_device_export_refuses_task_adapters(tmp_path):
     _train_task(model, 0, x, y)
     with pytest.raises(ConfigError, match="task adapters"):
         export_for_device(model, x[:2], tmp_path / "dev", future_heads=[3])
+
+
+def test_forward_inferred_takes_each_samples_lowest_energy_head():
+    net = MultiHeadClassifier(nn.Identity(), 2)
+    for _ in range(3):
+        net.add_head(2)
+    with torch.no_grad():  # head t: logits = scale_t * (x0, x1)
+        for t, scale in enumerate((1.0, 3.0, 0.5)):
+            net.heads[t].weight.copy_(scale * torch.eye(2))
+            net.heads[t].bias.zero_()
+    x = torch.tensor([[2.0, 0.0], [-1.0, -1.0], [0.0, 0.0]])
+    # logsumexp per head: sample 0 -> head 1 (6.0...), sample 1 -> head 2 (-0.5+ln2 beats -1+ln2
+    # and -3+ln2), sample 2: every head ln 2 -> the first
+    logits, tasks = net.forward_inferred(x)
+    assert tasks.tolist() == [1, 2, 0]
+    torch.testing.assert_close(logits, torch.stack([3.0 * x[0], 0.5 * x[1], 1.0 * x[2]]))
+
+
+def test_forward_inferred_needs_heads_of_one_width():
+    net = MultiHeadClassifier(nn.Identity(), 2)
+    with pytest.raises(TaskOrderError, match="no head"):
+        net.forward_inferred(torch.zeros(1, 2))
+    net.add_head(2)
+    net.add_head(3)
+    with pytest.raises(ConfigError, match=r"same classes; these have \[2, 3\]"):
+        net.forward_inferred(torch.zeros(1, 2))
+
+
+def test_forward_inferred_routes_through_each_tasks_adapters():
+    net = _adapted()
+    for _ in range(2):
+        net.add_head(3)
+    with torch.no_grad():
+        for p in net.task_adapters.parameters():
+            p.normal_()
+    x = torch.randn(6, 4)
+    logits, tasks = net.forward_inferred(x)
+    for i, t in enumerate(tasks.tolist()):
+        torch.testing.assert_close(logits[i], net(x[i : i + 1], task_id=t)[0])
+        other = net(x[i : i + 1], task_id=1 - t)[0]
+        assert torch.logsumexp(other, 0) <= torch.logsumexp(logits[i], 0)

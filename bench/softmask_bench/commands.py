@@ -39,7 +39,8 @@ methods:
   spg-official  SPG as the official code: every head scaled by 1 - mean(A) (head_scaling="all")
   spg-update    SPG importance, update soft-masking with AdamW
   spg-adapters  SPG (the paper's importance rule) + a task adapter of rank --adapter-rank per
-                task and linear layer, routed by the task id (task-incremental only)
+                task and linear layer and a head per task, routed by the task id; in the
+                domain-incremental scenario each test sample picks its task (lowest energy)
   finetune      no protection (lower bound)
   ewc           EWC (Kirkpatrick et al. 2017), diagonal Fisher; lambda picked per seed on the
                 validation data of the first two tasks unless --ewc-lambda is given

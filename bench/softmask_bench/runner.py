@@ -118,7 +118,10 @@ def run_sequence(
             report = strategy.model.capacity()
             capacity.append({"saturation": report.saturation, "mean_keep": report.mean_keep})
         seen = t + 1 if scenario == "task" else bench.num_tasks
-        row = [evaluate(strategy.model, _eval_batches(bench, j, eval_part))[1] for j in range(seen)]
+        row = [
+            evaluate(strategy.model, _eval_batches(bench, j, eval_part), strategy.infers_task)[1]
+            for j in range(seen)
+        ]
         matrix.append(row + [None] * (bench.num_tasks - seen))
     return matrix, epochs
 

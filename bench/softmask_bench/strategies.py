@@ -39,7 +39,6 @@ from torch.func import functional_call, grad, vmap
 from torch.optim import Optimizer
 
 from softmask_peft import SoftMaskConfig, SoftMaskModel, SoftMaskOptimizer, get_softmask_model
-from softmask_peft.errors import ConfigError
 from softmask_peft.heads import ADAPTERS, MultiHeadClassifier
 
 from .benchmarks import Task
@@ -52,6 +51,7 @@ class Strategy:
     momentum, a new optimizer per task)."""
 
     name = ""
+    infers_task = False  # True: evaluated without task ids (the model picks each sample's head)
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -108,7 +108,7 @@ class SoftMaskStrategy(Strategy):
         adapter_rank: int = 0,
     ) -> None:
         super().__init__(cfg)
-        self.adapter_rank = adapter_rank  # > 0: task adapters (task-incremental only)
+        self.adapter_rank = adapter_rank  # > 0: a task adapter and a head per task
         self.mask_mode, self.optimizer, self.importance_dtype = (
             mask_mode,
             optimizer,
@@ -119,15 +119,14 @@ class SoftMaskStrategy(Strategy):
 
     def setup(self, net: nn.Module, scenario: str) -> None:
         if self.adapter_rank:
-            if not isinstance(net, MultiHeadClassifier):
-                raise ConfigError(
-                    f"{self.name} routes task adapters by the task id: task-incremental only"
-                )
-            net = MultiHeadClassifier(net.backbone, net.feature_dim, adapter_rank=self.adapter_rank)
+            # domain-incremental: a head per task too, and the task inferred at test time
+            self.infers_task = not isinstance(net, MultiHeadClassifier)
+            width = net.head.in_features if self.infers_task else net.feature_dim
+            net = MultiHeadClassifier(net.backbone, width, adapter_rank=self.adapter_rank)
         config = SoftMaskConfig(
             method="spg",
             mask_mode=self.mask_mode,
-            head_modules=head_module_names(scenario) + ([ADAPTERS] if self.adapter_rank else []),
+            head_modules=(["heads", ADAPTERS] if self.adapter_rank else head_module_names(scenario)),
             importance_dtype=self.importance_dtype,
             **self.options,
         )

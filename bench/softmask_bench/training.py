@@ -154,16 +154,23 @@ def classification_loss(model: nn.Module, x: Tensor, y: Tensor, task_ids: Tensor
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: Iterable[tuple[Tensor, Tensor, Tensor]]
+    model: nn.Module, data: Iterable[tuple[Tensor, Tensor, Tensor]], infer_task: bool = False
 ) -> tuple[float, float]:
-    """(mean loss, accuracy in percent) in eval mode."""
+    """(mean loss, accuracy in percent) in eval mode. `infer_task`: the task ids are not used;
+    a `MultiHeadClassifier` picks each sample's head itself (`forward_inferred`)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
     try:
         for x, y, tid in data:
-            loss_sum += float(classification_loss(model, x, y, tid)) * len(y)
             net = _unwrap(model)
+            if infer_task:
+                logits, _ = net.forward_inferred(x)
+                loss_sum += float(F.cross_entropy(logits, y)) * len(y)
+                correct += int((logits.argmax(dim=1) == y).sum())
+                n += len(y)
+                continue
+            loss_sum += float(classification_loss(model, x, y, tid)) * len(y)
             if isinstance(net, MultiHeadClassifier):
                 pred = torch.empty_like(y)
                 for t in torch.unique(tid).tolist():

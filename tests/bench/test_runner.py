@@ -321,12 +321,23 @@ def test_mixed_task_loss_routes_each_sample_through_its_tasks_adapters() -> None
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_spg_adapters_keep_every_task_adapter_and_refuse_a_shared_head(two_tasks) -> None:
+def test_spg_adapters_keep_every_task_adapter(two_tasks) -> None:
     result = run_method("spg-adapters", two_tasks, "task", "mlp", 0, TINY, adapter_rank=3)
     model = result.model
     assert len(model.base_model.task_adapters) == 2
     assert model.base_model.task_adapters[0][0].A.shape == (3, 64)
     assert result.info["adapter_rank"] == 3 and result.info["importance_budget"] is None
     assert not any("task_adapters" in n for n in model.importance)
-    with pytest.raises(ConfigError, match="task-incremental only"):
-        run_method("spg-adapters", two_tasks, "domain", "mlp", 0, TINY)
+
+
+def test_spg_adapters_in_the_domain_scenario_infer_each_samples_task(two_tasks) -> None:
+    result = run_method("spg-adapters", two_tasks, "domain", "mlp", 0, TINY, adapter_rank=2)
+    net = result.model.base_model
+    assert len(net.heads) == 2 and len(net.task_adapters) == 2
+    assert all(v is not None for row in result.matrix for v in row)  # every task, every row
+    test = two_tasks.tasks[1].test
+    net.eval()
+    with torch.no_grad():
+        logits, _ = net.forward_inferred(test.x)
+    expected = 100.0 * float((logits.argmax(1) == test.y).float().mean())
+    assert result.matrix[-1][1] == pytest.approx(expected)
