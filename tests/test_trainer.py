@@ -205,9 +205,11 @@ def test_peft_lora_in_trainer_writes_adapter_checkpoints(tmp_path):
 
 
 @pytest.mark.slow
-def test_importance_pass_under_two_processes_equals_one(tmp_path):
+@pytest.mark.parametrize("mode", ["trainer", "callback"])
+def test_importance_pass_under_two_processes_equals_one(tmp_path, mode):
     """torchrun with 2 gloo processes: each rank's importance pass sees its shard of Trainer's
-    train dataloader, and every rank ends with the importance one process computes."""
+    train dataloader, and every rank ends with the importance one process computes, through
+    SoftMaskTrainer and through a plain Trainer with SoftMaskCallback."""
     worker = Path(__file__).resolve().parent / "trainer_dist_worker.py"
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -217,7 +219,7 @@ def test_importance_pass_under_two_processes_equals_one(tmp_path):
         ([*torchrun, "2", str(worker)], tmp_path / "two"),
     ):
         done = subprocess.run(
-            [*cmd, str(out)], env=env, capture_output=True, text=True, timeout=300
+            [*cmd, str(out), mode], env=env, capture_output=True, text=True, timeout=300
         )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     one = load_file(tmp_path / "one" / "importance_rank0.safetensors")
@@ -231,3 +233,11 @@ def test_importance_pass_under_two_processes_equals_one(tmp_path):
         assert torch.equal(two[0][k], two[1][k]), k  # every rank holds the same importance
         torch.testing.assert_close(two[0][k], one[k], rtol=1e-4, atol=1e-5)
     assert any(float(v.max()) > 0.5 for v in one.values())  # not a trivial all-zero case
+    if mode == "callback":  # the later task trained on 2 ranks: layer 0 (A = 1) never moved
+        w = [load_file(tmp_path / "two" / f"weights_rank{r}.safetensors") for r in range(2)]
+        names = [k[: -len(".before")] for k in w[0] if k.endswith(".before")]
+        protected = [n for n in names if n.startswith("bert.encoder.layer.0.")]
+        moved = [n for n in names if not torch.equal(w[0][f"{n}.before"], w[0][f"{n}.after"])]
+        assert protected and not set(protected) & set(moved)
+        assert any(n.startswith("bert.encoder.layer.1.") for n in moved)
+        assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])  # the ranks agree

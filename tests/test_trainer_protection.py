@@ -14,6 +14,7 @@ from transformers import Trainer, TrainingArguments
 from softmask_peft import ConfigError, SoftMaskConfig, get_softmask_model
 from softmask_peft.integrations.callback import SoftMaskCallback
 from softmask_peft.integrations.trainer import SoftMaskTrainer
+from softmask_peft.testing import seed_importance
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -95,3 +96,33 @@ def test_callback_refuses_a_trainer_loss_without_das_term(tmp_path):
     )
     with pytest.raises(ConfigError, match="contrastive"):
         trainer.train()
+
+
+@pytest.mark.parametrize("where", ["autocast", "weights"])
+def test_callback_protects_and_measures_under_bf16(tmp_path, where):
+    """bf16 as LLM users train: Trainer's bf16 autocast, or the weights themselves in bf16.
+    Values with A = 1 (all of layer 1) stay bit-identical through the later task's masked steps; the
+    importance pass gives finite values in [0, 1], stored in float32."""
+    torch.manual_seed(0)
+    bert = tiny_bert(dropout=0.0)
+    if where == "weights":
+        bert = bert.to(torch.bfloat16)
+    softmask = get_softmask_model(bert, SoftMaskConfig(head_modules=["classifier"]))
+    callback = SoftMaskCallback(softmask)
+    kw = {"bf16": where == "autocast", "optim": "sgd", "learning_rate": 0.5}
+    Trainer(bert, args(tmp_path / "t0", **kw), train_dataset=examples(8), callbacks=[callback]).train()
+    a = softmask.task_importance(0)
+    assert all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for v in a.values())
+    assert all(float(v.min()) >= 0 and float(v.max()) <= 1 for v in a.values())
+    assert max(float(v.max()) for v in a.values()) > 0.5
+    params = dict(bert.named_parameters())
+    protected = [n for n in softmask.masked_parameter_names if n.startswith("bert.encoder.layer.1.")]
+    seed_importance(
+        softmask,
+        {n: torch.full(params[n].shape, float(n in protected)) for n in softmask.masked_parameter_names},
+    )
+    before = {n: p.detach().clone() for n, p in params.items()}
+    Trainer(bert, args(tmp_path / "t2", **kw), train_dataset=examples(8, seed=3), callbacks=[callback]).train()
+    moved = [n for n in softmask.masked_parameter_names if not torch.equal(params[n], before[n])]
+    assert protected and not set(protected) & set(moved)
+    assert len(moved) > len(params) // 4  # the unprotected ones learned
