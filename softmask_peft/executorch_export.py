@@ -190,6 +190,12 @@ def build_programs(
     params = dict(graph.net.named_parameters())
     batch = Dim("batch", min=1, max=max_batch)
     inputs, rest = args[:num_inputs], args[num_inputs:]
+    if int(inputs[0].shape[0]) < 1:
+        raise ConfigError("the example inputs need at least one row")
+    # torch.export specialises a dimension of size 1 to the constant 1 (no dynamic batch):
+    # trace with the example's first row twice; only the shapes matter here
+    inputs = tuple(x if x.shape[0] > 1 else torch.cat([x[:1], x[:1]]) for x in inputs)
+    args = (*inputs, *rest)
     size = int(inputs[0].shape[0])
     labels = torch.zeros(size, dtype=torch.int64)
     in_shapes = [{0: batch} for _ in inputs] + [None for _ in rest]
@@ -199,7 +205,15 @@ def build_programs(
     step = _TrainStep(graph, trainable, num_inputs).train()
     train_args = (*inputs, *rest, labels, torch.tensor(0.0), keeps)
     shapes = (*in_shapes, {0: batch}, None, [None] * len(keeps))
-    joint = _export_forward_backward(export(step, train_args, dynamic_shapes=(shapes,), strict=False))
+    try:
+        traced = export(step, train_args, dynamic_shapes=(shapes,), strict=False)
+    except Exception as e:  # torch.export's own errors (UserError, constraint violations, ...)
+        raise ConfigError(
+            f"ExecuTorch export: torch.export could not trace this model's training step "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); "
+            "runtime='onnxruntime' traces with torch.onnx instead"
+        ) from e
+    joint = _export_forward_backward(traced)
     broken = sorted(
         {
             str(node.target)

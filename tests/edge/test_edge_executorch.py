@@ -26,7 +26,7 @@ from edge_helpers import (
 from softmask_edge import EdgeLearner, ExportError, read_device_checkpoint
 from softmask_edge.importance import normalize
 
-from softmask_peft import SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
+from softmask_peft import MultiHeadClassifier, SoftMaskConfig, SoftMaskOptimizer, get_softmask_model
 from softmask_peft.device import export_for_device, load_device_checkpoint
 from softmask_peft.errors import ConfigError
 from softmask_peft.importance.normalize import normalize_importance
@@ -64,7 +64,10 @@ def test_keep_zero_leaves_a_parameter_bit_identical(tmp_path):
         }
     )
     net.add_head(2)
-    artifacts = export_copy(model, tmp_path / "et", runtime="executorch")
+    # a one-row example, as the README's: the batch stays dynamic (torch.export would fix it to 1)
+    artifacts = export_copy(
+        model, tmp_path / "et", runtime="executorch", example=torch.randn(1, IN_FEATURES)
+    )
     learner = EdgeLearner(artifacts)
     before = learner.parameters()
     learner.learn_task(numpy_batches(batches(3)), epochs=5, lr=0.5)
@@ -334,3 +337,26 @@ def test_the_executorch_device_cycle_needs_neither_onnx_nor_onnxruntime(executor
     assert result["num_tasks"] == 3
     assert result["losses"][-1] < result["losses"][0]
     assert (artifacts / "model.pte").is_file() and (artifacts / "model.ptd").is_file()
+
+
+def test_a_model_torch_export_cannot_trace_is_a_config_error(tmp_path):
+    """Data-dependent control flow: torch.export refuses; the library names it."""
+
+    class Branchy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(IN_FEATURES, 4)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h if float(h.sum()) > 0 else -h  # a Python branch on a tensor value
+
+    model = get_softmask_model(MultiHeadClassifier(Branchy(), 4), SoftMaskConfig())
+    model.begin_task(0, num_classes=2)
+    x, y = torch.randn(8, IN_FEATURES), torch.randint(0, 2, (8,))
+    model.end_task([(x, y)])
+    with pytest.raises(ConfigError, match="torch.export could not trace"):
+        export_for_device(
+            model, torch.randn(3, IN_FEATURES), tmp_path / "a", runtime="executorch", future_heads=[2]
+        )
+    assert not (tmp_path / "a").exists()
