@@ -41,7 +41,6 @@ def _models() -> dict[str, nn.Module]:
     return {
         "mlp 64-256-256-10": SharedHeadClassifier(small, small.out_features, 10),
         "mlp 64-1024-1024-10": SharedHeadClassifier(wide, wide.out_features, 10),
-        # XNNPACK delegates this joint graph (it refuses the ReLU ones: pass-through tensors)
         "mlp tanh 64-256-256-10": SharedHeadClassifier(tanh, 256, 10),
     }
 

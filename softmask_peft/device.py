@@ -142,6 +142,15 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "softmask-peft": package_version()}
 
 
+def _drop_zero_dropout(net: nn.Module) -> None:
+    """Dropout with p = 0 becomes nn.Identity in the copy being exported: the same function,
+    and no pass-through node (which XNNPACK's partitioner refuses: "already in the inputs")."""
+    for name, module in list(net.named_modules()):
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p == 0 and name:
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, child, nn.Identity())
+
+
 @dataclass
 class _DeviceGraph:
     """The model as a device graph: `module(*args)` -> logits, before any tracing."""
@@ -346,6 +355,7 @@ def _export_executorch(
             "runtime='onnxruntime' for AdamW on a device"
         )
     g = _device_graph(model, example_inputs, future_heads, ProgramMultiHeadGraph)
+    _drop_zero_dropout(g.net)
     if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in g.net.modules()):
         warnings.warn(
             "the model has dropout: ExecuTorch's dropout kernel draws from its own generator, "

@@ -42,10 +42,12 @@ def numpy_batches(data: list[tuple[Tensor, Tensor]]) -> list[tuple[np.ndarray, n
     return [(x.numpy(), y.numpy()) for x, y in data]
 
 
-def mlp_multihead(seed: int = 0) -> MultiHeadClassifier:
-    """Dropout-free MLP backbone (the SPG pass runs in train mode; parity needs no dropout)."""
+def mlp_multihead(seed: int = 0, relu_dropout0: bool = False) -> MultiHeadClassifier:
+    """Dropout-free MLP backbone (the SPG pass runs in train mode; parity needs no dropout).
+    `relu_dropout0`: ReLU -> Dropout(p=0) blocks instead of tanh (the harness's MLP shape)."""
     torch.manual_seed(seed)
-    backbone = nn.Sequential(nn.Linear(IN_FEATURES, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh())
+    act = (lambda: nn.Sequential(nn.ReLU(), nn.Dropout(0.0))) if relu_dropout0 else nn.Tanh
+    backbone = nn.Sequential(nn.Linear(IN_FEATURES, 16), act(), nn.Linear(16, 8), act())
     return MultiHeadClassifier(backbone, 8)
 
 
@@ -95,10 +97,10 @@ def train_torch(
 
 
 def mlp_model_after_two_tasks(
-    importance_dtype: str = "float32", extra_heads: tuple[int, ...] = (2, 2)
+    importance_dtype: str = "float32", extra_heads: tuple[int, ...] = (2, 2), relu_dropout0: bool = False
 ) -> SoftMaskModel:
     """Tasks 0 and 1 learned in torch; heads for the device's tasks added (so both sides share them)."""
-    net = mlp_multihead()
+    net = mlp_multihead(relu_dropout0=relu_dropout0)
     model = get_softmask_model(net, SoftMaskConfig(importance_dtype=importance_dtype))
     for t in range(2):
         train_torch(model, t, batches(t))
