@@ -1,13 +1,14 @@
 """ExecuTorch device learner vs torch eager vs the ONNX Runtime learner: step time, sizes, start.
 
 For the digits-sized MLP of bench/edge_step.py (64-256-256-10, ReLU, shared head, dropout 0,
-batch 32), a wider one (64-1024-1024-10) and a tanh one XNNPACK can delegate; CNNs are left out: executorch 1.5.1's pooling backward
+batch 32), a wider one (64-1024-1024-10) and a tanh one; CNNs are left out: executorch 1.5.1's pooling backward
 kernels are wrong, and the export refuses them:
 * `torch_ms`: eager zero_grad + forward + backward + SoftMaskOptimizer(SGD) step (grad mode);
 * `ort_ms`: one `EdgeLearner` step on ONNX Runtime Training artifacts (masked, SGD);
-* `et_ms`: one `EdgeLearner` step on ExecuTorch artifacts (portable kernels): the training
-  program's forward + backward with keep inputs, then ExecuTorch's SGD on its weights;
-* `et_xnn_ms`: the same with every program delegated to XNNPACK (`xnnpack=True`).
+* `et_ms`: one `EdgeLearner` step on ExecuTorch artifacts exported with `xnnpack=False` (the
+  portable kernels): the training program's forward + backward with keep inputs, then
+  ExecuTorch's SGD on its weights;
+* `et_xnn_ms`: the same, delegated to XNNPACK (`xnnpack=True`, the default).
 Steps run alternately (paired medians), so load drift on a shared machine hits all alike; the
 ratios are the result, not the absolute times. Sizes: the .pte/.ptd files and the ONNX
 graphs; `start_ms`: EdgeLearner(folder) (load + checks + first bind), median of 5.
@@ -67,7 +68,7 @@ def bench_model(name: str, net: nn.Module, repeats: int, root: Path, threads: in
         "et_xnn": root / "et_xnn",
     }
     export_for_device(model, x, folders["ort"])
-    export_for_device(model, x, folders["et"], runtime="executorch")
+    export_for_device(model, x, folders["et"], runtime="executorch", xnnpack=False)
     try:
         export_for_device(model, x, folders["et_xnn"], runtime="executorch", xnnpack=True)
         xnn_error = ""

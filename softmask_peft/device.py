@@ -286,7 +286,7 @@ def export_for_device(
     opset: int = 17,
     runtime: str = "onnxruntime",
     max_batch: int = 256,
-    xnnpack: bool = False,
+    xnnpack: bool = True,
 ) -> Manifest:
     """Write device artifacts for `model` into `directory`; return the manifest.
 
@@ -303,8 +303,9 @@ def export_for_device(
         runtime: "onnxruntime" (ONNX Runtime Training graphs) or "executorch" (ExecuTorch
             programs: the `executorch` package, see docs/guides/executorch.md).
         max_batch: ExecuTorch plans its memory for batches of at most this many rows.
-        xnnpack: ExecuTorch: delegate the supported subgraphs (matmuls, forward and
-            backward) to XNNPACK (bench/executorch_step.py measures it).
+        xnnpack: ExecuTorch: delegate the supported subgraphs (the matmuls of the forward and
+            backward, reading the weights at every run) to XNNPACK; False: the portable
+            kernels only (4-25x slower, bench/executorch_step.py measures it).
     """
     if runtime not in ("onnxruntime", "executorch"):
         raise ConfigError(f"runtime must be 'onnxruntime' or 'executorch', got {runtime!r}")

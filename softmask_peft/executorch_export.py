@@ -130,7 +130,10 @@ def _lower(
     if xnnpack:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-        partitioners.append(XnnpackPartitioner())
+        # the training program's weights are its mutable inputs: XNNPACK must read them at
+        # every run instead of packing them once (else it leaves every matmul to the portable
+        # kernels, 5-25x torch's time)
+        partitioners.append(XnnpackPartitioner(force_non_static_weights_for_f32_linear=True))
     try:
         edge = to_edge_transform_and_lower(
             program,
@@ -141,7 +144,8 @@ def _lower(
         if not xnnpack:
             raise
         raise ConfigError(
-            f"XNNPACK could not delegate this model's program ({e}); export without xnnpack"
+            f"XNNPACK could not delegate this model's program ({e}); export with xnnpack=False "
+            "(the portable kernels: slower, same results)"
         ) from e
     return edge.to_executorch(
         config=ExecutorchBackendConfig(
@@ -238,10 +242,10 @@ def build_programs(
             export(evaluation, eval_args, dynamic_shapes=(eval_shapes,), strict=False),
             xnnpack=xnnpack,
         )
-        inference = _lower(
+        inference = _lower(  # portable kernels: its weights are rewritten after learning,
+            # and XNNPACK would pack a convolution's into its own blob (then stale)
             export(_Logits(graph).eval(), args, dynamic_shapes=(tuple(in_shapes),), strict=False),
             external_constants=True,
-            xnnpack=xnnpack,
         )
     graph.train()
     with tempfile.TemporaryDirectory(prefix="softmask_executorch.") as tmp:
