@@ -92,7 +92,7 @@ export const CONTRACT = Object.freeze({
     "plain_name_pattern": "^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
     "training_model": "training_model.onnx"
   },
-  "format_version": 3,
+  "format_version": 4,
   "importance_dtypes": {
     "float16": {
       "bytes": 2,
@@ -277,10 +277,22 @@ export const CONTRACT = Object.freeze({
       "type": "str_map"
     }
   },
+  "measured_shapes": {
+    "about": "Format 4: the exporter measured the forward graph's shapes (softmask_edge.shapes) before ONNX Runtime 1.19.2 built the gradient graph. In older ONNX Runtime artifacts, a node of broadcast_ops on the gradient path whose two operands carry different symbolic dimensions at one axis (right-aligned) is where the gradient builder assumed the sizes equal and summed no axis; where they were not (BERT's position embedding, [1, seq, H] + [batch, seq, H]) the gradient is wrong at batch >= 2. Both learners refuse such artifacts (UnsupportedFormatError): export them again.",
+    "broadcast_ops": [
+      "Add",
+      "Sub",
+      "Mul",
+      "Div",
+      "Pow"
+    ],
+    "since": 4
+  },
   "readable_format_versions": [
     1,
     2,
-    3
+    3,
+    4
   ],
   "tensors": {
     "cross_head_input": "softmask_cross_head",

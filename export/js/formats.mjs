@@ -255,6 +255,79 @@ export function indexBounds(model, inputs, shapes) {
   return bounds;
 }
 
+// GraphProto.input = 11, .output = 12, .value_info = 13; ValueInfoProto.name = 1, .type = 2;
+// TypeProto.tensor_type = 1; TypeProto.Tensor.shape = 2; TensorShapeProto.dim = 1;
+// Dimension.dim_value = 1 (varint), .dim_param = 2; NodeProto.output = 2, .name = 3
+function recordedDims(bytes, start, end) {
+  let dims = null;
+  for (const [t, ts, te] of lengthDelimited(bytes, start, end)) {
+    if (t !== 2) continue;
+    for (const [tt, tts, tte] of lengthDelimited(bytes, ts, te)) {
+      if (tt !== 1) continue;
+      for (const [sh, ss, se] of lengthDelimited(bytes, tts, tte)) {
+        if (sh !== 2) continue;
+        dims = [];
+        for (const [d, ds, de] of lengthDelimited(bytes, ss, se)) {
+          if (d !== 1) continue;
+          let dim = null;
+          for (const f of fields(bytes, ds, de)) {
+            if (f.field === 1 && f.wire === 0) dim = readVarint(bytes, f.start)[0];
+            else if (f.field === 2 && f.wire === 2) dim = { param: TEXT.decode(bytes.subarray(f.start, f.end)) };
+          }
+          dims.push(dim);
+        }
+      }
+    }
+  }
+  return dims;
+}
+
+/**
+ * Names of the broadcasting nodes whose gradient onnxruntime 1.19.2 built on a guess, as
+ * softmask_edge.session_graphs.guessed_broadcasts: a node of `ops` with an operand on the
+ * gradient path (reachable from a `trainable` parameter) whose two operands carry different
+ * symbolic dimensions at one right-aligned axis. The builder assumed them equal and summed
+ * nothing; where they were not (BERT's position embedding) the gradient is wrong at batch >= 2.
+ */
+export function guessedBroadcasts(model, trainable, ops) {
+  const dims = new Map();
+  const nodes = [];
+  for (const f of fields(model, 0, model.length)) {
+    if (f.field !== 7 || f.wire !== 2) continue;
+    for (const g of fields(model, f.start, f.end)) {
+      if (g.wire !== 2) continue;
+      if (g.field === 11 || g.field === 12 || g.field === 13) {
+        const shape = recordedDims(model, g.start, g.end);
+        if (shape) dims.set(valueName(model, g.start, g.end), shape);
+      } else if (g.field === 1) {
+        nodes.push({
+          inputs: strings(model, g.start, g.end, 1),
+          outputs: strings(model, g.start, g.end, 2),
+          name: strings(model, g.start, g.end, 3)[0] ?? '',
+          op: strings(model, g.start, g.end, 4)[0],
+        });
+      }
+    }
+  }
+  const onPath = new Set(trainable);
+  const guessed = [];
+  for (const node of nodes) {
+    if (!node.inputs.some((i) => onPath.has(i))) continue;
+    for (const o of node.outputs) onPath.add(o);
+    if (!ops.includes(node.op) || node.inputs.length !== 2) continue;
+    const [a, b] = node.inputs.map((i) => dims.get(i));
+    if (!a || !b) continue;
+    for (let k = 1; k <= Math.min(a.length, b.length); k += 1) {
+      const [x, y] = [a[a.length - k], b[b.length - k]];
+      if (x?.param !== undefined && y?.param !== undefined && x.param !== y.param) {
+        guessed.push(node.name || node.outputs[0]);
+        break;
+      }
+    }
+  }
+  return guessed;
+}
+
 // ModelProto.graph = 7, GraphProto.initializer = 5, TensorProto.name = 8, .raw_data = 9
 /** A copy of an ONNX model whose float32 initializer `name` (one element) holds `value`. */
 export function setScalarInitializer(model, name, value) {

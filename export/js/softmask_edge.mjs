@@ -1,6 +1,6 @@
 // softmask_edge for the browser: the Python EdgeLearner's life cycle on onnxruntime-web 1.19.2.
 //
-// Same artifacts (manifest format 2 or 3), same steps: learnTask trains the next task
+// Same artifacts (manifest format 2 to 4), same steps: learnTask trains the next task
 // soft-masked (training.mjs; sessions: session.mjs), endTask measures and max-accumulates its
 // importance (importance.mjs), save returns the next checkpoint generation (saves.mjs). Batches
 // are checked before onnxruntime sees them (batches.mjs); the manifest is checked against the
@@ -13,8 +13,10 @@ import {
   EdgeError,
   MissingArtifactError,
   TaskOrderError,
+  UnsupportedFormatError,
 } from './errors.mjs';
-import { checkpointTensors, checkpointValue, indexBounds, readNpz, sha256Hex } from './formats.mjs';
+import { CONTRACT } from './contract.mjs';
+import { checkpointTensors, checkpointValue, guessedBroadcasts, indexBounds, readNpz, sha256Hex } from './formats.mjs';
 import { checkHistory, checkImportance, decodeImportance, measureImportance, STORAGE } from './importance.mjs';
 import { checkSizes, FORMAT_VERSION, parseManifest, STATIC_FILES, TENSORS } from './manifest.mjs';
 import { nextGeneration } from './saves.mjs';
@@ -76,6 +78,25 @@ function parsed(name, parse) {
   }
 }
 
+/**
+ * UnsupportedFormatError for artifacts exported before format 4 (measured shapes) whose
+ * training graph has a broadcast gradient built on guessed shapes (guessedBroadcasts): their
+ * gradients may be wrong at batch >= 2, and onnxruntime-web traps or hangs on BERT's.
+ */
+function refuseGuessedGradients(manifest, training) {
+  const { since, broadcast_ops: ops } = CONTRACT.measured_shapes;
+  if (manifest.format_version >= since) return;
+  const guessed = parsed(STATIC_FILES[0], () => guessedBroadcasts(training, Object.keys(manifest.params), ops));
+  if (guessed.length) {
+    throw new UnsupportedFormatError(
+      `device format ${manifest.format_version} artifacts whose gradient graph onnxruntime built from guessed ` +
+        `broadcast shapes (${guessed.length} node(s), e.g. ${guessed[0]}): their gradients can be wrong at ` +
+        `batch >= 2 (BERT's position embedding was); export the model again with this release ` +
+        `(device format ${since}): export_for_device(model, example, directory)`,
+    );
+  }
+}
+
 export class EdgeLearner {
   /**
    * Load and check artifacts (manifest against the device contract, SHA-256 of every file
@@ -123,6 +144,7 @@ export class EdgeLearner {
     checkImportance(manifest, this.state);
     checkHistory(manifest, history);
     this.history = history;
+    refuseGuessedGradients(manifest, graphs[STATIC_FILES[0]]);
     const integer = manifest.inputs.filter((i) => i.dtype === 'int64' || i.dtype === 'int32').map((i) => i.name);
     this.indexBounds = parsed(STATIC_FILES[0], () => indexBounds(graphs[STATIC_FILES[0]], integer, manifest.params));
     this.sessions = new Sessions(this);

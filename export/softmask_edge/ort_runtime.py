@@ -10,22 +10,24 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from softmask_format.atomic import atomic_write
+from softmask_format.version import __version__
 
 from . import _ort
 from .checkpoint import load_state
-from .errors import ArtifactMismatchError, EdgeError, OnnxRuntimeError
+from .errors import ArtifactMismatchError, EdgeError, OnnxRuntimeError, UnsupportedFormatError
 from .manifest import (
     EVAL_MODEL_NAME,
     IMPORTANCE_MODEL_NAME,
     IMPORTANCE_SUFFIX,
     LOGITS_OUTPUT,
     MEAN_IMPORTANCE,
+    MEASURED_SHAPES_SINCE,
     OPTIMIZER_MODEL_NAME,
     SCALE_INPUT,
     TRAINING_MODEL_NAME,
     Manifest,
 )
-from .session_graphs import index_bounds
+from .session_graphs import guessed_broadcasts, index_bounds
 
 
 class OrtRuntime:
@@ -64,6 +66,7 @@ class OrtRuntime:
             self._importance_session = ort.InferenceSession(
                 directory / IMPORTANCE_MODEL_NAME, self._options, providers=["CPUExecutionProvider"]
             )
+        _refuse_guessed_gradients(directory, manifest, self._session.graphs[0])
         integer = [i.name for i in manifest.inputs if i.dtype in ("int32", "int64")]
         self.index_bounds = index_bounds(self._session.graphs[0], integer, manifest.params)
         self.max_batch = None  # the graphs take any batch size
@@ -165,3 +168,21 @@ class OrtRuntime:
 
     def export_inference(self, path: str | os.PathLike) -> None:
         atomic_write(path, lambda tmp: self._session.export_inference(tmp, [LOGITS_OUTPUT]))
+
+
+def _refuse_guessed_gradients(directory: Path, manifest: Manifest, training) -> None:
+    """UnsupportedFormatError for artifacts exported before format 4 whose training graph
+    has a broadcast gradient built on guessed shapes (`guessed_broadcasts`): their gradients
+    may be wrong at batch >= 2 (BERT's position table was). MLP and CNN graphs have none."""
+    if manifest.format_version >= MEASURED_SHAPES_SINCE:
+        return
+    guessed = guessed_broadcasts(training, list(manifest.params))
+    if guessed:
+        raise UnsupportedFormatError(
+            f"{str(directory)!r}: device format {manifest.format_version} artifacts whose "
+            f"gradient graph ONNX Runtime built from guessed broadcast shapes ({len(guessed)} "
+            f"node(s), e.g. {guessed[0]}): their gradients can be wrong at batch >= 2 (BERT's "
+            "position embedding was); export the model again with this release "
+            f"(softmask-peft {__version__}, device format {MEASURED_SHAPES_SINCE}): "
+            "export_for_device(model, example, directory)"
+        )

@@ -4,6 +4,8 @@ the token-id bounds. numpy + onnx only.
 * `specialize`: the graphs one training session runs, with s, A and ā as constants.
 * `set_learning_rate`: rewrite the lr recorded in an optimizer graph (format 2).
 * `index_bounds`: the row count of the table each integer input indexes (token ids).
+* `guessed_broadcasts`: where ONNX Runtime 1.19.2 built a broadcast gradient from guessed
+  shapes (artifacts before format 4; see `softmask_edge.shapes`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .manifest import GRADIENT_SUFFIX, LEARNING_RATE_INITIALIZER
+from .manifest import BROADCAST_OPS, GRADIENT_SUFFIX, LEARNING_RATE_INITIALIZER
 
 
 def specialize(
@@ -75,6 +77,49 @@ def index_bounds(
             name = node.input[1]
             bounds[name] = min(bounds.get(name, table[0]), table[0])
     return bounds
+
+
+def guessed_broadcasts(model: onnx.ModelProto, trainable: Sequence[str]) -> list[str]:
+    """Names of the broadcasting nodes whose gradient ORT 1.19.2 built on a guess.
+
+    ORT's `ComputeBroadcastBackwardAxes` reads the operands' shapes as recorded in the graph;
+    at an axis (right-aligned) where both carry a symbolic dimension with different names it
+    assumes the sizes are equal and sums nothing over that axis. Where they differ at run time
+    (BERT: position embedding `[1, seq, H]` + word embedding `[batch, seq, H]`), the gradient
+    of the smaller operand is wrong. Only nodes with an operand on the gradient path (reachable
+    from a `trainable` parameter) count; operands without a recorded shape got a run-time
+    reduction (`BroadcastGradientArgs`) and are right. The files cannot tell whether two
+    differently named sizes were equal, so every such node is listed: the caller refuses
+    artifacts whose graph was built before the exporter measured shapes (format < 4).
+    """
+    g = model.graph
+    dims: dict[str, list[str | int | None]] = {}
+    for value in (*g.input, *g.value_info, *g.output):
+        t = value.type.tensor_type
+        if t.HasField("shape"):
+            dims[value.name] = [
+                d.dim_param
+                if d.HasField("dim_param")
+                else (d.dim_value if d.HasField("dim_value") else None)
+                for d in t.shape.dim
+            ]
+    on_path = set(trainable)
+    guessed = []
+    for node in g.node:
+        if not any(i in on_path for i in node.input):
+            continue
+        on_path.update(node.output)
+        if node.op_type not in BROADCAST_OPS or len(node.input) != 2:
+            continue
+        a, b = (dims.get(i) for i in node.input)
+        if a is None or b is None:
+            continue
+        if any(
+            isinstance(x, str) and isinstance(y, str) and x != y
+            for x, y in zip(reversed(a), reversed(b))
+        ):
+            guessed.append(node.name or node.output[0])
+    return guessed
 
 
 def set_learning_rate(model: onnx.ModelProto, lr: float) -> None:

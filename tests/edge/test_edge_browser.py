@@ -8,12 +8,14 @@ Needs chromium and `npm ci` in export/js (.ci/run installs both); fails without 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from browser_helpers import (
@@ -28,6 +30,7 @@ from browser_helpers import (
 from edge_helpers import (
     IN_FEATURES,
     batches,
+    export_before_format_4,
     export_copy,
     max_diff,
     mlp_model_after_two_tasks,
@@ -38,6 +41,7 @@ from edge_helpers import (
 )
 from softmask_edge import EarlyStopping, EdgeLearner, read_device_checkpoint
 from softmask_edge.manifest import sha256
+from softmask_edge.session_graphs import guessed_broadcasts
 from torch import nn
 
 from softmask_peft import SoftMaskConfig, SoftMaskModel, get_softmask_model
@@ -202,6 +206,34 @@ def test_js_learner_checks_the_manifest_and_hashes(mlp_case, tmp_path):
         f"CorruptArtifactError: {manifest['checkpoint']} is damaged or belongs to another export: its "
         "SHA-256 differs from the manifest"
     )
+
+
+NODE_GUESSED = """
+import { readFile } from 'node:fs/promises';
+import { CONTRACT } from './contract.mjs';
+import { guessedBroadcasts } from './formats.mjs';
+const [path, params] = process.argv.slice(1);
+const ops = CONTRACT.measured_shapes.broadcast_ops;
+console.log(JSON.stringify(guessedBroadcasts(new Uint8Array(await readFile(path)), JSON.parse(params), ops)));
+"""
+
+
+def test_js_learner_refuses_artifacts_built_on_guessed_broadcast_shapes(monkeypatch, tmp_path):
+    """A tiny BERT exported before format 4 is refused with the Python learner's error kind
+    and advice; the JS and Python rules list the same nodes; an old MLP export still loads."""
+    old_export = functools.partial(export_before_format_4, monkeypatch)
+    _, _, bert = tiny_bert_after_one_task(tmp_path / "bert", exporter=old_export)
+    mlp = old_export(mlp_model_after_two_tasks(), tmp_path / "mlp")
+    refused = _js_load(bert)
+    assert refused.startswith("UnsupportedFormatError: device format 3 artifacts whose gradient")
+    assert "export the model again with this release" in refused
+    assert _js_load(mlp) == "loaded"
+    for folder, guessed in ((bert, True), (mlp, False)):
+        params = list(json.loads((folder / "manifest.json").read_text())["params"])
+        graph = folder / "training_model.onnx"
+        python = guessed_broadcasts(onnx.load(graph), params)
+        assert json.loads(_node(NODE_GUESSED, str(graph), json.dumps(params))) == python
+        assert bool(python) is guessed
 
 
 @pytest.mark.slow
