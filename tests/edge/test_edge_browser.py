@@ -212,28 +212,34 @@ NODE_GUESSED = """
 import { readFile } from 'node:fs/promises';
 import { CONTRACT } from './contract.mjs';
 import { guessedBroadcasts } from './formats.mjs';
-const [path, params] = process.argv.slice(1);
+import { EdgeLearner } from './softmask_edge.mjs';
+const dir = process.argv[1];
+const bytes = async (n) => new Uint8Array(await readFile(`${dir}/${n}`));
+const { params } = JSON.parse(new TextDecoder().decode(await bytes('manifest.json')));
 const ops = CONTRACT.measured_shapes.broadcast_ops;
-console.log(JSON.stringify(guessedBroadcasts(new Uint8Array(await readFile(path)), JSON.parse(params), ops)));
+const guessed = guessedBroadcasts(await bytes('training_model.onnx'), Object.keys(params), ops);
+let load = 'loaded';
+try { await EdgeLearner.load({ read: bytes }, null); } catch (e) { load = { name: e.name, code: e.code, message: e.message }; }
+console.log(JSON.stringify({ guessed, load }));
 """
 
 
 def test_js_learner_refuses_artifacts_built_on_guessed_broadcast_shapes(monkeypatch, tmp_path):
-    """A tiny BERT exported before format 4 is refused with the Python learner's error kind
-    and advice; the JS and Python rules list the same nodes; an old MLP export still loads."""
+    """A tiny BERT exported before format 4 is refused with the Python learner's error kind,
+    code and advice; the JS and Python rules list the same nodes; an old MLP export loads."""
     old_export = functools.partial(export_before_format_4, monkeypatch)
     _, _, bert = tiny_bert_after_one_task(tmp_path / "bert", exporter=old_export)
     mlp = old_export(mlp_model_after_two_tasks(), tmp_path / "mlp")
-    refused = _js_load(bert)
-    assert refused.startswith("UnsupportedFormatError: device format 3 artifacts whose gradient")
-    assert "export the model again with this release" in refused
-    assert _js_load(mlp) == "loaded"
+    js = {folder: json.loads(_node(NODE_GUESSED, str(folder))) for folder in (bert, mlp)}
+    refused = js[bert]["load"]
+    assert (refused["name"], refused["code"]) == ("UnsupportedFormatError", "unsupported_format")
+    assert refused["message"].startswith("device format 3 artifacts whose gradient graph")
+    assert "export the model again with this release" in refused["message"]
+    assert js[mlp]["load"] == "loaded"
     for folder, guessed in ((bert, True), (mlp, False)):
         params = list(json.loads((folder / "manifest.json").read_text())["params"])
-        graph = folder / "training_model.onnx"
-        python = guessed_broadcasts(onnx.load(graph), params)
-        assert json.loads(_node(NODE_GUESSED, str(graph), json.dumps(params))) == python
-        assert bool(python) is guessed
+        python = guessed_broadcasts(onnx.load(folder / "training_model.onnx"), params)
+        assert js[folder]["guessed"] == python and bool(python) is guessed
 
 
 @pytest.mark.slow
