@@ -278,13 +278,28 @@ export const CONTRACT = Object.freeze({
     }
   },
   "measured_shapes": {
-    "about": "Format 4: the exporter measured the forward graph's shapes (softmask_edge.shapes) before ONNX Runtime 1.19.2 built the gradient graph. In older ONNX Runtime artifacts, a node of broadcast_ops on the gradient path whose two operands carry different symbolic dimensions at one axis (right-aligned) is where the gradient builder assumed the sizes equal and summed no axis; where they were not (BERT's position embedding, [1, seq, H] + [batch, seq, H]) the gradient is wrong at batch >= 2. Both learners refuse such artifacts (UnsupportedFormatError): export them again.",
+    "about": "Format 4: the exporter measured the forward graph's shapes (softmask_edge.shapes) before ONNX Runtime 1.19.2 built the gradient graph. In an older ONNX Runtime artifact, a training-graph node of broadcast_ops with an operand X whose gradient X + gradient_name_suffix the graph computes, and whose two operands carry different symbolic dimensions at one right-aligned axis, is where the gradient builder guessed the sizes equal and summed nothing over that axis. The guess was wrong where, running the eval graph with every symbolic input dimension at probe_sizes (zeros as inputs), such an operand has another size at that axis than the node's output (BERT's position embedding, [1, seq, H] + [batch, seq, H]): its gradient is wrong at batch >= 2. Both learners refuse those artifacts (UnsupportedFormatError): export them again.",
     "broadcast_ops": [
       "Add",
       "Sub",
       "Mul",
       "Div",
       "Pow"
+    ],
+    "gradient_name_suffix": "_grad",
+    "probe_sizes": [
+      [
+        2,
+        3,
+        4,
+        5
+      ],
+      [
+        3,
+        5,
+        7,
+        9
+      ]
     ],
     "since": 4
   },

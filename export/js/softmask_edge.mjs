@@ -13,10 +13,9 @@ import {
   EdgeError,
   MissingArtifactError,
   TaskOrderError,
-  UnsupportedFormatError,
 } from './errors.mjs';
-import { CONTRACT } from './contract.mjs';
-import { checkpointTensors, checkpointValue, guessedBroadcasts, indexBounds, readNpz, sha256Hex } from './formats.mjs';
+import { refuseWrongGradients } from './broadcasts.mjs';
+import { checkpointTensors, checkpointValue, indexBounds, readNpz, sha256Hex } from './formats.mjs';
 import { checkHistory, checkImportance, decodeImportance, measureImportance, STORAGE } from './importance.mjs';
 import { checkSizes, FORMAT_VERSION, parseManifest, STATIC_FILES, TENSORS } from './manifest.mjs';
 import { nextGeneration } from './saves.mjs';
@@ -78,25 +77,6 @@ function parsed(name, parse) {
   }
 }
 
-/**
- * UnsupportedFormatError for artifacts exported before format 4 (measured shapes) whose
- * training graph has a broadcast gradient built on guessed shapes (guessedBroadcasts): their
- * gradients may be wrong at batch >= 2, and onnxruntime-web traps or hangs on BERT's.
- */
-function refuseGuessedGradients(manifest, training) {
-  const { since, broadcast_ops: ops } = CONTRACT.measured_shapes;
-  if (manifest.format_version >= since) return;
-  const guessed = parsed(STATIC_FILES[0], () => guessedBroadcasts(training, Object.keys(manifest.params), ops));
-  if (guessed.length) {
-    throw new UnsupportedFormatError(
-      `device format ${manifest.format_version} artifacts whose gradient graph onnxruntime built from guessed ` +
-        `broadcast shapes (${guessed.length} node(s), e.g. ${guessed[0]}): their gradients can be wrong at ` +
-        `batch >= 2 (BERT's position embedding was); export the model again with this release ` +
-        `(device format ${since}): export_for_device(model, example, directory)`,
-    );
-  }
-}
-
 export class EdgeLearner {
   /**
    * Load and check artifacts (manifest against the device contract, SHA-256 of every file
@@ -122,6 +102,8 @@ export class EdgeLearner {
         throw new CorruptArtifactError(`${name} is damaged or belongs to another export: its SHA-256 differs from the manifest`);
       }
     }
+    // artifacts before format 4 whose broadcast gradients onnxruntime built on a wrong guess
+    await refuseWrongGradients(ort, manifest, graphs[STATIC_FILES[0]], graphs[STATIC_FILES[1]]);
     return new EdgeLearner(ort, manifest, checkpoint, parsed(manifest.history, () => readNpz(history)), graphs);
   }
 
@@ -144,7 +126,6 @@ export class EdgeLearner {
     checkImportance(manifest, this.state);
     checkHistory(manifest, history);
     this.history = history;
-    refuseGuessedGradients(manifest, graphs[STATIC_FILES[0]]);
     const integer = manifest.inputs.filter((i) => i.dtype === 'int64' || i.dtype === 'int32').map((i) => i.name);
     this.indexBounds = parsed(STATIC_FILES[0], () => indexBounds(graphs[STATIC_FILES[0]], integer, manifest.params));
     this.sessions = new Sessions(this);

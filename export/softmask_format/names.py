@@ -41,7 +41,7 @@ INFERENCE_PROGRAM_NAME = "inference_program.pte"  # eval-mode logits, weights in
 #    old linear code): re-export those.
 # 4: the exporter measured the forward graph's shapes before ONNX Runtime built the gradient
 #    graph (softmask_edge.shapes). Older ONNX Runtime artifacts still load unless their training
-#    graph has a broadcast gradient built on guessed shapes (every transformer export: BERT's
-#    position-table gradient was wrong at batch >= 2); MLP and CNN artifacts have none.
+#    graph has a broadcast gradient ORT built on a wrong guess (BERT's position table: wrong at
+#    batch >= 2; session_graphs.wrong_broadcasts); MLP and CNN artifacts have no guess.
 DEVICE_FORMAT_VERSION: int = _DEVICE["format_version"]
 READABLE_DEVICE_FORMAT_VERSIONS = tuple(_DEVICE["readable_format_versions"])

@@ -162,12 +162,24 @@ def rehash(artifacts: Path) -> None:
 
 
 def tiny_bert_after_one_task(
-    directory: Path, exporter=None, **kwargs
+    directory: Path, exporter=None, roberta: bool = False, **kwargs
 ) -> tuple[SoftMaskModel, list, Path]:
-    """(model, task 0's batches, artifacts): a tiny BERT classifier (vocab 40) whose task 0
-    importance is measured, exported into `directory` by `exporter` (default `export_copy`;
-    kwargs go to export_for_device)."""
-    net = tiny_bert().train()
+    """(model, task 0's batches, artifacts): a tiny BERT classifier (vocab 40; `roberta`: the
+    RoBERTa twin, whose position ids follow the tokens: no broadcast over the batch) whose
+    task 0 importance is measured, exported into `directory` by `exporter` (default
+    `export_copy`; kwargs go to export_for_device). No dropout: torch and device agree."""
+    if roberta:
+        from transformers import RobertaForSequenceClassification
+
+        from softmask_peft.testing import tiny_roberta_config
+
+        torch.manual_seed(0)
+        config = tiny_roberta_config(
+            num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+        )
+        net = RobertaForSequenceClassification(config).train()
+    else:
+        net = tiny_bert().train()
     model = get_softmask_model(net, SoftMaskConfig(head_modules=["classifier"]))
     data = text_batches()
     model.begin_task(0)

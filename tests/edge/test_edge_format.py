@@ -3,6 +3,7 @@ format 4: artifacts whose broadcast gradients ONNX Runtime built on guessed shap
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from edge_helpers import (
 )
 from onnx import numpy_helper
 from softmask_edge import EdgeLearner, UnsupportedFormatError, read_device_checkpoint
-from softmask_edge.session_graphs import guessed_broadcasts
+from softmask_edge.session_graphs import guessed_broadcasts, wrong_broadcasts
 
 from softmask_peft import SoftMaskConfig, get_softmask_model
 
@@ -120,11 +121,26 @@ def test_gradient_outputs_are_the_accumulated_gradients(mlp_case):
 POSITION = "bert.embeddings.position_embeddings.weight"
 
 
+def _guesses(folder: Path) -> tuple[list[str], list[str]]:
+    """(guessed, wrong) node names of an artifacts folder (`session_graphs`)."""
+    guessed = guessed_broadcasts(onnx.load(folder / "training_model.onnx"))
+    wrong = wrong_broadcasts(onnx.load(folder / "eval_model.onnx"), guessed)
+    return [g.node for g in guessed], wrong
+
+
+def _device_and_torch_importance(model, data, folder: Path) -> tuple[dict, dict]:
+    """Task 1's importance on `data` (batch 4, padded rows) by the learner and by torch."""
+    device = EdgeLearner(folder).end_task([{k: v.numpy() for k, v in b.items()} for b in data])
+    model.begin_task(1)
+    return device, {n: v.numpy() for n, v in model.end_task(data).items()}
+
+
 @pytest.mark.filterwarnings("ignore:task 1 ended without a single soft-masked optimizer step")
 def test_transformer_artifacts_from_before_format_4_are_refused_untouched(monkeypatch, tmp_path):
     """A tiny BERT exported the old way (no measured shapes) is refused by name; its files stay
-    as they were. What the rule refuses was wrong: forced to load, its position-table importance
-    at batch 4 is far from torch's, where the format 4 export of the same model agrees."""
+    as they were. The one wrong guess is the word + position embedding add, and it was wrong:
+    forced past the format gate, the position-table importance at batch 4 is far from torch's,
+    where the format 4 export of the same model agrees."""
     model, data, new = tiny_bert_after_one_task(tmp_path / "new")
     example = {k: v for k, v in data[0].items() if k != "labels"}
     old = export_before_format_4(monkeypatch, model, tmp_path / "old", example=example)
@@ -132,26 +148,34 @@ def test_transformer_artifacts_from_before_format_4_are_refused_untouched(monkey
     with pytest.raises(UnsupportedFormatError, match="export the model again with this release"):
         EdgeLearner(old)
     assert {p.name: p.read_bytes() for p in old.iterdir()} == files
-    guessed = guessed_broadcasts(
-        onnx.load(old / "training_model.onnx"), list(read_manifest(old)["params"])
-    )
-    assert "/net/bert/embeddings/Add_1" in guessed  # word + position embedding
-    assert (
-        guessed_broadcasts(
-            onnx.load(new / "training_model.onnx"), list(read_manifest(new)["params"])
-        )
-        == []
-    )
-    assert read_manifest(new)["format_version"] == 4
+    guessed, wrong = _guesses(old)
+    # residual adds and the attention-mask add were guessed right (equal sizes, or no gradient)
+    assert len(guessed) == 6 and wrong == ["/net/bert/embeddings/Add_1"]
+    assert _guesses(new) == ([], []) and read_manifest(new)["format_version"] == 4
 
-    model.begin_task(1)
-    expected = model.end_task(data)[POSITION].numpy()
-    numpy_data = [{k: v.numpy() for k, v in b.items()} for b in data]
     write_manifest(old, {**read_manifest(old), "format_version": 4})  # past the gate
-    wrong = EdgeLearner(old).end_task(numpy_data)[POSITION]
-    right = EdgeLearner(new).end_task(numpy_data)[POSITION]
-    assert np.abs(right - expected).max() <= 1e-4
-    assert np.abs(wrong - expected).max() > 0.1
+    wrong_device, expected = _device_and_torch_importance(model, data, old)
+    right_device = EdgeLearner(new).end_task([{k: v.numpy() for k, v in b.items()} for b in data])
+    assert np.abs(right_device[POSITION] - expected[POSITION]).max() <= 1e-4
+    assert np.abs(wrong_device[POSITION] - expected[POSITION]).max() > 0.1
+
+
+@pytest.mark.filterwarnings("ignore:task 1 ended without a single soft-masked optimizer step")
+def test_transformer_artifacts_from_before_format_4_whose_guesses_were_right_load(
+    monkeypatch, tmp_path
+):
+    """A tiny RoBERTa (position ids per token: [batch, seq], nothing broadcast over the batch)
+    exported the old way has guessed broadcasts, all right: it loads, and its importance at
+    batch 4 matches torch's as the format 4 BERT's does."""
+    old_export = functools.partial(export_before_format_4, monkeypatch)
+    model, data, old = tiny_bert_after_one_task(tmp_path / "old", old_export, roberta=True)
+    guessed, wrong = _guesses(old)
+    assert guessed and wrong == []
+    device, expected = _device_and_torch_importance(model, data, old)
+    # key biases: gradient 0 up to rounding (see test_tiny_bert_importance_at_batch_4_matches_torch)
+    noise = [n for n in device if n.endswith("attention.self.key.bias")]
+    assert len(noise) == 2
+    assert max_diff(*({n: v[n] for n in v if n not in noise} for v in (device, expected))) <= 1e-3
 
 
 def test_mlp_and_cnn_artifacts_from_before_format_4_still_load_and_learn(monkeypatch, tmp_path):
