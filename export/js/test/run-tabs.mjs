@@ -77,7 +77,7 @@ try {
         files: await value(a, 'files', kind, store),
       });
     }
-    if (legacy && kind === kinds[0]) r.legacy = outcome(await call(a, 'loadArtifacts', legacy));
+    if (legacy && kind === kinds[0]) r.legacy = (await call(a, 'loadArtifacts', legacy)).error ?? 'loaded';
     result[kind] = r;
     await a.close();
     await b.close();
