@@ -117,17 +117,24 @@ def page_batches(batches: Sequence[tuple[np.ndarray, np.ndarray] | dict]) -> lis
     return out
 
 
-def run_page(url: str, out: Path, timeout_s: float = 60, screenshot: Path | None = None) -> dict:
+def run_page(
+    url: str,
+    out: Path,
+    timeout_s: float = 60,
+    screenshot: Path | None = None,
+    runner: str = "run-page.mjs",
+) -> dict:
     """Open `url` in headless Chromium (export/js/test/run-page.mjs); return window.__result.
 
     Files the page returns (base64) are written into `out`; the page's and its workers'
-    console lines are under "console"; `screenshot`: a PNG of the finished page.
+    console lines are under "console"; `screenshot`: a PNG of the finished page. `runner`:
+    another driver in export/js/test taking the same arguments (run-tabs.mjs: two tabs).
     """
     chromium, node = js_requirements()
     proc = subprocess.run(
         [
             node,
-            str(JS_DIR / "test" / "run-page.mjs"),
+            str(JS_DIR / "test" / runner),
             url,
             str(out),
             chromium,
@@ -142,7 +149,8 @@ def run_page(url: str, out: Path, timeout_s: float = 60, screenshot: Path | None
     if proc.returncode != 0:
         raise RuntimeError(f"the page {url} failed:\n{proc.stderr[-4000:]}")
     result = json.loads((out / "result.json").read_text())
-    result["console"] = [line for line in proc.stderr.splitlines() if line.startswith("[page ")]
+    tagged = ("[page ", "[tab ")
+    result["console"] = [line for line in proc.stderr.splitlines() if line.startswith(tagged)]
     return result
 
 

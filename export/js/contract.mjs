@@ -92,7 +92,7 @@ export const CONTRACT = Object.freeze({
     "plain_name_pattern": "^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
     "training_model": "training_model.onnx"
   },
-  "format_version": 3,
+  "format_version": 4,
   "importance_dtypes": {
     "float16": {
       "bytes": 2,
@@ -277,10 +277,37 @@ export const CONTRACT = Object.freeze({
       "type": "str_map"
     }
   },
+  "measured_shapes": {
+    "about": "Format 4: the exporter measured the forward graph's shapes (softmask_edge.shapes) before ONNX Runtime 1.19.2 built the gradient graph. In an older ONNX Runtime artifact, a training-graph node of broadcast_ops with an operand X whose gradient X + gradient_name_suffix the graph computes, and whose two operands carry different symbolic dimensions at one right-aligned axis, is where the gradient builder guessed the sizes equal and summed nothing over that axis. The guess was wrong where, running the eval graph with every symbolic input dimension at probe_sizes (zeros as inputs), such an operand has another size at that axis than the node's output (BERT's position embedding, [1, seq, H] + [batch, seq, H]): its gradient is wrong at batch >= 2. Both learners refuse those artifacts (UnsupportedFormatError): export them again.",
+    "broadcast_ops": [
+      "Add",
+      "Sub",
+      "Mul",
+      "Div",
+      "Pow"
+    ],
+    "gradient_name_suffix": "_grad",
+    "probe_sizes": [
+      [
+        2,
+        3,
+        4,
+        5
+      ],
+      [
+        3,
+        5,
+        7,
+        9
+      ]
+    ],
+    "since": 4
+  },
   "readable_format_versions": [
     1,
     2,
-    3
+    3,
+    4
   ],
   "tensors": {
     "cross_head_input": "softmask_cross_head",

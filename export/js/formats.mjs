@@ -188,15 +188,10 @@ function valueName(bytes, start, end) {
  * constants that were inputs (the others are left out).
  */
 export function specializeGraph(model, { constants = {}, unused = [], dropOutputs = () => false } = {}) {
-  const parts = [];
   const folded = [];
-  for (const f of fields(model, 0, model.length)) {
-    if (f.field !== 7 || f.wire !== 2) {
-      parts.push(model.subarray(f.at, f.end));
-      continue;
-    }
+  const out = rewriteGraph(model, (graphFields) => {
     const graph = [];
-    for (const g of fields(model, f.start, f.end)) {
+    for (const g of graphFields) {
       const name = g.wire === 2 && (g.field === 11 || g.field === 12) ? valueName(model, g.start, g.end) : null;
       if (g.field === 11 && Object.hasOwn(constants, name)) folded.push(name);
       else if (!((g.field === 11 && unused.includes(name)) || (g.field === 12 && dropOutputs(name)))) {
@@ -204,9 +199,19 @@ export function specializeGraph(model, { constants = {}, unused = [], dropOutput
       }
     }
     for (const name of folded) graph.push(delimited(5, tensorProto(name, constants[name])));
-    parts.push(delimited(7, concat(graph)));
+    return graph;
+  });
+  return { model: out, folded };
+}
+
+/** A copy of `model` whose GraphProto (field 7) is the concatenation of `edit(its fields)`. */
+function rewriteGraph(model, edit) {
+  const parts = [];
+  for (const f of fields(model, 0, model.length)) {
+    if (f.field === 7 && f.wire === 2) parts.push(delimited(7, concat(edit(fields(model, f.start, f.end)))));
+    else parts.push(model.subarray(f.at, f.end));
   }
-  return { model: concat(parts), folded };
+  return concat(parts);
 }
 
 // GraphProto.node = 1; NodeProto.input = 1, .op_type = 4, .attribute = 5;
@@ -253,6 +258,73 @@ export function indexBounds(model, inputs, shapes) {
     if (inputs.includes(index) && n !== undefined) bounds[index] = Math.min(bounds[index] ?? n, n);
   }
   return bounds;
+}
+
+// GraphProto.input = 11, .output = 12, .value_info = 13; ValueInfoProto.name = 1, .type = 2;
+// TypeProto.tensor_type = 1; TypeProto.Tensor.elem_type = 1, .shape = 2; TensorShapeProto.dim = 1;
+// Dimension.dim_value = 1 (varint), .dim_param = 2; NodeProto.output = 2, .name = 3
+/** {elemType, dims} of a ValueInfoProto: dims null without a shape, else numbers, {param} or null. */
+function valueType(bytes, start, end) {
+  const out = { elemType: 0, dims: null };
+  for (const [t, ts, te] of lengthDelimited(bytes, start, end)) {
+    if (t !== 2) continue;
+    for (const [tt, tts, tte] of lengthDelimited(bytes, ts, te)) {
+      if (tt !== 1) continue;
+      for (const f of fields(bytes, tts, tte)) {
+        if (f.field === 1 && f.wire === 0) out.elemType = readVarint(bytes, f.start)[0];
+        if (f.field !== 2 || f.wire !== 2) continue;
+        out.dims = [];
+        for (const [d, ds, de] of lengthDelimited(bytes, f.start, f.end)) {
+          if (d !== 1) continue;
+          let dim = null;
+          for (const x of fields(bytes, ds, de)) {
+            if (x.field === 1 && x.wire === 0) dim = readVarint(bytes, x.start)[0];
+            else if (x.field === 2 && x.wire === 2) dim = { param: TEXT.decode(bytes.subarray(x.start, x.end)) };
+          }
+          out.dims.push(dim);
+        }
+      }
+    }
+  }
+  return out;
+}
+
+/**
+ * What a graph declares: nodes [{name, op, inputs, outputs}] in order, inputs and outputs
+ * [{name, elemType, dims}], initializer names, and the recorded type of every named value.
+ */
+export function graphInfo(model) {
+  const info = { nodes: [], inputs: [], outputs: [], initializers: new Set(), values: new Map() };
+  for (const f of fields(model, 0, model.length)) {
+    if (f.field !== 7 || f.wire !== 2) continue;
+    for (const g of fields(model, f.start, f.end)) {
+      if (g.wire !== 2) continue;
+      if (g.field === 11 || g.field === 12 || g.field === 13) {
+        const value = { name: valueName(model, g.start, g.end), ...valueType(model, g.start, g.end) };
+        info.values.set(value.name, value);
+        if (g.field === 11) info.inputs.push(value);
+        if (g.field === 12) info.outputs.push(value);
+      } else if (g.field === 5) {
+        info.initializers.add(strings(model, g.start, g.end, 8)[0]);
+      } else if (g.field === 1) {
+        info.nodes.push({
+          inputs: strings(model, g.start, g.end, 1),
+          outputs: strings(model, g.start, g.end, 2),
+          name: strings(model, g.start, g.end, 3)[0] ?? '',
+          op: strings(model, g.start, g.end, 4)[0],
+        });
+      }
+    }
+  }
+  return info;
+}
+
+/** A copy of an ONNX model without value_info and with `names` as extra graph outputs. */
+export function withOutputs(model, names) {
+  return rewriteGraph(model, (graphFields) => [
+    ...[...graphFields].filter((g) => !(g.wire === 2 && g.field === 13)).map((g) => model.subarray(g.at, g.end)),
+    ...names.map((name) => delimited(12, delimited(1, ENCODER.encode(name)))),
+  ]);
 }
 
 // ModelProto.graph = 7, GraphProto.initializer = 5, TensorProto.name = 8, .raw_data = 9

@@ -1,6 +1,6 @@
 // softmask_edge for the browser: the Python EdgeLearner's life cycle on onnxruntime-web 1.19.2.
 //
-// Same artifacts (manifest format 2 or 3), same steps: learnTask trains the next task
+// Same artifacts (manifest format 2 to 4), same steps: learnTask trains the next task
 // soft-masked (training.mjs; sessions: session.mjs), endTask measures and max-accumulates its
 // importance (importance.mjs), save returns the next checkpoint generation (saves.mjs). Batches
 // are checked before onnxruntime sees them (batches.mjs); the manifest is checked against the
@@ -14,6 +14,7 @@ import {
   MissingArtifactError,
   TaskOrderError,
 } from './errors.mjs';
+import { refuseWrongGradients } from './broadcasts.mjs';
 import { checkpointTensors, checkpointValue, indexBounds, readNpz, sha256Hex } from './formats.mjs';
 import { checkHistory, checkImportance, decodeImportance, measureImportance, STORAGE } from './importance.mjs';
 import { checkSizes, FORMAT_VERSION, parseManifest, STATIC_FILES, TENSORS } from './manifest.mjs';
@@ -101,6 +102,8 @@ export class EdgeLearner {
         throw new CorruptArtifactError(`${name} is damaged or belongs to another export: its SHA-256 differs from the manifest`);
       }
     }
+    // artifacts before format 4 whose broadcast gradients onnxruntime built on a wrong guess
+    await refuseWrongGradients(ort, manifest, graphs[STATIC_FILES[0]], graphs[STATIC_FILES[1]]);
     return new EdgeLearner(ort, manifest, checkpoint, parsed(manifest.history, () => readNpz(history)), graphs);
   }
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from softmask_format.atomic import atomic_write_text, recover_directory
 from softmask_format.contract import (
+    CONTRACT,
     FILES,
     LIMITS,
     MANIFEST_FIELDS,
@@ -75,6 +76,11 @@ LOSS_OUTPUT = TENSORS["loss_output"]
 GRADIENT_SUFFIX = TENSORS["gradient_suffix"]  # training-graph output: P's accumulated gradient
 LEARNING_RATE_INITIALIZER = TENSORS["learning_rate_initializer"]  # optimizer graph's lr (format 2)
 EXPORT_ID_KEY = TENSORS["export_id_key"]  # graph metadata_props entry (format 3)
+# format 4: graphs built after the exporter measured the forward shapes (softmask_edge.shapes);
+# older ONNX Runtime artifacts with a wrong broadcast gradient are refused (session_graphs)
+MEASURED_SHAPES_SINCE: int = CONTRACT["measured_shapes"]["since"]
+BROADCAST_OPS = frozenset(CONTRACT["measured_shapes"]["broadcast_ops"])
+GRADIENT_NAME_SUFFIX: str = CONTRACT["measured_shapes"]["gradient_name_suffix"]  # ORT: x -> x_grad
 TASK_MODES = tuple(MANIFEST_FIELDS["task_mode"]["values"])
 LOSSES = tuple(MANIFEST_FIELDS["loss"]["values"])
 OPTIMIZERS = tuple(MANIFEST_FIELDS["optimizer"]["values"])

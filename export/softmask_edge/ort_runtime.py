@@ -8,24 +8,27 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from softmask_format.atomic import atomic_write
+from softmask_format.version import __version__
 
 from . import _ort
 from .checkpoint import load_state
-from .errors import ArtifactMismatchError, EdgeError, OnnxRuntimeError
+from .errors import ArtifactMismatchError, EdgeError, OnnxRuntimeError, UnsupportedFormatError
 from .manifest import (
     EVAL_MODEL_NAME,
     IMPORTANCE_MODEL_NAME,
     IMPORTANCE_SUFFIX,
     LOGITS_OUTPUT,
     MEAN_IMPORTANCE,
+    MEASURED_SHAPES_SINCE,
     OPTIMIZER_MODEL_NAME,
     SCALE_INPUT,
     TRAINING_MODEL_NAME,
     Manifest,
 )
-from .session_graphs import index_bounds
+from .session_graphs import guessed_broadcasts, index_bounds, wrong_broadcasts
 
 
 class OrtRuntime:
@@ -64,6 +67,7 @@ class OrtRuntime:
             self._importance_session = ort.InferenceSession(
                 directory / IMPORTANCE_MODEL_NAME, self._options, providers=["CPUExecutionProvider"]
             )
+        _refuse_guessed_gradients(directory, manifest, *self._session.graphs)
         integer = [i.name for i in manifest.inputs if i.dtype in ("int32", "int64")]
         self.index_bounds = index_bounds(self._session.graphs[0], integer, manifest.params)
         self.max_batch = None  # the graphs take any batch size
@@ -165,3 +169,30 @@ class OrtRuntime:
 
     def export_inference(self, path: str | os.PathLike) -> None:
         atomic_write(path, lambda tmp: self._session.export_inference(tmp, [LOGITS_OUTPUT]))
+
+
+def _refuse_guessed_gradients(
+    directory: Path, manifest: Manifest, training: onnx.ModelProto, evaluation: onnx.ModelProto
+) -> None:
+    """UnsupportedFormatError for artifacts exported before format 4 whose training graph has
+    a broadcast gradient ORT built on a guess that was wrong (`guessed_broadcasts`, then
+    `wrong_broadcasts`): their gradients are wrong at batch >= 2 (BERT's position table was).
+    MLP and CNN graphs have no guess; a guess that cannot be measured counts as wrong."""
+    if manifest.format_version >= MEASURED_SHAPES_SINCE:
+        return
+    guessed = guessed_broadcasts(training)
+    if not guessed:
+        return
+    try:
+        wrong = wrong_broadcasts(evaluation, guessed)
+    except Exception:  # onnxruntime raises its own types from C++; a graph that cannot run
+        wrong = [x.node for x in guessed]
+    if wrong:
+        raise UnsupportedFormatError(
+            f"{str(directory)!r}: device format {manifest.format_version} artifacts whose "
+            f"gradient graph ONNX Runtime built on a wrong broadcast guess ({len(wrong)} "
+            f"node(s), e.g. {wrong[0]}): their gradients are wrong at batch >= 2 (BERT's "
+            "position embedding was); export the model again with this release "
+            f"(softmask-peft {__version__}, device format {MEASURED_SHAPES_SINCE}): "
+            "export_for_device(model, example, directory)"
+        )

@@ -19,22 +19,23 @@ inference keeps what `value_info` says, so the gradient builder sees the broadca
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper
+from softmask_format.contract import CONTRACT
 
 # sizes of the symbolic input dimensions in the two probe runs (small: a sequence dimension
-# must fit the smallest position table; distinct pairs, so a dimension's pair names it)
-_PROBES = ((2, 3, 4, 5), (3, 5, 7, 9))
+# must fit the smallest position table; distinct pairs, so a dimension's pair names it); in the
+# device contract, since the learners probe old graphs with the same sizes
+_PROBES = tuple(tuple(p) for p in CONTRACT["measured_shapes"]["probe_sizes"])
 
 
-def measure_shapes(model: onnx.ModelProto) -> int:
-    """Write the measured shape of every node output into `model.graph.value_info`.
-
-    Returns how many tensors got a shape. Inputs are zeros (index 0 is valid for every table;
-    only shapes are read). Raises ValueError when the graph has more symbolic input
+def probe_runs(model: onnx.ModelProto, names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """The tensors `names` (and the graph outputs) of one run per probe size, in plain
+    onnxruntime with graph optimizations off. Inputs are zeros (index 0 is valid for every
+    table; only shapes are read). Raises ValueError when the graph has more symbolic input
     dimensions than there are probe sizes.
     """
     import onnxruntime as ort
@@ -42,14 +43,11 @@ def measure_shapes(model: onnx.ModelProto) -> int:
     symbols = _input_symbols(model)
     if len(symbols) > len(_PROBES[0]):
         raise ValueError(f"{len(symbols)} symbolic input dimensions; at most {len(_PROBES[0])}")
-    names = [o for node in model.graph.node for o in node.output if o]
-    known = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
-    known |= {o.name for o in model.graph.output}
-    names = [n for n in dict.fromkeys(names) if n not in known]
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.value_info[:]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    outputs = {o.name for o in model.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outputs)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
@@ -63,6 +61,20 @@ def measure_shapes(model: onnx.ModelProto) -> int:
         feeds = {i.name: _zeros(i, size_of) for i in _user_inputs(model)}
         values = session.run(fetched, feeds)
         runs.append({n: np.asarray(v) for n, v in zip(fetched, values)})
+    return runs
+
+
+def measure_shapes(model: onnx.ModelProto) -> int:
+    """Write the measured shape of every node output into `model.graph.value_info`.
+
+    Returns how many tensors got a shape (see `probe_runs` for the inputs and errors).
+    """
+    names = [o for node in model.graph.node for o in node.output if o]
+    known = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
+    known |= {o.name for o in model.graph.output}
+    names = [n for n in dict.fromkeys(names) if n not in known]
+    runs = probe_runs(model, names)
+    symbols = _input_symbols(model)
     by_pair = {tuple(sizes[k] for sizes in _PROBES): s for k, s in enumerate(symbols)}
     del model.graph.value_info[:]
     count = 0

@@ -39,5 +39,9 @@ INFERENCE_PROGRAM_NAME = "inference_program.pte"  # eval-mode logits, weights in
 #    into every graph's metadata; uint8 importance is the log-keep code (codec.py).
 #    1 and 2 still load (their graphs are not hashed) unless their importance is uint8 (the
 #    old linear code): re-export those.
+# 4: the exporter measured the forward graph's shapes before ONNX Runtime built the gradient
+#    graph (softmask_edge.shapes). Older ONNX Runtime artifacts still load unless their training
+#    graph has a broadcast gradient ORT built on a wrong guess (BERT's position table: wrong at
+#    batch >= 2; session_graphs.wrong_broadcasts); MLP and CNN artifacts have no guess.
 DEVICE_FORMAT_VERSION: int = _DEVICE["format_version"]
 READABLE_DEVICE_FORMAT_VERSIONS = tuple(_DEVICE["readable_format_versions"])

@@ -115,6 +115,21 @@ def export_copy(model: SoftMaskModel, directory: Path, **kwargs) -> Path:
     return directory
 
 
+def export_before_format_4(
+    monkeypatch: pytest.MonkeyPatch, model: SoftMaskModel, directory: Path, **kwargs
+) -> Path:
+    """Export as this library did before device format 4: no measured shapes (ONNX Runtime
+    builds the broadcast gradients from its own shape inference, softmask_edge.shapes' bug)
+    and format_version 3 in the manifest (which no hash covers)."""
+    import softmask_edge.builder
+
+    with monkeypatch.context() as m:
+        m.setattr(softmask_edge.builder, "measure_shapes", lambda graph: 0)
+        export_copy(model, directory, **kwargs)
+    write_manifest(directory, {**read_manifest(directory), "format_version": 3})
+    return directory
+
+
 def clone_case(model: SoftMaskModel, artifacts: Path, target: Path) -> tuple[SoftMaskModel, Path]:
     """An independent copy of a (model, artifacts) pair for one test."""
     shutil.copytree(artifacts, target)
@@ -148,16 +163,31 @@ def rehash(artifacts: Path) -> None:
     write_manifest(artifacts, raw)
 
 
-def tiny_bert_after_one_task(directory: Path, **kwargs) -> tuple[SoftMaskModel, list, Path]:
-    """(model, task 0's batches, artifacts): a tiny BERT classifier (vocab 40) whose task 0
-    importance is measured, exported into `directory` (kwargs go to export_for_device)."""
-    net = tiny_bert().train()
+def tiny_bert_after_one_task(
+    directory: Path, exporter=None, roberta: bool = False, **kwargs
+) -> tuple[SoftMaskModel, list, Path]:
+    """(model, task 0's batches, artifacts): a tiny BERT classifier (vocab 40; `roberta`: the
+    RoBERTa twin, whose position ids follow the tokens: no broadcast over the batch) whose
+    task 0 importance is measured, exported into `directory` by `exporter` (default
+    `export_copy`; kwargs go to export_for_device). No dropout: torch and device agree."""
+    if roberta:
+        from transformers import RobertaForSequenceClassification
+
+        from softmask_peft.testing import tiny_roberta_config
+
+        torch.manual_seed(0)
+        config = tiny_roberta_config(
+            num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+        )
+        net = RobertaForSequenceClassification(config).train()
+    else:
+        net = tiny_bert().train()
     model = get_softmask_model(net, SoftMaskConfig(head_modules=["classifier"]))
     data = text_batches()
     model.begin_task(0)
     model.end_task(data)
     example = {k: v for k, v in data[0].items() if k != "labels"}
-    return model, data, export_copy(model, directory, example=example, **kwargs)
+    return model, data, (exporter or export_copy)(model, directory, example=example, **kwargs)
 
 
 def device_script(artifacts: Path, x: np.ndarray, y: np.ndarray, then: str) -> str:

@@ -8,12 +8,14 @@ Needs chromium and `npm ci` in export/js (.ci/run installs both); fails without 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from browser_helpers import (
@@ -28,6 +30,7 @@ from browser_helpers import (
 from edge_helpers import (
     IN_FEATURES,
     batches,
+    export_before_format_4,
     export_copy,
     max_diff,
     mlp_model_after_two_tasks,
@@ -38,6 +41,7 @@ from edge_helpers import (
 )
 from softmask_edge import EarlyStopping, EdgeLearner, read_device_checkpoint
 from softmask_edge.manifest import sha256
+from softmask_edge.session_graphs import guessed_broadcasts, wrong_broadcasts
 from torch import nn
 
 from softmask_peft import SoftMaskConfig, SoftMaskModel, get_softmask_model
@@ -202,6 +206,47 @@ def test_js_learner_checks_the_manifest_and_hashes(mlp_case, tmp_path):
         f"CorruptArtifactError: {manifest['checkpoint']} is damaged or belongs to another export: its "
         "SHA-256 differs from the manifest"
     )
+
+
+NODE_GUESSES = """
+import { readFile } from 'node:fs/promises';
+import { guessedBroadcasts, wrongBroadcasts } from './broadcasts.mjs';
+import { EdgeLearner } from './softmask_edge.mjs';
+const ort = await import('./node_modules/onnxruntime-web/dist/ort.training.wasm.min.mjs');
+ort.env.wasm.numThreads = 1;
+const out = {};
+for (const dir of process.argv.slice(1)) {
+  const bytes = async (n) => new Uint8Array(await readFile(`${dir}/${n}`));
+  const guessed = guessedBroadcasts(await bytes('training_model.onnx'));
+  const wrong = await wrongBroadcasts(ort, await bytes('eval_model.onnx'), guessed);
+  let load = 'loaded';
+  try { await EdgeLearner.load({ read: bytes }, ort); } catch (e) { load = { name: e.name, code: e.code, message: e.message }; }
+  out[dir] = { guessed: guessed.map((g) => g.node), wrong, load };
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def test_js_learner_refuses_artifacts_built_on_wrong_broadcast_guesses(monkeypatch, tmp_path):
+    """Exported the old way (before format 4): a tiny BERT is refused with the Python learner's
+    error kind, code and advice; a tiny RoBERTa (guesses all right) and an MLP (none) load. The
+    JS rule finds the same guessed and wrong nodes as the Python one."""
+    old_export = functools.partial(export_before_format_4, monkeypatch)
+    _, _, bert = tiny_bert_after_one_task(tmp_path / "bert", exporter=old_export)
+    _, _, roberta = tiny_bert_after_one_task(tmp_path / "roberta", old_export, roberta=True)
+    mlp = old_export(mlp_model_after_two_tasks(), tmp_path / "mlp")
+    js = json.loads(_node(NODE_GUESSES, str(bert), str(roberta), str(mlp), timeout=120))
+    refused = js[str(bert)]["load"]
+    assert (refused["name"], refused["code"]) == ("UnsupportedFormatError", "unsupported_format")
+    assert refused["message"].startswith("device format 3 artifacts whose gradient graph")
+    assert "export the model again with this release" in refused["message"]
+    assert js[str(roberta)]["load"] == js[str(mlp)]["load"] == "loaded"
+    for folder in (bert, roberta, mlp):
+        guessed = guessed_broadcasts(onnx.load(folder / "training_model.onnx"))
+        wrong = wrong_broadcasts(onnx.load(folder / "eval_model.onnx"), guessed)
+        assert js[str(folder)]["guessed"] == [g.node for g in guessed]
+        assert js[str(folder)]["wrong"] == wrong
+    assert js[str(bert)]["wrong"] == ["/net/bert/embeddings/Add_1"] and js[str(roberta)]["guessed"]
 
 
 @pytest.mark.slow

@@ -187,7 +187,7 @@ def test_a_linked_file_is_refused_even_with_the_right_hash(mlp_case, tmp_path):
 def test_every_graph_is_hashed_and_stamped_with_the_export_id(mlp_case):
     _, artifacts = mlp_case
     raw = read_manifest(artifacts)
-    assert raw["format_version"] == 3 and sorted(raw["graphs_sha256"]) == sorted(GRAPHS)
+    assert raw["format_version"] == 4 and sorted(raw["graphs_sha256"]) == sorted(GRAPHS)
     for name in GRAPHS:
         props = {p.key: p.value for p in onnx.load(artifacts / name).metadata_props}
         assert props["softmask.export_id"] == raw["export_id"]

@@ -71,7 +71,7 @@ def test_device_artifacts_of_format_2_are_refused_not_misread(tmp_path):
     artifacts = export_copy(model, tmp_path / "art")
     manifest = artifacts / "manifest.json"
     raw = json.loads(manifest.read_text())
-    assert raw["format_version"] == 3 and raw["importance_dtype"] == "uint8"
+    assert raw["format_version"] == 4 and raw["importance_dtype"] == "uint8"
     manifest.write_text(json.dumps({**raw, "format_version": 2}))
     with pytest.raises(UnsupportedFormatError, match="format 2 stores uint8 importance on the old linear code"):
         EdgeLearner(artifacts)

@@ -1,27 +1,16 @@
 // Open a page in headless Chromium (Debian's binary, via playwright-core) and write what it
 // leaves in window.__result to <out>/result.json, plus any base64 files it returns.
 // Usage: node run-page.mjs <url> <out dir> [chromium path] [timeout ms] [screenshot.png]
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { chromium } from 'playwright-core';
+import { launch, logConsole } from './browser.mjs';
 
 const [url, out, executable = '/usr/bin/chromium', timeout = '60000', screenshot] = process.argv.slice(2);
-const profile = mkdtempSync(join(tmpdir(), 'softmask-chromium-'));
-// a fresh profile per run (playwright passes it as --user-data-dir)
-const browser = await chromium.launchPersistentContext(profile, {
-  executablePath: executable,
-  headless: true,
-  args: [
-    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-  ],
-});
+const browser = await launch(executable);
 try {
-  const page = await browser.newPage();
+  const page = await browser.context.newPage();
   await page.setViewportSize({ width: 1100, height: 900 });
-  page.on('console', (m) => console.error(`[page ${m.type()}] ${m.text()}`));
-  page.on('pageerror', (e) => console.error(`[page error] ${e}`));
+  logConsole(page);
   await page.goto(url);
   await page.waitForFunction(() => window.__result !== undefined, null, { timeout: Number(timeout) });
   const result = JSON.parse(await page.evaluate(() => window.__result));
@@ -38,5 +27,4 @@ try {
   }
 } finally {
   await browser.close();
-  rmSync(profile, { recursive: true, force: true });
 }
