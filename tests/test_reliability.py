@@ -328,7 +328,10 @@ def test_weights_from_another_architecture_are_still_named_first(tmp_path):
 
 
 def test_the_onnx_extra_installs_the_runtime_on_python_3_12_and_nothing_on_3_13():
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pytest itself requires tomli on Python 3.10
+        import tomli as tomllib
     from packaging.requirements import Requirement
 
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
