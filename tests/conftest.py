@@ -28,7 +28,6 @@ torch.set_num_threads(2)
 WITHOUT_ONNX = "SOFTMASK_WITHOUT_ONNX_RUNTIME"
 WITHOUT_ONNX_RUNTIME = os.environ.get(WITHOUT_ONNX) == "1"
 ONNX_MODULES = {  # need onnx or onnxruntime in every test (most import them at their top)
-    "bench/test_device_demo.py",
     "edge/test_edge_client.py",
     "edge/test_edge_format.py",
     "edge/test_edge_fuzz.py",
