@@ -263,14 +263,18 @@ def test_adapters_saved_do_not_load_into_a_model_without_them(tmp_path):
     assert len(plain.heads) == 0  # nothing changed
 
 
-def test_device_export_refuses_task_adapters(tmp_path):
+@pytest.mark.parametrize(
+    "runtime", [pytest.param("onnxruntime", marks=pytest.mark.onnx_runtime), "executorch"]
+)
+def test_device_export_refuses_task_adapters(tmp_path, runtime):
     from softmask_peft.device import export_for_device
 
     model = get_softmask_model(_adapted(), SoftMaskConfig())
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     _train_task(model, 0, x, y)
     with pytest.raises(ConfigError, match="task adapters"):
-        export_for_device(model, x[:2], tmp_path / "dev", future_heads=[3])
+        export_for_device(model, x[:2], tmp_path / "dev", future_heads=[3], runtime=runtime)
+    assert not (tmp_path / "dev").exists()
 
 
 def test_forward_inferred_takes_each_samples_lowest_energy_head():

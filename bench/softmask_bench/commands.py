@@ -206,6 +206,15 @@ def _device_demo(args: argparse.Namespace) -> None:
     """Continue on the device: the first tasks in torch, the last `--device-tasks` on the
     runtime `--runtime` names."""
     module, extra, runtime_name = _RUNTIMES[args.runtime]
+    if args.runtime == "onnxruntime":
+        from softmask_edge.availability import require_onnx_runtime
+        from softmask_edge.errors import RuntimeUnavailableError
+
+        try:  # says what to install, or that no build exists for this Python (3.13)
+            require_onnx_runtime()
+        except RuntimeUnavailableError as e:
+            print(f"device part skipped: {e} (the demo: softmask-peft demo --runtime executorch)")
+            return
     try:
         importlib.import_module(module)
     except ImportError as e:

@@ -49,6 +49,27 @@ def test_command_without_its_extra_names_the_pip_command(tmp_path) -> None:
     assert not (tmp_path / "out").exists(), "nothing runs without the extra"
 
 
+NO_ONNX_RUNTIME = """
+import argparse, sys
+sys.modules["onnxruntime"] = None  # as on a Python with no wheel (3.13)
+from softmask_bench.commands import _device_demo
+_device_demo(argparse.Namespace(runtime="onnxruntime"))
+"""
+
+
+def test_demo_without_onnx_runtime_names_what_works_on_this_python() -> None:
+    """The device part's advice installs something real: the `onnx` extra up to Python 3.12;
+    on 3.13, where that extra installs nothing, the ExecuTorch runtime."""
+    proc = subprocess.run([sys.executable, "-c", NO_ONNX_RUNTIME], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("device part skipped: ") and "--runtime executorch" in out, out
+    if sys.version_info[:2] <= (3, 12):
+        assert "pip install 'softmask-peft[onnx]'" in out, out
+    else:
+        assert "no build for Python" in out and "pip install" not in out, out
+
+
 def test_bench_help_explains_methods(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--help"])

@@ -35,7 +35,7 @@ def executorch_case(executorch_source, tmp_path):
     return clone_case(model, artifacts, tmp_path / "artifacts")
 
 
-@pytest.fixture(params=["onnxruntime", "executorch"])
+@pytest.fixture(params=[pytest.param("onnxruntime", marks=pytest.mark.onnx_runtime), "executorch"])
 def device_case(request):
     """A (model, artifacts) copy for each device runtime: the reliability checks run on both."""
     return request.getfixturevalue(f"{'mlp' if request.param == 'onnxruntime' else 'executorch'}_case")

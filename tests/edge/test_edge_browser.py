@@ -227,6 +227,7 @@ console.log(JSON.stringify(out));
 """
 
 
+@pytest.mark.onnx_runtime
 def test_js_learner_refuses_artifacts_built_on_wrong_broadcast_guesses(monkeypatch, tmp_path):
     """Exported the old way (before format 4): a tiny BERT is refused with the Python learner's
     error kind, code and advice; a tiny RoBERTa (guesses all right) and an MLP (none) load. The
@@ -249,6 +250,7 @@ def test_js_learner_refuses_artifacts_built_on_wrong_broadcast_guesses(monkeypat
     assert js[str(bert)]["wrong"] == ["/net/bert/embeddings/Add_1"] and js[str(roberta)]["guessed"]
 
 
+@pytest.mark.onnx_runtime
 @pytest.mark.slow
 def test_browser_demo_page_learns_the_last_task(tmp_path):
     """The demo page's 'before' row, computed in the browser, is PyTorch's last row; it plots
@@ -362,6 +364,7 @@ await learner.release();
 """
 
 
+@pytest.mark.onnx_runtime
 def test_js_learner_refuses_token_ids_outside_the_embedding(tmp_path):
     """As the Python learner: the rows of the table each integer input indexes are read from
     the training graph, and a batch with an id outside them fails before the first step."""
@@ -426,6 +429,7 @@ def test_js_learner_checks_batches_first_and_restores_weights_after_a_failed_pas
     ]
 
 
+@pytest.mark.onnx_runtime
 def test_browser_trains_a_padded_transformer_at_batch_4(tmp_path):
     """A tiny BERT, batches of 4 with padded rows, learned in Chromium == the Python learner.
 

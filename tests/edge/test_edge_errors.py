@@ -171,6 +171,7 @@ def test_process_killed_mid_save_leaves_a_loadable_checkpoint(mlp_case):
     assert "checkpoint-000000" not in names and EdgeLearner(artifacts).num_tasks == 3
 
 
+@pytest.mark.onnx_runtime
 def test_causal_lm_is_refused_at_export_time(tmp_path):
     """Token-level LM training is not a device loss: a clear ExportError, no artifacts."""
     import torch

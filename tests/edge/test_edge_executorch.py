@@ -134,6 +134,7 @@ def test_sgd_momentum_matches_torch(executorch_case):
     assert max_diff(learner.parameters(), torch_weights(model)) <= 1e-6
 
 
+@pytest.mark.onnx_runtime
 def test_early_stopping_runs_the_same_on_both_runtimes(mlp_source, executorch_source, tmp_path):
     """Validation losses, lr decay and the best weights kept: ONNX Runtime and ExecuTorch agree."""
     from softmask_edge import EarlyStopping
@@ -184,6 +185,7 @@ def test_adamw_and_unknown_runtimes_are_refused(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.onnx_runtime
 def test_momentum_on_onnx_artifacts_and_out_of_range_is_refused(mlp_case, executorch_source):
     from softmask_edge import ArgumentError
 

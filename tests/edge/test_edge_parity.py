@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from edge_helpers import batches, export_copy, max_diff, numpy_batches, torch_weights, train_torch
@@ -97,6 +98,7 @@ def test_cross_head_term_enters_device_importance(mlp_case):
     assert max(float(abs(device_task[n][kept[n]] - only_own[n][kept[n]] ** s).max()) for n in only_own) > 1e-2
 
 
+@pytest.mark.onnx_runtime
 def test_fully_important_parameter_is_unchanged_on_device(tmp_path):
     from edge_helpers import mlp_model_after_two_tasks
 
