@@ -15,7 +15,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from browser_helpers import (
@@ -41,7 +40,6 @@ from edge_helpers import (
 )
 from softmask_edge import EarlyStopping, EdgeLearner, read_device_checkpoint
 from softmask_edge.manifest import sha256
-from softmask_edge.session_graphs import guessed_broadcasts, wrong_broadcasts
 from torch import nn
 
 from softmask_peft import SoftMaskConfig, SoftMaskModel, get_softmask_model
@@ -232,6 +230,9 @@ def test_js_learner_refuses_artifacts_built_on_wrong_broadcast_guesses(monkeypat
     """Exported the old way (before format 4): a tiny BERT is refused with the Python learner's
     error kind, code and advice; a tiny RoBERTa (guesses all right) and an MLP (none) load. The
     JS rule finds the same guessed and wrong nodes as the Python one."""
+    import onnx  # not at the top: this module also runs on Python 3.13, which has no onnx
+    from softmask_edge.session_graphs import guessed_broadcasts, wrong_broadcasts
+
     old_export = functools.partial(export_before_format_4, monkeypatch)
     _, _, bert = tiny_bert_after_one_task(tmp_path / "bert", exporter=old_export)
     _, _, roberta = tiny_bert_after_one_task(tmp_path / "roberta", old_export, roberta=True)
