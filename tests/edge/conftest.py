@@ -21,7 +21,8 @@ def mlp_case(mlp_source, tmp_path):
 
 @pytest.fixture(scope="session")
 def executorch_source(tmp_path_factory):
-    """The same MLP exported for ExecuTorch (a program export takes ~10 s)."""
+    """The same MLP exported for ExecuTorch, XNNPACK-delegated (the default; an export takes
+    ~5-10 s): the parity tests run on the delegated programs."""
     pytest.importorskip("executorch")
     model = mlp_model_after_two_tasks()
     return model, export_copy(

@@ -97,10 +97,10 @@ def train_torch(
 
 
 def mlp_model_after_two_tasks(
-    importance_dtype: str = "float32", extra_heads: tuple[int, ...] = (2, 2), relu_dropout0: bool = False
+    importance_dtype: str = "float32", extra_heads: tuple[int, ...] = (2, 2)
 ) -> SoftMaskModel:
     """Tasks 0 and 1 learned in torch; heads for the device's tasks added (so both sides share them)."""
-    net = mlp_multihead(relu_dropout0=relu_dropout0)
+    net = mlp_multihead()
     model = get_softmask_model(net, SoftMaskConfig(importance_dtype=importance_dtype))
     for t in range(2):
         train_torch(model, t, batches(t))

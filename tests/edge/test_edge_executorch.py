@@ -49,10 +49,13 @@ def test_the_folder_is_an_executorch_export_with_the_shared_manifest(executorch_
 
 
 def test_keep_zero_leaves_a_parameter_bit_identical(tmp_path):
-    """A = 1 (keep = 0) on one tensor: many SGD steps leave it exactly as it was."""
+    """A = 1 (keep = 0) on one tensor: many SGD steps leave it exactly as it was, and the rest
+    learns as torch does. The harness's block shape (ReLU -> Dropout(p=0)), exported with the
+    default XNNPACK delegation (it refused the pass-through node until the export dropped
+    p = 0 dropout), from a one-row example (torch.export would fix the batch to 1)."""
     from edge_helpers import mlp_multihead
 
-    net = mlp_multihead()
+    net = mlp_multihead(relu_dropout0=True)
     model = get_softmask_model(net, SoftMaskConfig())
     model.begin_task(0, num_classes=2)
     frozen = "backbone.0.weight"
@@ -64,16 +67,20 @@ def test_keep_zero_leaves_a_parameter_bit_identical(tmp_path):
         }
     )
     net.add_head(2)
-    # a one-row example, as the README's: the batch stays dynamic (torch.export would fix it to 1)
     artifacts = export_copy(
         model, tmp_path / "et", runtime="executorch", example=torch.randn(1, IN_FEATURES)
     )
+    assert b"XnnpackBackend" in (artifacts / "training_program.pte").read_bytes()
     learner = EdgeLearner(artifacts)
     before = learner.parameters()
-    learner.learn_task(numpy_batches(batches(3)), epochs=5, lr=0.5)
+    data = batches(3)
+    learner.learn_task(numpy_batches(data), epochs=5, lr=0.5)
     after = learner.parameters()
     assert np.array_equal(after[frozen], before[frozen])
     assert not np.array_equal(after["backbone.2.weight"], before["backbone.2.weight"])
+    train_torch(model, 1, data, lr=0.5, epochs=5, end=False)
+    assert max_diff(after, torch_weights(model)) <= 1e-6
+    assert max_diff(learner.end_task(numpy_batches(data)), model.end_task(data)) <= 1e-6
 
 
 def test_the_importance_pass_alone_matches_torch(executorch_case):
@@ -251,24 +258,6 @@ def test_export_inference_writes_a_program_and_its_weights(executorch_case, tmp_
         learner.export_inference(artifacts / "training_program.pte")
     with pytest.raises(SaveLocationError, match="would overwrite"):
         learner.export_inference(artifacts / "training_program.bin")  # its .ptd is taken
-
-
-def test_xnnpack_delegated_programs_keep_parity(tmp_path):
-    """XNNPACK runs what it supports of the joint graph (the element-wise parts; executorch
-    1.5.1 leaves the matmuls to the portable kernels); steps and importance stay torch's. ReLU
-    -> Dropout(p=0), as the harness's MLP: XNNPACK refused it (a pass-through node) until the
-    export dropped p = 0 dropout."""
-    from edge_helpers import mlp_model_after_two_tasks
-
-    model = mlp_model_after_two_tasks(relu_dropout0=True)
-    artifacts = export_copy(model, tmp_path / "xnn", runtime="executorch", xnnpack=True)
-    assert b"XnnpackBackend" in (artifacts / "training_program.pte").read_bytes()
-    data = batches(2)
-    learner = EdgeLearner(artifacts)
-    learner.learn_task(numpy_batches(data), epochs=3, lr=0.1)
-    train_torch(model, 2, data, lr=0.1, epochs=3, end=False)
-    assert max_diff(learner.parameters(), torch_weights(model)) <= 1e-6
-    assert max_diff(learner.end_task(numpy_batches(data)), model.end_task(data)) <= 1e-6
 
 
 class _ConvNet(torch.nn.Module):
