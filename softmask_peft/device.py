@@ -171,13 +171,14 @@ def _device_graph(
 ) -> _DeviceGraph:
     """Copy the base model, add `future_heads`, wrap it as one graph with a task input."""
     tensors, names, by_keyword = _inputs(example_inputs)
-    net = copy.deepcopy(model.base_model)
-    multi_head = isinstance(net, MultiHeadClassifier)
-    if multi_head and net.adapter_rank:
+    base = model.base_model
+    if isinstance(base, MultiHeadClassifier) and base.adapter_rank:  # before copying the model
         raise ConfigError(
             "the device learners do not run task adapters (MultiHeadClassifier(adapter_rank > 0)): "
             "their per-task routing is not in the exported graphs; export a model without them"
         )
+    net = copy.deepcopy(base)
+    multi_head = isinstance(net, MultiHeadClassifier)
     if future_heads and not multi_head:
         raise ConfigError("future_heads needs a MultiHeadClassifier (task-incremental) model")
     for classes in future_heads:

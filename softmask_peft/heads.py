@@ -71,14 +71,14 @@ class MultiHeadClassifier(nn.Module):
         self.adapter_rank = adapter_rank
         self.adapter_scale = float(adapter_scale)
         self._route: int | None = None  # the task whose adapters run, during one forward
-        self.adapted_linears: list[str] = []
+        self.adapted_linears: list[tuple[int, int]] = []  # (in, out) of each adapted linear
         if adapter_rank:
             self.task_adapters = nn.ModuleList()
-            for name, module in backbone.named_modules():
+            for module in backbone.modules():
                 if isinstance(module, nn.Linear):
                     # a bound method in a partial: copy.deepcopy re-binds it to the copy
                     module.register_forward_hook(partial(self._adapt, len(self.adapted_linears)))
-                    self.adapted_linears.append(name)
+                    self.adapted_linears.append((module.in_features, module.out_features))
             if not self.adapted_linears:
                 raise ConfigError("adapter_rank > 0 needs an nn.Linear in the backbone; it has none")
 
@@ -106,14 +106,10 @@ class MultiHeadClassifier(nn.Module):
         ref = next(self.backbone.parameters(), None)
         new: list[nn.Module] = [nn.Linear(self.feature_dim, num_classes)]
         if self.adapter_rank:
-            linears = dict(self.backbone.named_modules())
             new.append(
                 nn.ModuleList(
-                    LowRankUpdate(
-                        linears[n].in_features, linears[n].out_features,
-                        self.adapter_rank, self.adapter_scale,
-                    )
-                    for n in self.adapted_linears
+                    LowRankUpdate(i, o, self.adapter_rank, self.adapter_scale)
+                    for i, o in self.adapted_linears
                 )
             )
         if ref is not None:
@@ -135,11 +131,10 @@ class MultiHeadClassifier(nn.Module):
             f"heads.{task_id}.weight": (num_classes, self.feature_dim),
             f"heads.{task_id}.bias": (num_classes,),
         }
-        linears = dict(self.backbone.named_modules())
-        for i, n in enumerate(self.adapted_linears):
-            prefix = f"{ADAPTERS}.{task_id}.{i}"
-            shapes[f"{prefix}.A"] = (self.adapter_rank, linears[n].in_features)
-            shapes[f"{prefix}.B"] = (linears[n].out_features, self.adapter_rank)
+        for k, (i, o) in enumerate(self.adapted_linears):
+            prefix = f"{ADAPTERS}.{task_id}.{k}"
+            shapes[f"{prefix}.A"] = (self.adapter_rank, i)
+            shapes[f"{prefix}.B"] = (o, self.adapter_rank)
         return shapes
 
     def _task(self, task_id: int | None) -> int:

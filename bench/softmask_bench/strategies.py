@@ -39,7 +39,7 @@ from torch.func import functional_call, grad, vmap
 from torch.optim import Optimizer
 
 from softmask_peft import SoftMaskConfig, SoftMaskModel, SoftMaskOptimizer, get_softmask_model
-from softmask_peft.heads import ADAPTERS, MultiHeadClassifier
+from softmask_peft.heads import MultiHeadClassifier
 
 from .benchmarks import Task
 from .models import head_module_names
@@ -126,7 +126,8 @@ class SoftMaskStrategy(Strategy):
         config = SoftMaskConfig(
             method="spg",
             mask_mode=self.mask_mode,
-            head_modules=(["heads", ADAPTERS] if self.adapter_rank else head_module_names(scenario)),
+            # with adapters, the model's own default: its heads and task adapters
+            head_modules=None if self.adapter_rank else head_module_names(scenario),
             importance_dtype=self.importance_dtype,
             **self.options,
         )
