@@ -6,11 +6,24 @@ low-rank update routed by the task id, as in LoRA (Hu et al. 2021) but one per t
 
     y = W x + b + s · B_t (A_t x),   A_t: (r, in), B_t: (out, r), s = `adapter_scale`
 
-B_t starts at zero, so a new task starts from the shared network. Task t's adapter runs only
-when task t is routed, so a later task never changes it and it never changes an earlier task:
-the shared weights (soft-masked as usual) are the only path for forgetting, and every task gets
-fresh capacity however saturated the shared weights are. The cost is r·(in + out) parameters
-per task and linear layer, and the task id at inference (task-incremental learning only).
+Task t's adapter runs only when task t is routed, so a later task never changes it and it never
+changes an earlier task: the shared weights (soft-masked as usual) are the only path for
+forgetting, and every task gets fresh capacity however saturated the shared weights are. The cost
+is r·(in + out) parameters per task and linear layer, and the task id at inference
+(task-incremental learning only).
+
+How a new task's adapter starts (`adapter_init`):
+- "fresh" (default): B_t = 0 and a new random A_t, so task t starts from the shared network.
+- "previous": a copy of the previous task's adapter, so task t starts from the network that
+  learned task t-1, as fine-tuning does (forward transfer); the copy is task t's own, so training
+  it leaves task t-1 untouched. Better with the task id given; it spoils `forward_inferred`'s
+  routing (the tasks' networks start alike and each stays sure on its predecessor's inputs).
+
+`adapter_freeze_a=True` trains only B_t and keeps A_t fixed (LoRA-FA, Zhang et al. 2023): the
+update s·B_t A_t is then linear in what trains, whose step stays as stable as a plain linear
+layer's, while trained A and B (a product) oscillate at a plain-SGD learning rate that suits the
+rest of the network. It needs a rank that spans the layer's input well (a fixed random A of low
+rank limits what B can reach); see docs/guides/capacity.md for the measured trade-off.
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ from torch import Tensor, nn
 from .errors import ConfigError, TaskOrderError
 
 ADAPTERS = "task_adapters"  # the module holding every task's adapters
+ADAPTER_INITS = ("fresh", "previous")  # how a new task's adapter starts
 
 
 class LowRankUpdate(nn.Module):
@@ -57,6 +71,8 @@ class MultiHeadClassifier(nn.Module):
         feature_dim: int,
         adapter_rank: int = 0,
         adapter_scale: float = 2.0,
+        adapter_init: str = "fresh",
+        adapter_freeze_a: bool = False,
     ) -> None:
         super().__init__()
         if feature_dim <= 0:
@@ -65,11 +81,18 @@ class MultiHeadClassifier(nn.Module):
             raise ConfigError(f"adapter_rank must be an int >= 0, got {adapter_rank!r}")
         if not isinstance(adapter_scale, (int, float)) or not 0 < adapter_scale < math.inf:
             raise ConfigError(f"adapter_scale must be a positive number, got {adapter_scale!r}")
+        if adapter_init not in ADAPTER_INITS:
+            raise ConfigError(
+                f"adapter_init must be one of {', '.join(map(repr, ADAPTER_INITS))}, got {adapter_init!r}"
+            )
+        if not isinstance(adapter_freeze_a, bool):
+            raise ConfigError(f"adapter_freeze_a must be a bool, got {adapter_freeze_a!r}")
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.heads = nn.ModuleList()
         self.adapter_rank = adapter_rank
         self.adapter_scale = float(adapter_scale)
+        self.adapter_init, self.adapter_freeze_a = adapter_init, adapter_freeze_a
         self._route: int | None = None  # the task whose adapters run, during one forward
         self.adapted_linears: list[tuple[int, int]] = []  # (in, out) of each adapted linear
         if adapter_rank:
@@ -116,11 +139,15 @@ class MultiHeadClassifier(nn.Module):
             new = [m.to(device=ref.device, dtype=ref.dtype) for m in new]
         self.heads.append(new[0])
         if self.adapter_rank:
+            if self.adapter_init == "previous" and len(self.task_adapters):
+                new[1].load_state_dict(self.task_adapters[-1].state_dict())
+            for adapter in new[1]:
+                adapter.A.requires_grad_(not self.adapter_freeze_a)
             self.task_adapters.append(new[1])
         return len(self.heads) - 1
 
     def task_parameters(self, task_id: int) -> Iterator[nn.Parameter]:
-        """What only task `task_id` uses: its head and its adapters."""
+        """What only task `task_id` uses: its head and its adapters (a frozen A included)."""
         yield from self.heads[task_id].parameters()
         if self.adapter_rank:
             yield from self.task_adapters[task_id].parameters()

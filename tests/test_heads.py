@@ -200,6 +200,63 @@ def test_bad_adapter_options_are_config_errors(rank, scale):
         MultiHeadClassifier(nn.Linear(3, 4), 4, adapter_rank=rank, adapter_scale=scale)
 
 
+@pytest.mark.parametrize("options", [{"adapter_init": "zero"}, {"adapter_freeze_a": "yes"}])
+def test_bad_adapter_start_options_are_config_errors(options):
+    with pytest.raises(ConfigError, match=next(iter(options))):
+        MultiHeadClassifier(nn.Linear(3, 4), 4, adapter_rank=2, **options)
+
+
+def test_a_task_adapter_starts_from_the_previous_one_or_fresh():
+    x = torch.randn(6, 4)
+    for init in ("previous", "fresh"):
+        torch.manual_seed(0)
+        backbone = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5))
+        net = MultiHeadClassifier(backbone, 5, adapter_rank=2, adapter_init=init)
+        net.add_head(3)
+        with torch.no_grad():
+            for p in net.task_adapters[0].parameters():
+                p.normal_()
+        net.add_head(3)
+        old, new = net.task_adapters
+        if init == "previous":  # task 1 starts where task 0 ended, in parameters of its own
+            torch.testing.assert_close(net.features(x, 1), net.features(x, 0), rtol=0, atol=0)
+            for p, q in zip(new.parameters(), old.parameters()):
+                assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
+        else:
+            assert all(not a.B.any() for a in new)
+            torch.testing.assert_close(net.features(x, 1), backbone(x), rtol=0, atol=0)
+            assert not torch.allclose(net.features(x, 0), backbone(x))
+
+
+def test_frozen_adapter_a_stays_fixed_and_round_trips(tmp_path):
+    def net(seed: int) -> MultiHeadClassifier:
+        torch.manual_seed(seed)
+        backbone = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU())
+        return MultiHeadClassifier(backbone, 5, adapter_rank=3, adapter_freeze_a=True)
+
+    model = get_softmask_model(net(0), SoftMaskConfig())
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    model.begin_task(0, num_classes=3)
+    adapters = model.base_model.task_adapters[0]
+    A0 = [a.A.detach().clone() for a in adapters]
+    B0 = [a.B.detach().clone() for a in adapters]
+    opt = SoftMaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.end_task([(x, y)])
+    for a, A, B in zip(adapters, A0, B0):
+        assert not a.A.requires_grad and torch.equal(a.A, A)
+        assert not torch.equal(a.B, B)  # B alone trains
+    assert not any(n.endswith(".A") for n in model.head_parameter_names)
+    model.save_pretrained(tmp_path)
+    loaded = SoftMaskModel.from_pretrained(net(9), tmp_path)
+    assert all(not a.A.requires_grad and a.B.requires_grad for a in loaded.base_model.task_adapters[0])
+    model.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(x, task_id=0), model(x, task_id=0), rtol=0, atol=0)
+
+
 def test_adapters_need_a_linear_layer():
     with pytest.raises(ConfigError, match="nn.Linear"):
         MultiHeadClassifier(nn.Identity(), 4, adapter_rank=2)

@@ -39,8 +39,9 @@ methods:
   spg-official  SPG as the official code: every head scaled by 1 - mean(A) (head_scaling="all")
   spg-update    SPG importance, update soft-masking with AdamW
   spg-adapters  SPG (the paper's importance rule) + a task adapter of rank --adapter-rank per
-                task and linear layer and a head per task, routed by the task id; in the
-                domain-incremental scenario each test sample picks its task (lowest energy)
+                task and linear layer and a head per task, routed by the task id
+                (--adapter-option for the other adapter_* keywords); in the domain-incremental
+                scenario each test sample picks its task (lowest energy)
   finetune      no protection (lower bound)
   ewc           EWC (Kirkpatrick et al. 2017), diagonal Fisher; lambda picked per seed on the
                 validation data of the first two tasks unless --ewc-lambda is given
@@ -68,7 +69,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _spg_option(text: str) -> tuple[str, Any]:
+def _key_json(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=JSON, got {text!r}")
@@ -160,6 +161,8 @@ def _run_and_report(args: argparse.Namespace, methods: list[str], seeds: list[in
         settings["spg_options"] = args.spg_option
     if "spg-adapters" in methods:
         settings["adapter_rank"] = args.adapter_rank
+        if args.adapter_option:
+            settings["adapter_options"] = args.adapter_option
     results = run_benchmark(
         args.benchmark,
         methods,
@@ -174,6 +177,7 @@ def _run_and_report(args: argparse.Namespace, methods: list[str], seeds: list[in
         spg_options=getattr(args, "spg_option", None),
         num_tasks=getattr(args, "tasks", None),
         adapter_rank=getattr(args, "adapter_rank", 32),
+        adapter_options=getattr(args, "adapter_option", None),
     )
     print(markdown_report(results, settings))
     paths = write_report(results, args.out, settings)
@@ -345,7 +349,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--spg-option",
-        type=_spg_option,
+        type=_key_json,
         action=_MergeOptions,
         default={},
         metavar="KEY=JSON",
@@ -357,6 +361,15 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=32,
         help="spg-adapters: rank of each task adapter (default: %(default)s)",
+    )
+    p.add_argument(
+        "--adapter-option",
+        type=_key_json,
+        action=_MergeOptions,
+        default={},
+        metavar="KEY=JSON",
+        help="spg-adapters: a MultiHeadClassifier keyword, e.g. adapter_scale=4, "
+        'adapter_init="fresh" or adapter_freeze_a=true; repeatable (default: the library defaults)',
     )
     _add_common(p, "results")
     _add_budget_arguments(p, epochs=50)

@@ -182,6 +182,7 @@ def _strategy_factory(
     mas_lambda: float,
     spg_options: Mapping[str, Any],
     adapter_rank: int,
+    adapter_options: Mapping[str, Any],
 ) -> Callable[..., Strategy]:
     factories: dict[str, Callable[..., Strategy]] = {
         "spg": lambda cfg: SoftMaskStrategy(cfg, "grad", "sgd", importance_dtype, spg_options),
@@ -199,6 +200,7 @@ def _strategy_factory(
             {**PAPER_CAPACITY, **spg_options},
             name="spg-adapters",
             adapter_rank=adapter_rank,
+            adapter_options=adapter_options,
         ),
         "finetune": FinetuneStrategy,
         "mas": lambda cfg: MASStrategy(cfg, mas_lambda),
@@ -232,10 +234,12 @@ def run_method(
     mas_lambda: float = 1.0,
     spg_options: Mapping[str, Any] | None = None,
     adapter_rank: int = 32,
+    adapter_options: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """One method on one seed. EWC picks λ by `select_ewc_lambda` unless `ewc_lambda` is given;
     `spg_options` are SoftMaskConfig fields for spg, spg-update and spg-adapters (spg-official
-    ignores them); `adapter_rank` is spg-adapters' task-adapter rank."""
+    ignores them); `adapter_rank` is spg-adapters' task-adapter rank and `adapter_options` its
+    other `MultiHeadClassifier` keywords (adapter_scale, adapter_init, adapter_freeze_a)."""
     check_methods([method])
     if scenario not in SCENARIOS:
         raise ConfigError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
@@ -252,7 +256,12 @@ def run_method(
             strategy: Strategy = EWCStrategy(cfg, lam)
         else:
             strategy = _strategy_factory(
-                method, importance_dtype, mas_lambda, spg_options or {}, adapter_rank
+                method,
+                importance_dtype,
+                mas_lambda,
+                spg_options or {},
+                adapter_rank,
+                adapter_options or {},
             )(cfg)
         capacity: list[dict[str, float]] = []
         matrix, epochs = run_sequence(strategy, bench, scenario, arch, seed, cfg, capacity=capacity)
@@ -289,6 +298,7 @@ def run_benchmark(
     spg_options: Mapping[str, Any] | None = None,
     num_tasks: int | None = None,
     adapter_rank: int = 32,
+    adapter_options: Mapping[str, Any] | None = None,
 ) -> list[RunResult]:
     """Every method on every seed (the benchmark's data is rebuilt per seed).
 
@@ -313,6 +323,7 @@ def run_benchmark(
                 mas_lambda,
                 spg_options,
                 adapter_rank,
+                adapter_options,
             )
             tqdm.write(
                 f"{benchmark} ({scen}) seed {seed} {method}: "

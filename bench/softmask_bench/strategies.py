@@ -106,9 +106,11 @@ class SoftMaskStrategy(Strategy):
         options: Mapping[str, Any] | None = None,
         name: str | None = None,
         adapter_rank: int = 0,
+        adapter_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(cfg)
         self.adapter_rank = adapter_rank  # > 0: a task adapter and a head per task
+        self.adapter_options = dict(adapter_options or {})  # MultiHeadClassifier's adapter_* keywords
         self.mask_mode, self.optimizer, self.importance_dtype = (
             mask_mode,
             optimizer,
@@ -122,7 +124,9 @@ class SoftMaskStrategy(Strategy):
             # domain-incremental: a head per task too, and the task inferred at test time
             self.infers_task = not isinstance(net, MultiHeadClassifier)
             width = net.head.in_features if self.infers_task else net.feature_dim
-            net = MultiHeadClassifier(net.backbone, width, adapter_rank=self.adapter_rank)
+            net = MultiHeadClassifier(
+                net.backbone, width, adapter_rank=self.adapter_rank, **self.adapter_options
+            )
         config = SoftMaskConfig(
             method="spg",
             mask_mode=self.mask_mode,
@@ -163,7 +167,16 @@ class SoftMaskStrategy(Strategy):
             "importance_budget": c.importance_budget,
             "importance_decay": c.importance_decay,
             "cross_heads": c.method_config.cross_heads,
-            **({"adapter_rank": self.adapter_rank} if self.adapter_rank else {}),
+            **(self._adapter_info() if self.adapter_rank else {}),
+        }
+
+    def _adapter_info(self) -> dict[str, object]:
+        net = self.model.base_model
+        return {
+            "adapter_rank": net.adapter_rank,
+            "adapter_scale": net.adapter_scale,
+            "adapter_init": net.adapter_init,
+            "adapter_freeze_a": net.adapter_freeze_a,
         }
 
 

@@ -133,3 +133,17 @@ def test_protocol_and_hidden_reach_the_train_config(capsys) -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["--hidden", "64,0"])
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_adapter_options_merge_as_json_values() -> None:
+    import argparse
+
+    from softmask_bench.commands import _bench_arguments
+
+    parser = argparse.ArgumentParser()
+    _bench_arguments(parser)
+    args = parser.parse_args(
+        ["--adapter-option", "adapter_scale=4", "--adapter-option", "adapter_freeze_a=true"]
+    )
+    assert args.adapter_option == {"adapter_scale": 4, "adapter_freeze_a": True}
+    assert parser.parse_args([]).adapter_option == {}

@@ -327,7 +327,17 @@ def test_spg_adapters_keep_every_task_adapter(two_tasks) -> None:
     assert len(model.base_model.task_adapters) == 2
     assert model.base_model.task_adapters[0][0].A.shape == (3, 64)
     assert result.info["adapter_rank"] == 3 and result.info["importance_budget"] is None
+    assert result.info["adapter_init"] == "fresh" and result.info["adapter_freeze_a"] is False
     assert not any("task_adapters" in n for n in model.importance)
+
+
+def test_spg_adapters_take_the_adapter_options(two_tasks) -> None:
+    options = {"adapter_scale": 4.0, "adapter_freeze_a": True, "adapter_init": "previous"}
+    result = run_method(
+        "spg-adapters", two_tasks, "task", "mlp", 0, TINY, adapter_rank=2, adapter_options=options
+    )
+    assert {k: result.info[k] for k in options} == options
+    assert not any(a.A.requires_grad for t in result.model.base_model.task_adapters for a in t)
 
 
 def test_spg_adapters_in_the_domain_scenario_infer_each_samples_task(two_tasks) -> None:
