@@ -88,6 +88,9 @@ class FinetuneStrategy(Strategy):
     name = "finetune"
 
 
+ADAPTER_INFO = ("adapter_rank", "adapter_scale", "adapter_init", "adapter_freeze_a")
+
+
 class SoftMaskStrategy(Strategy):
     """SPG through the library: `begin_task` fixes the keep-masks, `end_task` computes the
     task's importance on its training data (train mode) and max-accumulates it.
@@ -167,16 +170,7 @@ class SoftMaskStrategy(Strategy):
             "importance_budget": c.importance_budget,
             "importance_decay": c.importance_decay,
             "cross_heads": c.method_config.cross_heads,
-            **(self._adapter_info() if self.adapter_rank else {}),
-        }
-
-    def _adapter_info(self) -> dict[str, object]:
-        net = self.model.base_model
-        return {
-            "adapter_rank": net.adapter_rank,
-            "adapter_scale": net.adapter_scale,
-            "adapter_init": net.adapter_init,
-            "adapter_freeze_a": net.adapter_freeze_a,
+            **{k: getattr(self.model.base_model, k) for k in ADAPTER_INFO if self.adapter_rank},
         }
 
 
