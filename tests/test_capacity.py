@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import classification_batches, multi_head, run_tasks, small_mlp
+from helpers import ENDS_UNTRAINED, classification_batches, multi_head, run_tasks, small_mlp
 
 from softmask_peft import ConfigError, SoftMaskConfig, get_softmask_model
 from softmask_peft.capacity import importance_stats, shape_task_importance
@@ -101,6 +101,7 @@ def test_a_format_3_config_loads_with_the_papers_rule():
     assert cfg.importance_decay == 1.0
 
 
+@ENDS_UNTRAINED
 def test_end_task_applies_budget_and_decay():
     torch.manual_seed(0)
     paper = run_tasks(get_softmask_model(small_mlp(), SoftMaskConfig(**PAPER_CAPACITY)), 2)

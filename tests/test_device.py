@@ -23,6 +23,7 @@ from edge_helpers import (  # noqa: E402
     numpy_batches,
     train_torch,
 )
+from helpers import ENDS_UNTRAINED
 from softmask_edge import EdgeLearner, ExportError  # noqa: E402
 
 from softmask_peft import (  # noqa: E402
@@ -153,6 +154,7 @@ def test_first_task_on_device_starts_from_zero_importance(tmp_path):
     assert restored.num_tasks == 1 and restored.task_log[0].num_classes is None
 
 
+@ENDS_UNTRAINED
 def test_a_device_checkpoint_behind_the_model_is_refused(device_run, tmp_path):
     model, _, _, _ = device_run
     model = copy.deepcopy(model)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
+    ENDS_UNTRAINED,
     classification_batches,
     linear_model,
     multi_head,
@@ -124,6 +125,7 @@ def test_a_new_head_is_adopted_even_if_the_masks_are_rebuilt_before_the_first_st
     assert not torch.equal(net.heads[1].weight, before)
 
 
+@ENDS_UNTRAINED
 def test_a_checkpoint_reloads_after_the_masked_set_changed_between_tasks(tmp_path):
     net = small_mlp(in_features=6)
     model = run_tasks(get_softmask_model(net, SoftMaskConfig()), 1)

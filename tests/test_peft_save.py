@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import text_batches, tiny_bert
+from helpers import ENDS_UNTRAINED, text_batches, tiny_bert
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from softmask_peft import ConfigError, SoftMaskConfig, SoftMaskModel, get_softmask_model
@@ -33,6 +33,7 @@ def logits(model) -> torch.Tensor:
         return model(**text_batches(n=4, seed=99)[0]).logits
 
 
+@ENDS_UNTRAINED
 def test_one_adapter_per_task_round_trips_in_peft_layout(tmp_path):
     pm = get_peft_model(tiny_bert(), lora_cfg(), adapter_name="task0")
     pm.add_adapter("task1", lora_cfg())
@@ -65,6 +66,7 @@ def test_one_adapter_per_task_round_trips_in_peft_layout(tmp_path):
         torch.testing.assert_close(logits(fresh), logits(pm), rtol=0, atol=0)
 
 
+@ENDS_UNTRAINED
 def test_shared_adapter_round_trips_and_the_adapter_file_is_peft_readable(tmp_path):
     model = get_softmask_model(get_peft_model(tiny_bert(), lora_cfg()), SoftMaskConfig())
     for t in range(2):

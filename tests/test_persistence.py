@@ -11,6 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 from helpers import (
+    ENDS_UNTRAINED,
     UINT8_A_TOL,
     assert_same_importance,
     classification_batches,
@@ -457,6 +458,7 @@ def fail_after_writing(*args, **kwargs):
 
 
 @pytest.mark.parametrize("target", ["softmask_peft.persistence.save_file", "safetensors.torch.save_file"])
+@ENDS_UNTRAINED
 def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch, target):
     model, directory = saved_mlp(tmp_path)
     before = dir_digest(directory)
@@ -474,6 +476,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch, ta
     assert loaded.num_tasks == 2
 
 
+@ENDS_UNTRAINED
 def test_saving_twice_overwrites_cleanly(tmp_path):
     model, directory = saved_mlp(tmp_path)
     model.begin_task(2)
@@ -485,6 +488,7 @@ def test_saving_twice_overwrites_cleanly(tmp_path):
     assert SoftMaskModel.from_pretrained(small_mlp(seed=3, in_features=6), directory).num_tasks == 3
 
 
+@ENDS_UNTRAINED
 def test_checkpoint_saved_mid_task_resumes_and_round_trips(tmp_path):
     net = multi_head(in_features=6, feature_dim=5)
     model = run_tasks(get_softmask_model(net, SoftMaskConfig()), 1, classes=[3])

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    ENDS_UNTRAINED,
     assert_same_importance,
     classification_batches,
     dir_digest,
@@ -31,6 +32,7 @@ class Crash(BaseException):
 
 
 @pytest.mark.parametrize("renames_before_crash", [0, 1, 2])  # three files
+@ENDS_UNTRAINED
 def test_crash_between_the_renames_is_rolled_forward_by_the_next_load(
     tmp_path, monkeypatch, renames_before_crash
 ):
@@ -61,6 +63,7 @@ def test_crash_between_the_renames_is_rolled_forward_by_the_next_load(
     )
 
 
+@ENDS_UNTRAINED
 def test_an_interrupt_right_after_the_commit_point_keeps_the_new_save(tmp_path, monkeypatch):
     model, directory = saved_mlp(tmp_path)
     model.begin_task(2)
@@ -79,6 +82,7 @@ def test_an_interrupt_right_after_the_commit_point_keeps_the_new_save(tmp_path, 
     assert SoftMaskModel.from_pretrained(small_mlp(seed=3, in_features=6), directory).num_tasks == 3
 
 
+@ENDS_UNTRAINED
 def test_a_load_racing_the_renames_does_not_fail_the_save(tmp_path, monkeypatch):
     model, directory = saved_mlp(tmp_path)
     model.begin_task(2)

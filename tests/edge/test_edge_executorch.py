@@ -23,6 +23,7 @@ from edge_helpers import (
     torch_weights,
     train_torch,
 )
+from helpers import ENDS_UNTRAINED
 from softmask_edge import EdgeLearner, ExportError, read_device_checkpoint
 from softmask_edge.importance import normalize
 
@@ -83,6 +84,7 @@ def test_keep_zero_leaves_a_parameter_bit_identical(tmp_path):
     assert max_diff(learner.end_task(numpy_batches(data)), model.end_task(data)) <= 1e-6
 
 
+@ENDS_UNTRAINED
 def test_the_importance_pass_alone_matches_torch(executorch_case):
     model, artifacts = executorch_case
     data = batches(5)

@@ -18,6 +18,7 @@ from edge_helpers import (
     torch_weights,
     train_torch,
 )
+from helpers import ENDS_UNTRAINED
 from softmask_edge import (
     ArgumentError,
     BatchError,
@@ -199,6 +200,7 @@ def test_export_inference_never_overwrites_the_artifacts(mlp_case, tmp_path):
     learner.export_inference(artifacts / "model.onnx")  # a new name in the folder is fine
 
 
+@ENDS_UNTRAINED
 def test_tiny_bert_importance_at_batch_4_matches_torch(tmp_path):
     """The position table broadcasts over the batch ([1, seq, H] + [batch, seq, H]). ONNX
     Runtime's gradient builder took the two symbolic shapes for equal and summed no batch axis:

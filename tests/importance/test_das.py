@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
+    ENDS_UNTRAINED,
     UINT8_A_TOL,
     standardize_tanh_abs,
     text_batches,
@@ -141,6 +142,7 @@ def test_domain_pass_matches_weight_gradient_identity_and_zeroes_between_batches
     assert not all(torch.allclose(raw[k], summed[k], rtol=1e-3, atol=1e-12) for k in raw)
 
 
+@ENDS_UNTRAINED
 def test_end_task_stores_normalised_units_per_layer():
     model = das_model(tiny_bert(dropout=0.0))
     model.begin_task(0, name="d0")
@@ -551,6 +553,7 @@ def test_training_loss_needs_dict_batches():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "uint8"])
+@ENDS_UNTRAINED
 def test_unit_importance_round_trips_through_save_and_load(tmp_path, dtype):
     model = das_model(tiny_gpt2(), importance_dtype=dtype)
     model.begin_task(0, name="d0")
