@@ -115,7 +115,7 @@ def test_no_import_cycles_anywhere_function_local_imports_included() -> None:
 
 # The integrations' host libraries, imported first: what they import themselves is not ours.
 # transformers 5.20 (the last release for Python 3.10) imports sklearn whenever it is installed
-# (generation/candidate_generator.py, reached from `import peft`); 5.21+ imports it lazily.
+# (generation/candidate_generator.py, reached from `import peft`); 5.25 imports it lazily.
 HOSTS = """
 import lightning, peft, transformers
 from transformers import Trainer, TrainerCallback
