@@ -21,6 +21,7 @@ from helpers import (
     text_batches,
     tiny_bert,
 )
+from packaging.requirements import Requirement
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from torch import nn
@@ -327,18 +328,41 @@ def test_weights_from_another_architecture_are_still_named_first(tmp_path):
 # class 10: Python versions -----------------------------------------------------------------
 
 
-def test_the_onnx_extra_installs_the_runtime_on_python_3_12_and_nothing_on_3_13():
+def _extras() -> dict[str, list[Requirement]]:
+    """pyproject.toml's optional dependencies, parsed."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pytest itself requires tomli on Python 3.10
         import tomli as tomllib
-    from packaging.requirements import Requirement
 
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    reqs = [Requirement(r) for r in extra["onnx"]]
+    return {name: [Requirement(r) for r in reqs] for name, reqs in extra.items()}
+
+
+def _selected(reqs: list[Requirement], version: str) -> list[Requirement]:
+    return [r for r in reqs if r.marker is None or r.marker.evaluate({"python_version": version})]
+
+
+def test_the_onnx_extra_installs_the_runtime_on_python_3_12_and_nothing_on_3_13():
+    reqs = _extras()["onnx"]
     assert {r.name for r in reqs} == {"onnxruntime-training-cpu", "onnx"}
     for version, installs in [("3.10", True), ("3.11", True), ("3.12", True), ("3.13", False)]:
         assert all(r.marker.evaluate({"python_version": version}) == installs for r in reqs), version
+
+
+def test_every_extra_asks_for_each_package_once_on_every_python_and_3_10_gets_the_same_ones():
+    """Python 3.10 takes older trl / docs releases through markers (the newer ones need 3.11):
+    on each Python exactly one requirement per package is selected, and 3.10 installs the same
+    packages as 3.12, plus only the pymdown-extensions cap that mkdocstrings 1.0.6 needs."""
+    for name, reqs in _extras().items():
+        for version in ("3.10", "3.11", "3.12", "3.13"):
+            names = [r.name for r in _selected(reqs, version)]
+            assert len(names) == len(set(names)), (name, version, names)
+        old = {r.name for r in _selected(reqs, "3.10")}
+        new = {r.name for r in _selected(reqs, "3.12")}
+        assert old - new <= {"pymdown-extensions"} and new <= old, (name, old ^ new)
+    trl = _selected(_extras()["trl"], "3.10")
+    assert [r.specifier.contains("1.14.2") for r in trl if r.name == "trl"] == [True]
 
 
 def test_softmask_edge_without_its_runtime_is_a_clear_library_error():

@@ -1,5 +1,5 @@
-"""SoftMaskCallback inside the real TRL SFTTrainer (trl 1.16), LoRA on a tiny causal LM built from
-a config with a character tokenizer built in-process (no downloads)."""
+"""SoftMaskCallback inside the real TRL SFTTrainer (trl 1.16; 1.14.2 on Python 3.10), LoRA on a
+tiny causal LM built from a config with a character tokenizer built in-process (no downloads)."""
 
 from __future__ import annotations
 
