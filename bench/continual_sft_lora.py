@@ -26,8 +26,8 @@ R[i][j] = accuracy on task j after training task i; ACC = mean_j R[T-1][j], BWT 
 Task-incremental in the prompt only: no task id reaches the model except per-task.
 
 Methods, one budget (10 epochs of 48 examples, batch 8, LoRA r 8 on q/k/v/o/up/down; AdamW lr
-3e-2, or SGD lr 0.3 for the "-sgd" variants: every method is run with both optimizers where
-the optimizer matters, so no method gets a search the baselines did not):
+3e-2, or SGD lr 0.3 for the "-sgd" variants; plain, softmask and o-lora run with both, so the
+protecting methods get no optimizer the baselines did not):
   plain        one LoRA adapter trained task after task (the baseline)
   softmask     the same + SoftMaskCallback (SPG importance of the LoRA factors; AdamW: update
                masking, SGD: grad masking, the paper's optimizer)
