@@ -84,6 +84,11 @@ def test_state_round_trip_and_refusals():
     other = LoRASubspaceCallback(lora_net(1))
     other.load_state_dict(state)
     assert torch.equal(other.keep["base_model.model.lin"], cb.keep["base_model.model.lin"])
+    a = other.model.base_model.model.lin.lora_A["default"].weight
+    with pytest.warns(UserWarning, match="optim='sgd'"):  # Adam undoes the mask (module doc)
+        other.on_train_begin(None, None, None, optimizer=torch.optim.AdamW([a]))
+    with pytest.raises(ConfigError, match="not the PeftModel"):
+        other.on_train_begin(None, None, None, model=Net())
     with pytest.raises(ImportanceMismatchError, match="expected a float"):
         other.load_state_dict({"base_model.model.lin.covariance": torch.zeros(3, 3)})
     with pytest.raises(ImportanceMismatchError, match="missing"):
