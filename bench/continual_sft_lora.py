@@ -1,37 +1,58 @@
 """Continual instruction tuning with TRL's SFTTrainer + LoRA: does soft-masking cut forgetting?
 
-    python bench/continual_sft_lora.py                       # 3 seeds, all methods (~12 min, 2 cores)
-    python bench/continual_sft_lora.py --seeds 0 --methods plain softmask   # a quick look
+    python bench/continual_sft_lora.py                       # 3 seeds, the table's 10 methods
+    python bench/continual_sft_lora.py --seeds 0 --methods plain subspace-sgd   # a quick look
 
-A tiny Llama-style causal LM (character tokenizer, `softmask_bench.char_lm`) is first pre-trained
-in-repo on the offline "general" text domain (`softmask_bench.text_domains`, a plain torch loop,
-shared by all methods and seeds), then learns 4 instruction tasks in sequence, each through
-`trl.SFTTrainer` with completion-only loss on prompt/completion pairs over random lowercase words:
+A tiny Llama-style causal LM (character tokenizer, `softmask_bench.char_lm`, hidden 64, 2
+layers) is first pre-trained in-repo on the offline "general" text domain
+(`softmask_bench.text_domains`, 400 steps of a plain torch loop, shared by all methods and
+seeds), then learns 4 instruction tasks in sequence, each through `trl.SFTTrainer` with
+completion-only loss on prompt/completion pairs over random lowercase words (3-6 letters):
 
-    T0 "copy: abcd =>" -> "abcd"      T1 "upper: abcd =>" -> "ABCD"
-    T2 "alpha: abcd =>" -> "alpha a"  T3 "omega: abcd =>" -> "omega d"
+    T0 "first: abcd =>" -> "red a"      T1 "last: abcd =>" -> "blue d"
+    T2 "second: abcd =>" -> "green b"   T3 "size: abcd =>" -> "gold 4"
 
-The instruction names the task, so one model can hold all four; forgetting is interference.
+Why these tasks: every task maps the *same* inputs to its own answer word plus one character
+read off the word, and the instruction names the task. So (a) each is learnable by a LoRA in
+the budget (a keyword and a one-position copy: 0.6-0.9 token accuracy, chance is ~0.2), (b)
+they interfere (trained on one task at a time, the cheapest solution is "always answer blue",
+which overwrites the earlier keyword: plain sequential LoRA falls back to chance on old tasks),
+and (c) one model can hold all four (`joint`: forgetting ~0). The earlier version (copy / upper
+/ alpha / omega) was weak: the tiny model never learned copy and upper.
 Accuracy = teacher-forced token accuracy on the completion (eval words unseen in training).
-R[i][j] = accuracy on task j after training task i; ACC, BWT, forgetting (Chaudhry et al.
-2018) and plasticity = mean_j R[j][j] from `softmask_bench.metrics`.
+R[i][j] = accuracy on task j after training task i; ACC = mean_j R[T-1][j], BWT = mean_{j<T-1}
+(R[T-1][j] - R[j][j]), forgetting = mean_{j<T-1} max_{j<=l<T-1} (R[l][j] - R[T-1][j])
+(Chaudhry et al. 2018) and plasticity = mean_j R[j][j], from `softmask_bench.metrics`.
+Task-incremental in the prompt only: no task id reaches the model except per-task.
 
-Methods, one budget (epochs, lr, batch, LoRA rank and targets, AdamW):
-  plain      one LoRA adapter trained task after task (the baseline)
-  softmask   the same + SoftMaskCallback (SPG importance of the LoRA factors, update masking)
-  softmask-sgd  the same with SGD (lr x 10) and grad masking, the paper's optimizer
-  per-task   a fresh adapter per task, evaluated with its task's adapter (task id given: an
-             upper bound on retention, no forgetting by construction)
-  o-lora     O-LoRA-style (Wang et al. 2023): after each task the adapter is merged and a new one
-             trained with λ Σ |A_new A_oldᵀ| pushing its subspace orthogonal to the old ones
-  replay     plain + 8 stored examples of each earlier task mixed in (stores data: a reference)
-Prints a table (mean ± std over seeds) and writes JSON.
+Methods, one budget (10 epochs of 48 examples, batch 8, LoRA r 8 on q/k/v/o/up/down; AdamW lr
+3e-2, or SGD lr 0.3 for the "-sgd" variants; plain, softmask and o-lora run with both, so the
+protecting methods get no optimizer the baselines did not):
+  plain        one LoRA adapter trained task after task (the baseline)
+  softmask     the same + SoftMaskCallback (SPG importance of the LoRA factors; AdamW: update
+               masking, SGD: grad masking, the paper's optimizer)
+  subspace     LoRASubspaceCallback: after each task the adapter is folded into the base
+               weights and a fresh one trained with its A update soft-masked away from the
+               input directions earlier tasks used (K = I - U diag(tanh(λ/mean λ)) Uᵀ)
+  o-lora       O-LoRA-style (Wang et al. 2023): after each task the adapter is merged and a new one
+               trained with λ Σ |A_new A_oldᵀ| pushing its subspace orthogonal to the old ones
+  replay       plain + 8 stored examples of each earlier task mixed in (stores data: a reference)
+  joint        plain + every earlier task's whole training set (multitask reference: one model
+               can hold all four)
+  per-task     a fresh adapter per task, evaluated with its task's adapter (task id given: an
+               upper bound on retention, no forgetting by construction)
+Probes (not in the default run, numbers in docs/guides/trainer-trl.md): fold (fold + fresh
+adapter, no mask), softmask-units (fold + importance of ΔW = B·A per output row / input column
+mapped onto B's rows and A's columns), subspace with AdamW.
+Prints a table (mean ± std over seeds) and writes JSON. BASE_CACHE=file.safetensors (env)
+stores/reuses the pre-trained base (the same weights: the pre-training is deterministic).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import string
 import tempfile
@@ -52,14 +73,20 @@ from trl import SFTConfig, SFTTrainer
 
 from softmask_peft import SoftMaskConfig, get_softmask_model
 from softmask_peft.integrations.callback import SoftMaskCallback
+from softmask_peft.integrations.lora_subspace import LoRASubspaceCallback, fold_adapter
 
-TASKS = {  # instruction -> a fixed answer word per task, spelled out over the input word
-    "copy": lambda w: w,
-    "upper": lambda w: w.upper(),
-    "alpha": lambda w: "alpha " + w[0],
-    "omega": lambda w: "omega " + w[-1],
+TASKS = {  # instruction -> the task's own answer word + one character read off the input word
+    "first": lambda w: "red " + w[0],
+    "last": lambda w: "blue " + w[-1],
+    "second": lambda w: "green " + w[1],
+    "size": lambda w: "gold " + str(len(w)),
 }
-METHODS = ["plain", "softmask", "o-lora", "replay", "per-task", "softmask-sgd"]
+METHODS = [  # the table's rows; "-sgd" = the same method with SGD (lr x 10) instead of AdamW
+    "plain", "plain-sgd", "softmask", "softmask-sgd", "subspace-sgd", "o-lora", "o-lora-sgd",
+    "replay", "joint", "per-task",
+]
+EXTRA = ["fold", "softmask-units", "subspace"]  # probes (seed 0 in the guide), not in the default run
+FOLDING = ("fold", "softmask-units")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 
@@ -146,6 +173,8 @@ def _module_key(name: str) -> str:
 
 def run(method: str, seed: int, base_state, tok, args) -> list[list[float]]:
     tasks = make_tasks(seed, args.train, args.eval)
+    sgd = method.endswith("-sgd")  # any method with SGD (lr x 10) instead of AdamW
+    base = method.removesuffix("-sgd")
     lora = LoraConfig(
         r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, task_type="CAUSAL_LM"
     )
@@ -158,22 +187,31 @@ def run(method: str, seed: int, base_state, tok, args) -> list[list[float]]:
     torch.manual_seed(seed)
     model = get_peft_model(fresh_base(), lora)
     callbacks = []
-    if method.startswith("softmask"):
-        callbacks = [SoftMaskCallback(get_softmask_model(model, SoftMaskConfig()))]
+    if base.startswith("softmask"):
+        sm = get_softmask_model(model, SoftMaskConfig(**json.loads(args.softmask_config)))
+        if base == "softmask-units":  # a probe: the importance pass replaced (no capacity rule)
+            sm.method.run = lambda task, batches, general=None, shape=None: lora_unit_importance(
+                sm, batches, args.unit_norm
+            )
+        callbacks = [SoftMaskCallback(sm)]
+    if base == "subspace":  # folds the adapter itself at the end of every train()
+        callbacks = [LoRASubspaceCallback(model, scale=args.subspace_scale)]
     old_a: dict[str, list[torch.Tensor]] = {}
     adapters: list[dict[str, torch.Tensor]] = []
     r = np.zeros((len(tasks), len(tasks)))
     with tempfile.TemporaryDirectory() as out:
         for t, (train, _) in enumerate(tasks):
             data = list(train)
-            if method == "replay":
+            if base == "replay":
                 rng = random.Random(seed + t)
                 for prev, _ in tasks[:t]:
                     data += rng.sample(prev, args.replay)
-            if method == "per-task" and t > 0:
+            if base == "joint":  # every earlier task's whole training set again
+                for prev, _ in tasks[:t]:
+                    data += prev
+            if base == "per-task" and t > 0:
                 torch.manual_seed(seed + t)
                 model = get_peft_model(fresh_base(), lora)
-            sgd = method == "softmask-sgd"
             cfg = SFTConfig(
                 output_dir=f"{out}/{t}",
                 per_device_train_batch_size=args.batch,
@@ -198,16 +236,17 @@ def run(method: str, seed: int, base_state, tok, args) -> list[list[float]]:
                 processing_class=tok,
                 callbacks=callbacks,
             )
-            if method == "o-lora":
-                OrthogonalLoRATrainer(**kw, old_a=old_a, lam=args.olora_lambda).train()
+            if base == "o-lora":
+                trainer = OrthogonalLoRATrainer(**kw, old_a=old_a, lam=args.olora_lambda)
             else:
-                SFTTrainer(**kw).train()
-            if method == "per-task":
+                trainer = SFTTrainer(**kw)
+            trainer.train()
+            if base == "per-task":
                 adapters.append(
                     {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
                 )
             for j, (_, evals) in enumerate(tasks):
-                if method == "per-task" and j <= t:
+                if base == "per-task" and j <= t:
                     own = dict(model.named_parameters())
                     saved = {n: own[n].detach().clone() for n in adapters[j]}
                     with torch.no_grad():
@@ -219,7 +258,10 @@ def run(method: str, seed: int, base_state, tok, args) -> list[list[float]]:
                             own[n].copy_(v)
                 else:
                     r[t, j] = accuracy(model, tok, evals)
-            if method == "o-lora" and t < len(tasks) - 1:
+            if base in FOLDING and t < len(tasks) - 1:
+                torch.manual_seed(seed + t)
+                fold_adapter(model)
+            if base == "o-lora" and t < len(tasks) - 1:
                 for n, p in model.named_parameters():
                     if "lora_A" in n:
                         old_a.setdefault(_module_key(n), []).append(p.detach().clone())
@@ -229,14 +271,98 @@ def run(method: str, seed: int, base_state, tok, args) -> list[list[float]]:
     return r.tolist()
 
 
+def lora_unit_importance(sm, batches, norm: str) -> dict[str, torch.Tensor]:
+    """Importance of ΔW = B·A per output unit (rows of B) and input feature (columns of A):
+    G = Σ ∂L/∂W; per row / column norm v: "std" |tanh(standardize(v))| (SPG's rule, which also
+    marks units far *below* the mean), "mean" tanh(v / mean v)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    net = sm.base_model
+    mods = {n: m for n, m in net.named_modules() if isinstance(m, LoraLinear)}
+    G = {n: torch.zeros(m.out_features, m.in_features) for n, m in mods.items()}
+    hooks = []
+    def make(n, m):
+        def fwd(mod, args, out):
+            x = args[0].detach()
+            def bwd(d):
+                G[n].add_(m.scaling["default"] * torch.einsum("...o,...i->oi", d.detach().float(), x.float()))
+            out.register_hook(bwd)
+        return fwd
+    for n, m in mods.items():
+        hooks.append(m.register_forward_hook(make(n, m)))
+    try:
+        for batch in batches:
+            batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+            net.zero_grad()
+            net(**batch).loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        net.zero_grad()
+    def imp(v):
+        if norm == "mean":
+            return torch.tanh(v / v.mean().clamp_min(1e-12))
+        z = (v - v.mean()) / (v.std() + 1e-12)
+        return torch.tanh(z).abs()
+    out = {}
+    params = dict(net.named_parameters())
+    for n in mods:
+        g = G[n]
+        rows, cols = imp(g.norm(dim=1)), imp(g.norm(dim=0))
+        a, b = f"{n}.lora_A.default.weight", f"{n}.lora_B.default.weight"
+        out[b] = rows[:, None].expand_as(params[b]).contiguous()
+        out[a] = cols[None, :].expand_as(params[a]).contiguous()
+    return {k: out[k] for k in sm.masked_parameter_names}
+
+
 def fmt(ms) -> str:
     return "n/a" if ms is None else f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
+
+
+def summarize(results: dict[str, Any]) -> None:
+    """Mean ± std per method into results["summary"]; each protecting method's forgetting cut
+    (1 - F_m / F_plain) and plasticity gap against plain (AdamW) and plain-sgd; print the table."""
+    keys = ("acc", "bwt", "forgetting", "plasticity")
+    print("\n| method | ACC | BWT | forgetting | plasticity |\n|---|---|---|---|---|")
+    summary = results["summary"] = {}
+    for method, runs in results["runs"].items():
+        summary[method] = {k: mean_std([x[k] for x in runs]) for k in keys}
+        print(f"| {method} | " + " | ".join(fmt(summary[method][k]) for k in keys) + " |")
+    for m in summary:
+        if m.removesuffix("-sgd") in ("plain", "replay", "joint", "per-task"):
+            continue
+        for ref in ("plain", "plain-sgd"):
+            if ref in summary and summary[ref]["forgetting"][0] > 0:
+                cut = 1 - summary[m]["forgetting"][0] / summary[ref]["forgetting"][0]
+                gap = 100 * (summary[m]["plasticity"][0] - summary[ref]["plasticity"][0])
+                summary[m][f"vs_{ref}"] = {"forgetting_cut": cut, "plasticity_points": gap}
+                print(f"{m} vs {ref}: forgetting {100 * cut:.0f} % lower, plasticity {gap:+.1f} points")
+
+
+def merge(paths: list[str], out: str) -> None:
+    """One table from several runs of this script (e.g. methods run in separate processes):
+    refuses runs whose shared arguments differ (other than methods and out)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    shared = set.intersection(*(set(p["args"]) for p in parts)) - {"methods", "out"}
+    same = {k: parts[0]["args"][k] for k in shared}
+    results: dict[str, Any] = {"args": {**parts[0]["args"], "methods": []}, "tasks": parts[0]["tasks"],
+                               "runs": {}, "merged_from": paths, "seconds": 0.0}
+    for p, part in zip(paths, parts):
+        args = {k: part["args"][k] for k in shared}
+        if args != same:
+            raise SystemExit(f"{p} was run with other arguments: {args} != {same}")
+        results["runs"].update(part["runs"])
+        results["args"]["methods"] += part["args"]["methods"]
+        results["seconds"] += part.get("seconds", 0.0)
+    results["args"]["out"] = out
+    summarize(results)
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    names = {m.removesuffix("-sgd") for m in METHODS + EXTRA}
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(names | {m + "-sgd" for m in names}))
     ap.add_argument("--train", type=int, default=48, help="training examples per task")
     ap.add_argument("--eval", type=int, default=12, help="eval examples per task")
     ap.add_argument("--epochs", type=int, default=10)
@@ -248,8 +374,15 @@ def main() -> None:
     ap.add_argument("--pretrain-steps", type=int, default=400)
     ap.add_argument("--replay", type=int, default=8, help="stored examples per earlier task")
     ap.add_argument("--olora-lambda", type=float, default=0.5)
+    ap.add_argument("--softmask-config", default="{}", help="SoftMaskConfig kwargs (JSON)")
+    ap.add_argument("--unit-norm", choices=["std", "mean"], default="mean", help="softmask-units")
+    ap.add_argument("--subspace-scale", type=float, default=1.0, help="LoRASubspaceCallback scale")
     ap.add_argument("--out", default="docs/results/bench/bench_continual_sft_lora.json")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these runs into --out")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()
     from datasets.utils.logging import disable_progress_bar
@@ -258,7 +391,17 @@ def main() -> None:
     torch.set_num_threads(2)
     tok = char_tokenizer()
     start = time.time()
-    base_state = pretrain(tok, args)
+    cache = os.environ.get("BASE_CACHE")
+    if cache and Path(cache).exists():
+        from safetensors.torch import load_file
+
+        base_state = load_file(cache)
+    else:
+        base_state = pretrain(tok, args)
+        if cache:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in base_state.items()}, cache)
     results: dict[str, Any] = {"args": vars(args), "tasks": list(TASKS), "runs": {}}
     for method in args.methods:
         runs = []
@@ -273,22 +416,7 @@ def main() -> None:
             results["runs"][method] = runs
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results, indent=2) + "\n")  # partial results
-    rows = []
-    header = "| method | ACC | BWT | forgetting | plasticity |"
-    print("\n" + header + "\n|---|---|---|---|---|")
-    for method, runs in results["runs"].items():
-        stats = {k: mean_std([x[k] for x in runs]) for k in ("acc", "bwt", "forgetting", "plasticity")}
-        results.setdefault("summary", {})[method] = stats
-        row = f"| {method} | " + " | ".join(fmt(stats[k]) for k in ("acc", "bwt", "forgetting", "plasticity")) + " |"
-        rows.append(row)
-        print(row)
-    if "plain" in results["runs"] and "softmask" in results["runs"]:
-        s = results["summary"]
-        for m in [m for m in results["runs"] if m.startswith("softmask")]:
-            cut = 1 - s[m]["forgetting"][0] / s["plain"]["forgetting"][0]
-            gap = 100 * (s[m]["plasticity"][0] - s["plain"]["plasticity"][0])
-            results["summary"][m]["forgetting_cut_vs_plain"] = cut
-            print(f"{m}: forgetting cut vs plain {100 * cut:.0f} %, plasticity {gap:+.1f} points vs plain")
+    summarize(results)
     results["seconds"] = time.time() - start
     print(f"total {results['seconds']:.0f}s (2 shared CPU cores)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
