@@ -1,7 +1,7 @@
 """One rank of a 2-process gloo run (file rendezvous), launched by tests/test_distributed.py.
 
-usage: python dist_worker.py RANK WORLD INIT_FILE OUT_DIR MODE[,MODE...]  (spg, das, nan, and
-the faults empty, badbatch, names, sizes, kill)
+usage: python dist_worker.py RANK WORLD INIT_FILE OUT_DIR MODE[,MODE...]  (spg, das, nan,
+subspace, and the faults empty, badbatch, names, sizes, kill)
 Per mode writes OUT_DIR/{MODE}_rank{RANK}.safetensors (importance, and keep-masks as `keep.{name}`) or, for
 `nan`, OUT_DIR/nan_rank{RANK}.txt with the exception type the pass raised. A fault mode writes
 OUT_DIR/{MODE}_rank{RANK}.txt: "<exception type> <seconds from the common start>"; in `kill`
@@ -54,6 +54,28 @@ def run(mode: str, rank: int, world: int, out: Path) -> None:
     keep = {f"keep.{n}": 1 - a for n, a in model.parameter_importance().items()}
     tensors = {k: v.contiguous() for k, v in {**importance, **keep}.items()}
     save_file(tensors, str(out / f"{mode}_rank{rank}.safetensors"))
+
+
+def subspace_model():
+    """A LoRA tiny BERT and its LoRASubspaceCallback (same on every rank)."""
+    from peft import LoraConfig, get_peft_model
+
+    from softmask_peft.integrations.lora_subspace import LoRASubspaceCallback
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=2, target_modules=["query", "value"])
+    model = get_peft_model(tiny_bert(dropout=0.0), lora)
+    return LoRASubspaceCallback(model)
+
+
+def subspace(rank: int, world: int, out: Path) -> None:
+    """Each rank passes its shard of the same text batches; writes the covariances and keeps."""
+    callback = subspace_model()
+    mine = text_batches(n=16, seed=4)[rank::world]  # dict batches with padding
+    callback.add_covariance(mine)
+    keep = {f"keep.{n}": k for n, k in callback.keep.items()}
+    tensors = {k: v.contiguous() for k, v in {**callback.state_dict(), **keep}.items()}
+    save_file(tensors, str(out / f"subspace_rank{rank}.safetensors"))
 
 
 class RenamedMLP(SmallMLP):
@@ -116,7 +138,10 @@ def main() -> None:
     )
     try:
         for mode in modes.split(","):
-            (fault if mode in FAULTS else run)(mode, rank, world, Path(out))
+            if mode == "subspace":
+                subspace(rank, world, Path(out))
+            else:
+                (fault if mode in FAULTS else run)(mode, rank, world, Path(out))
     finally:
         # also after rank 1 was killed: a survivor that exits with the group still up can abort
         # in gloo's teardown on Python 3.13 (SIGABRT, "terminate called without an active

@@ -47,7 +47,7 @@ def launch(tmp_path: Path, modes: str, world: int = 2, may_die: tuple[int, ...] 
 def runs(tmp_path_factory) -> Path:
     """One 2-process launch for every case (process start-up dominates the cost)."""
     out = tmp_path_factory.mktemp("ddp")
-    launch(out, "spg,das,nan")
+    launch(out, "spg,das,nan,subspace")
     return out
 
 
@@ -67,6 +67,22 @@ def test_two_ranks_get_the_single_process_importance_and_masks(runs, method):
     for k, v in expected.items():
         torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
     assert any(float(v.max()) > 0.5 for v in expected.values())  # not a trivial all-zero case
+
+
+def test_two_ranks_get_the_single_process_lora_subspace(runs):
+    from dist_worker import subspace_model
+
+    ranks = [load_file(runs / f"subspace_rank{r}.safetensors") for r in range(2)]
+    for k in ranks[0]:
+        assert torch.equal(ranks[0][k], ranks[1][k]), k  # the same C and K on every rank
+    single = subspace_model()  # all batches, one process
+    single.add_covariance(text_batches(n=16, seed=4))
+    expected = single.state_dict()
+    assert sorted(expected) == sorted(k for k in ranks[0] if not k.startswith("keep."))
+    for k, v in expected.items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=1e-5, atol=1e-6)
+    assert all(float((ranks[0][f"keep.{n}"] - torch.eye(len(c))).abs().max()) > 0.1
+               for n, c in single.covariance.items())  # a mask that protects something
 
 
 def test_a_nan_on_one_rank_raises_on_every_rank(runs):

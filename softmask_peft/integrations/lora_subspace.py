@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..distributed import agreement, all_reduce_sum
 from ..errors import ConfigError, EmptyDataError, ImportanceMismatchError, InputTypeError
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
@@ -100,8 +101,14 @@ class LoRASubspaceCallback(TrainerCallback):
         from peft import PeftModel
 
         if not isinstance(model, PeftModel):
-            raise InputTypeError(f"LoRASubspaceCallback needs a PeftModel, got {type(model).__name__}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+            raise InputTypeError(
+                f"LoRASubspaceCallback needs a PeftModel, got {type(model).__name__}"
+            )
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not 0 < scale < float("inf")
+        ):
             raise ConfigError(f"scale must be a finite number > 0, got {scale!r}")
         self.model, self.scale = model, float(scale)
         self.adapter = model.active_adapter
@@ -169,7 +176,11 @@ class LoRASubspaceCallback(TrainerCallback):
 
     @torch.no_grad()
     def add_covariance(self, batches: Iterable[Mapping[str, Any]]) -> None:
-        """C ← C + Σ x xᵀ / n per layer over the batches' non-padding tokens; K from the new C."""
+        """C ← C + Σ x xᵀ / n per layer over the batches' non-padding tokens; K from the new C.
+
+        Under data parallelism every rank passes its own shard and Σ x xᵀ and n are summed over
+        the ranks, so every rank gets the same C and K (different K would let the ranks' A drift
+        apart while DDP keeps their gradients equal)."""
         sums = {n: torch.zeros(m.in_features, m.in_features) for n, m in self.layers.items()}
         count = {n: 0 for n in self.layers}
         keep_rows: list[Tensor | None] = [None]
@@ -188,16 +199,21 @@ class LoRASubspaceCallback(TrainerCallback):
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
-        try:
-            for batch in batches:
-                inputs = {k: batch[k].to(device) for k in _INPUT_KEYS if k in batch}
-                mask = inputs.get("attention_mask")
-                keep_rows[0] = None if mask is None else mask.reshape(-1).bool().cpu()
-                self.model(**inputs)
-        finally:
-            for h in handles:
-                h.remove()
-            self.model.train(was_training)
+        # data-parallel ranks: each passes its shard, then they agree and sum (distributed.py)
+        with agreement("LoRA subspace covariance", lambda: {n: s.shape for n, s in sums.items()}):
+            try:
+                for batch in batches:
+                    inputs = {k: batch[k].to(device) for k in _INPUT_KEYS if k in batch}
+                    mask = inputs.get("attention_mask")
+                    keep_rows[0] = None if mask is None else mask.reshape(-1).bool().cpu()
+                    self.model(**inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+                self.model.train(was_training)
+        all_reduce_sum(sums)
+        tokens = torch.tensor([count[n] for n in self.layers], dtype=torch.float64)
+        count = dict(zip(self.layers, all_reduce_sum([tokens])[0].tolist()))
         if not any(count.values()):
             raise EmptyDataError("the subspace pass got no tokens")
         for n in self.layers:
