@@ -62,16 +62,22 @@ def _lora_layers(model: Any, adapter: str) -> dict[str, Any]:
     return layers
 
 
-@torch.no_grad()
-def fold_adapter(model: Any) -> None:
-    """W ← W + (α/r)·B·A in every LoRA nn.Linear of the PeftModel's active adapter, then a fresh
-    adapter in place (peft's own init: B = 0, so the model's function is unchanged)."""
-    adapter = model.active_adapter
+def _fresh_init(model: Any, adapter: str) -> Any:
+    """The adapter's `init_lora_weights`, if a fresh adapter with it starts at ΔW = 0."""
     init = model.peft_config[adapter].init_lora_weights
     if init not in _INITS:
         raise ConfigError(
             f"init_lora_weights={init!r}: a fresh adapter must start at ΔW = 0 (one of {_INITS})"
         )
+    return init
+
+
+@torch.no_grad()
+def fold_adapter(model: Any) -> None:
+    """W ← W + (α/r)·B·A in every LoRA nn.Linear of the PeftModel's active adapter, then a fresh
+    adapter in place (peft's own init: B = 0, so the model's function is unchanged)."""
+    adapter = model.active_adapter
+    init = _fresh_init(model, adapter)
     for m in _lora_layers(model, adapter).values():
         base = m.get_base_layer()
         base.weight += m.get_delta_weight(adapter).to(base.weight.dtype)
@@ -112,11 +118,7 @@ class LoRASubspaceCallback(TrainerCallback):
             raise ConfigError(f"scale must be a finite number > 0, got {scale!r}")
         self.model, self.scale = model, float(scale)
         self.adapter = model.active_adapter
-        if model.peft_config[self.adapter].init_lora_weights not in _INITS:
-            raise ConfigError(
-                f"init_lora_weights={model.peft_config[self.adapter].init_lora_weights!r}: a "
-                f"fresh adapter per task must start at ΔW = 0 (one of {_INITS})"
-            )
+        _fresh_init(model, self.adapter)  # every task's fold starts a fresh adapter
         self.layers = _lora_layers(model, self.adapter)
         self.covariance: dict[str, Tensor] = {}
         self.keep: dict[str, Tensor] = {}
