@@ -105,6 +105,17 @@ def test_state_round_trip_and_refusals():
 
 
 @pytest.mark.slow  # ~5 s: two SFTTrainer runs
+@pytest.mark.parametrize("batch", [(torch.randn(2, 4),), {"labels": torch.zeros(2)}])
+def test_a_batch_without_input_ids_is_refused_before_anything_changes(batch):
+    model = lora_net()
+    cb = LoRASubspaceCallback(model)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(InputTypeError, match="input_ids"):
+        cb.end_task([batch])
+    assert cb.covariance == {} and cb.keep == {}
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
 def test_sft_trainer_folds_after_each_task(tmp_path):
     """Two tasks through the real SFTTrainer (SGD): each train() ends with the fold (B = 0) and the
     covariance of the task's tokens."""

@@ -205,6 +205,11 @@ class LoRASubspaceCallback(TrainerCallback):
         with agreement("LoRA subspace covariance", lambda: {n: s.shape for n, s in sums.items()}):
             try:
                 for batch in batches:
+                    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+                        raise InputTypeError(
+                            "the subspace pass takes dict batches with 'input_ids' (as a "
+                            f"Trainer's dataloader gives), got {type(batch).__name__}"
+                        )
                     inputs = {k: batch[k].to(device) for k in _INPUT_KEYS if k in batch}
                     mask = inputs.get("attention_mask")
                     keep_rows[0] = None if mask is None else mask.reshape(-1).bool().cpu()
