@@ -34,6 +34,21 @@ from .selection import select_parameters
 from .store import ImportanceStore, TaskRecord
 from .weights import load_weights
 
+OWNER_MARK = "_softmask_owner"  # on a model: the kind of softmask object that changes its tensors
+
+
+def claim_model(model: nn.Module, owner: str) -> None:
+    """Mark `model` as changed by an `owner` (a class name); refuse a model that another kind
+    already changes: a `SoftMaskModel` and a `LoRASubspaceCallback` would both rewrite the same
+    LoRA tensors (the fold resets what the masks protect), and neither would protect."""
+    held = getattr(model, OWNER_MARK, None)
+    if held is not None and held != owner:
+        raise ConfigError(
+            f"this {type(model).__name__} is already protected by a {held}; a {owner} would "
+            "change the same tensors: use one of the two"
+        )
+    object.__setattr__(model, OWNER_MARK, owner)
+
 
 class SoftMaskModel(nn.Module):
     """Wrap `base_model` for continual learning with soft-masked gradients.
@@ -65,6 +80,7 @@ class SoftMaskModel(nn.Module):
         self.keep_masks: KeepMasks | None = None
         self.method: ImportanceMethod = None  # type: ignore[assignment]  # set by _select
         self._select()
+        claim_model(base_model, "SoftMaskModel")  # last: a refused model stays unmarked
 
     def _select(self) -> None:
         """Resolve masked and head parameters; rebuild the method when the masked set changed."""

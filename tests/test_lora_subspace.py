@@ -144,3 +144,25 @@ def test_sft_trainer_folds_after_each_task(tmp_path):
     for keep in cb.keep.values():  # both tasks' tokens protect some directions
         protection = torch.linalg.eigvalsh(torch.eye(len(keep)) - keep)  # the a_k
         assert float(protection.min()) > -1e-5 and 0.5 < float(protection.max()) < 1 + 1e-5
+
+
+def test_one_model_is_protected_by_one_kind_of_mask():
+    """SoftMaskModel (element-wise masks on the factors) and LoRASubspaceCallback (folds and
+    rewrites A) on one PeftModel: the second is refused, whichever comes first; the same kind
+    twice is fine (a reload onto the same model)."""
+    from softmask_peft import SoftMaskConfig, get_softmask_model
+
+    model = lora_net()
+    LoRASubspaceCallback(model)
+    with pytest.raises(ConfigError, match="already protected by a LoRASubspaceCallback"):
+        get_softmask_model(model, SoftMaskConfig())
+    LoRASubspaceCallback(model)
+    other = lora_net(1)
+    get_softmask_model(other, SoftMaskConfig())
+    with pytest.raises(ConfigError, match="already protected by a SoftMaskModel"):
+        LoRASubspaceCallback(other)
+    get_softmask_model(other, SoftMaskConfig())
+    fresh = lora_net(2)
+    with pytest.raises(ConfigError, match="scale"):
+        LoRASubspaceCallback(fresh, scale=-1)
+    get_softmask_model(fresh, SoftMaskConfig())  # a refused callback left no mark

@@ -43,6 +43,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..distributed import agreement, all_reduce_sum
 from ..errors import ConfigError, EmptyDataError, ImportanceMismatchError, InputTypeError
+from ..model import claim_model
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 _INITS = (True, "gaussian")  # adapter inits that start at ΔW = 0 (B = 0)
@@ -116,10 +117,11 @@ class LoRASubspaceCallback(TrainerCallback):
             or not 0 < scale < float("inf")
         ):
             raise ConfigError(f"scale must be a finite number > 0, got {scale!r}")
-        self.model, self.scale = model, float(scale)
         self.adapter = model.active_adapter
         _fresh_init(model, self.adapter)  # every task's fold starts a fresh adapter
         self.layers = _lora_layers(model, self.adapter)
+        claim_model(model, "LoRASubspaceCallback")  # last: a refused model stays unmarked
+        self.model, self.scale = model, float(scale)
         self.covariance: dict[str, Tensor] = {}
         self.keep: dict[str, Tensor] = {}
         self._old: list[Tensor] = []
