@@ -46,7 +46,7 @@ def check(written: dict, loads: dict) -> None:
 
 
 def test_loads_during_saves_are_never_mixed(tmp_path):
-    written, loads = stress(tmp_path / "ckpt", seconds=3.0)
+    written, loads = stress(tmp_path / "ckpt", seconds=2.0)
     check(written, loads)
 
 
