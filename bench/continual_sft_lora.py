@@ -29,11 +29,12 @@ Methods, one budget (10 epochs of 48 examples, batch 8, LoRA r 8 on q/k/v/o/up/d
 3e-2, or SGD lr 0.3 for the "-sgd" variants; plain, softmask and o-lora run with both, so the
 protecting methods get no optimizer the baselines did not):
   plain        one LoRA adapter trained task after task (the baseline)
-  softmask     the same + SoftMaskCallback (SPG importance of the LoRA factors; AdamW: update
-               masking, SGD: grad masking, the paper's optimizer)
-  subspace     LoRASubspaceCallback: after each task the adapter is folded into the base
-               weights and a fresh one trained with its A update soft-masked away from the
-               input directions earlier tasks used (K = I - U diag(tanh(λ/mean λ)) Uᵀ)
+  softmask     the same + SoftMaskCallback with lora_mask="factors" (SPG importance of the LoRA
+               factors; AdamW: update masking, SGD: grad masking, the paper's optimizer)
+  subspace     SoftMaskCallback with the default config (lora_mask="subspace", SGD only):
+               after each task the adapter is folded into the base weights and a fresh one
+               trained with its A update soft-masked away from the input directions earlier
+               tasks used (K = I - U diag(tanh(λ/(s Σλ))) Uᵀ, s = --subspace-scale)
   o-lora       O-LoRA-style (Wang et al. 2023): after each task the adapter is merged and a new one
                trained with λ Σ |A_new A_oldᵀ| pushing its subspace orthogonal to the old ones
   replay       plain + 8 stored examples of each earlier task mixed in (stores data: a reference)
@@ -43,7 +44,7 @@ protecting methods get no optimizer the baselines did not):
                upper bound on retention, no forgetting by construction)
 Probes (not in the default run, numbers in docs/guides/trainer-trl.md): fold (fold + fresh
 adapter, no mask), softmask-units (fold + importance of ΔW = B·A per output row / input column
-mapped onto B's rows and A's columns), subspace with AdamW.
+mapped onto B's rows and A's columns). The library refuses `subspace` with AdamW.
 Prints a table (mean ± std over seeds) and writes JSON. BASE_CACHE=file.safetensors (env)
 stores/reuses the pre-trained base (the same weights: the pre-training is deterministic).
 """
@@ -73,7 +74,7 @@ from trl import SFTConfig, SFTTrainer
 
 from softmask_peft import SoftMaskConfig, get_softmask_model
 from softmask_peft.integrations.callback import SoftMaskCallback
-from softmask_peft.integrations.lora_subspace import LoRASubspaceCallback, fold_adapter
+from softmask_peft.lora_subspace import LoRASubspace
 
 TASKS = {  # instruction -> the task's own answer word + one character read off the input word
     "first": lambda w: "red " + w[0],
@@ -85,7 +86,7 @@ METHODS = [  # the table's rows; "-sgd" = the same method with SGD (lr x 10) ins
     "plain", "plain-sgd", "softmask", "softmask-sgd", "subspace-sgd", "o-lora", "o-lora-sgd",
     "replay", "joint", "per-task",
 ]
-EXTRA = ["fold", "softmask-units", "subspace"]  # probes (seed 0 in the guide), not in the default run
+EXTRA = ["fold", "softmask-units"]  # probes (seed 0 in the guide), not in the default run
 FOLDING = ("fold", "softmask-units")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
@@ -188,14 +189,16 @@ def run(method: str, seed: int, base_state, tok, args) -> list[list[float]]:
     model = get_peft_model(fresh_base(), lora)
     callbacks = []
     if base.startswith("softmask"):
-        sm = get_softmask_model(model, SoftMaskConfig(**json.loads(args.softmask_config)))
+        options = {"lora_mask": "factors", **json.loads(args.softmask_config)}
+        sm = get_softmask_model(model, SoftMaskConfig(**options))
         if base == "softmask-units":  # a probe: the importance pass replaced (no capacity rule)
             sm.method.run = lambda task, batches, general=None, shape=None: lora_unit_importance(
                 sm, batches, args.unit_norm
             )
         callbacks = [SoftMaskCallback(sm)]
-    if base == "subspace":  # folds the adapter itself at the end of every train()
-        callbacks = [LoRASubspaceCallback(model, scale=args.subspace_scale)]
+    if base == "subspace":  # the default for a LoRA PeftModel: folds at the end of every train()
+        sm = get_softmask_model(model, SoftMaskConfig(lora_subspace_scale=args.subspace_scale))
+        callbacks = [SoftMaskCallback(sm)]
     old_a: dict[str, list[torch.Tensor]] = {}
     adapters: list[dict[str, torch.Tensor]] = []
     r = np.zeros((len(tasks), len(tasks)))
@@ -260,7 +263,7 @@ def run(method: str, seed: int, base_state, tok, args) -> list[list[float]]:
                     r[t, j] = accuracy(model, tok, evals)
             if base in FOLDING and t < len(tasks) - 1:
                 torch.manual_seed(seed + t)
-                fold_adapter(model)
+                LoRASubspace(model, 1.0).fold()  # no task's covariance yet: a plain fold
             if base == "o-lora" and t < len(tasks) - 1:
                 for n, p in model.named_parameters():
                     if "lora_A" in n:
@@ -376,7 +379,7 @@ def main() -> None:
     ap.add_argument("--olora-lambda", type=float, default=0.5)
     ap.add_argument("--softmask-config", default="{}", help="SoftMaskConfig kwargs (JSON)")
     ap.add_argument("--unit-norm", choices=["std", "mean"], default="mean", help="softmask-units")
-    ap.add_argument("--subspace-scale", type=float, default=1.0, help="LoRASubspaceCallback scale")
+    ap.add_argument("--subspace-scale", type=float, default=0.02, help="SoftMaskConfig.lora_subspace_scale")
     ap.add_argument("--out", default="docs/results/bench/bench_continual_sft_lora.json")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these runs into --out")
     args = ap.parse_args()

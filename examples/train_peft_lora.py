@@ -2,10 +2,12 @@
 
     python examples/train_peft_lora.py --out runs/lora
 
-Two tasks through one shared LoRA adapter on a tiny random BERT (no download). The save holds
-PEFT's own `adapter_config.json` + `adapter_model.safetensors` (no frozen backbone) beside the
-softmask files; `PeftModel.from_pretrained(base, dir, is_trainable=True)` reads it back and
-`SoftMaskModel.from_pretrained` restores the importance.
+Two tasks through one shared LoRA adapter on a tiny random BERT (no download), protected by SPG
+on the LoRA factors (`lora_mask="factors"`: element-wise importance, any optimizer; the default
+subspace mask folds each task into the base weights and needs SGD, see train_sft_lora.py). The
+save holds PEFT's own `adapter_config.json` + `adapter_model.safetensors` (no frozen backbone)
+beside the softmask files; `PeftModel.from_pretrained(base, dir, is_trainable=True)` reads it
+back and `SoftMaskModel.from_pretrained` restores the importance.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
                       modules_to_save=["classifier"])  # fmt: skip
-    model = get_softmask_model(get_peft_model(base_model(), lora), SoftMaskConfig())
+    model = get_softmask_model(get_peft_model(base_model(), lora), SoftMaskConfig(lora_mask="factors"))
     trainer = SoftMaskTrainer(
         model,
         TrainingArguments(args.out, num_train_epochs=3, learning_rate=1e-2, report_to=[],

@@ -5,14 +5,17 @@
 The model is a tiny Llama-style LM built from a config with a character tokenizer (no
 downloads); swap in `AutoModelForCausalLM.from_pretrained(...)` and its tokenizer for real use.
 The trainer trains your PeftModel exactly as TRL expects; `SoftMaskCallback` masks its optimizer
-steps with the importance of earlier tasks, runs the importance pass when `train()` ends and
-writes the softmask files into every checkpoint.
+steps, ends each task when `train()` ends and writes the softmask files into every checkpoint.
+A LoRA PeftModel gets the LoRA subspace mask (SoftMaskConfig's default, `lora_subspace.py`):
+A's SGD step is soft-masked away from the input directions earlier tasks used, and each task's
+adapter is folded into the base weights when the task ends. It needs SGD (`optim="sgd"`).
 """
 
 from __future__ import annotations
 
 import argparse
 
+import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from softmask_bench.char_lm import char_tokenizer, tiny_causal_lm
@@ -41,7 +44,7 @@ def main() -> None:
     tokenizer = char_tokenizer()
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(tiny_causal_lm(len(tokenizer)), lora)  # your PeftModel
-    softmask = get_softmask_model(model, SoftMaskConfig())  # holds importance and masks
+    softmask = get_softmask_model(model, SoftMaskConfig())  # LoRA: the subspace mask
     callback = SoftMaskCallback(softmask)
 
     tasks = {"reverse": task("reverse", lambda w: w[::-1]), "upper": task("upper", str.upper)}
@@ -50,7 +53,8 @@ def main() -> None:
             output_dir=f"{out}/{name}",
             num_train_epochs=epochs,
             per_device_train_batch_size=4,
-            learning_rate=5e-3,
+            optim="sgd",
+            learning_rate=0.3,
             save_strategy="epoch",
             report_to=[],
             use_cpu=True,
@@ -58,16 +62,15 @@ def main() -> None:
         SFTTrainer(
             model=model, args=args, train_dataset=data, processing_class=tokenizer,
             callbacks=[callback],
-        ).train()  # begins task t, masks every step, ends with the importance pass
-        a = softmask.importance
-        high = sum(int((v > 0.9).sum()) for v in a.values()) / sum(v.numel() for v in a.values())
-        print(f"task {t} ({name}) done: {softmask.num_tasks} task(s) of importance, "
-              f"{100 * high:.0f} % of LoRA values with A > 0.9")
+        ).train()  # begins task t, masks every step, ends it: covariances, then the fold
+        a = torch.cat(list(softmask.lora_subspace.protection().values()))
+        print(f"task {t} ({name}) done: {softmask.num_tasks} task(s) learned, "
+              f"{100 * float((a > 0.5).float().mean()):.0f} % of input directions protected > 0.5")
 
-    softmask.save_pretrained(f"{out}/continual")  # adapter + importance: the next task starts here
+    softmask.save_pretrained(f"{out}/continual")  # adapter, folded layers, covariances
     save_merged(softmask, f"{out}/serve")  # plain transformers folder for serving
     tokenizer.save_pretrained(f"{out}/serve")
-    print(f"saved {out}/continual (adapter + importance) and {out}/serve (merged)")
+    print(f"saved {out}/continual (to continue) and {out}/serve (merged)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ importance store. Method-specific options live in the method's own config (`SPGC
 
 Capacity options (`importance_sharpness`, `importance_budget`, `importance_decay`; format 4)
 decide how each task's importance is kept; configs of formats 1-3 load with the paper's rule.
+`lora_mask` (format 5) says how a LoRA PeftModel is protected; configs of formats 1-4 load with
+"factors", what they were trained with.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ _LEGACY_METHOD_KEYS = {  # format 1 kept DAS's options at the top level
 }
 LEGACY_TASK_KEYS = ("task_names", "task_num_classes")  # format 1 kept the task log here
 HEAD_SCALINGS = ("all", "except_new")
+LORA_MASKS = ("subspace", "factors")
 CAPACITY_SINCE = 4  # first config format with the capacity options
+LORA_MASK_SINCE = 5  # first config format with lora_mask; earlier ones masked the factors
 # the paper's accumulation (Konishi et al. 2023): every task's importance kept whole, max over tasks
 PAPER_CAPACITY = {"importance_sharpness": 1.0, "importance_budget": None, "importance_decay": 1.0}
 
@@ -151,6 +155,24 @@ class SoftMaskConfig:
             "older tasks' protection fades unless a later task needs the same values"
         },
     )
+    lora_mask: str = field(
+        default="subspace",
+        metadata={
+            "help": "a LoRA PeftModel's protection: 'subspace' (lora_subspace.py: per adapted "
+            "linear, A's SGD step soft-masked away from earlier tasks' input directions, the "
+            "adapter folded into the base weights after each task; needs torch.optim.SGD) or "
+            "'factors' (the method's element-wise importance of A and B, like any parameter). "
+            "Ignored for other models"
+        },
+    )
+    lora_subspace_scale: float = field(
+        default=0.02,
+        metadata={
+            "help": "'subspace': a_k = tanh(λ_k / (scale · Σλ)) per input direction: a direction "
+            "with the share `scale` of a layer's input energy is protected by 0.76, whatever "
+            "the width; smaller protects more directions more strongly (> 0)"
+        },
+    )
     method_config: Any = field(
         default=None,
         metadata={"help": "the method's own options (SPGConfig, DASConfig); None = its defaults"},
@@ -169,6 +191,12 @@ class SoftMaskConfig:
                 f"importance_dtype must be one of {IMPORTANCE_DTYPES}, got {self.importance_dtype!r}"
             )
         _check_capacity(self)
+        if self.lora_mask not in LORA_MASKS:
+            raise ConfigError(f"lora_mask must be one of {LORA_MASKS}, got {self.lora_mask!r}")
+        scale = self.lora_subspace_scale
+        if not _number(scale) or not 0.0 < scale < float("inf"):
+            raise ConfigError(f"lora_subspace_scale must be a finite number > 0, got {scale!r}")
+        self.lora_subspace_scale = float(scale)
         for name in ("target_modules", "exclude_modules", "head_modules"):
             setattr(self, name, _check_modules(name, getattr(self, name)))
         options = self.method_config
@@ -225,6 +253,8 @@ class SoftMaskConfig:
             data["head_scaling"] = "all"  # what 0.1.0 did
         if version < CAPACITY_SINCE:  # written before the capacity options: the paper's rule
             data.update(PAPER_CAPACITY)
+        if version < LORA_MASK_SINCE:  # LoRA was protected by the factors' importance
+            data["lora_mask"] = "factors"
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

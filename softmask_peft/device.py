@@ -236,6 +236,12 @@ def _check_exportable(model: Any) -> None:
         raise ConfigError(
             f"device export supports parameter-level importance (method='spg'), got {cfg.method!r}"
         )
+    if getattr(model, "lora_subspace", None) is not None:
+        raise ConfigError(
+            "device export carries element-wise importance; the LoRA subspace mask (the fold, "
+            "the projection of A) has no device learner: export the merged model "
+            "(softmask_peft.merge.save_merged) wrapped with SoftMaskConfig(lora_mask='factors')"
+        )
     if model.current_task is not None:
         raise TaskOrderError(
             f"task {model.current_task} is still open: call end_task() before exporting"

@@ -2,7 +2,9 @@
 
 `keep = 1 - A` for every masked parameter and one scalar `1 - ā` for the heads
 (ā = mean of A over all masked elements). Built once per task, grouped by (device, dtype)
-so each transform is a handful of `torch._foreach_*` calls.
+so each transform is a handful of `torch._foreach_*` calls. A LoRA model's subspace mask
+(`lora_subspace.py`) rides along: (A, K) pairs, A ← A_old + (A_new − A_old)·K after every step,
+whichever transform runs.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class KeepMasks:
         heads: list[Tensor],
         head_keep: float,
         added: list[Tensor],
+        subspace: list[tuple[Tensor, Tensor]] | None = None,
     ) -> None:
         self._params = params
         self._importance = [a.detach().to("cpu", torch.float32) for a in importance]
@@ -80,7 +83,21 @@ class KeepMasks:
         self.heads = heads
         self.head_keep = head_keep
         self.added = added
+        self.subspace = list(subspace or [])  # (LoRA A, keep matrix K): lora_subspace.py
+        self._subspace_old: list[Tensor] = []
         self.masked_steps = 0  # counted by the transforms: a task trained with 0 was unprotected
+
+    @torch.no_grad()
+    def remember_subspace(self) -> None:
+        """Before a step: A_old of every subspace-masked LoRA A."""
+        self._subspace_old = [a.detach().clone() for a, _ in self.subspace]
+
+    @torch.no_grad()
+    def project_subspace(self) -> None:
+        """After the step: A ← A_old + (A_new − A_old)·K, the step kept off earlier tasks' inputs."""
+        for (a, k), old in zip(self.subspace, self._subspace_old):
+            a.copy_(old + (a - old) @ k.to(device=a.device, dtype=a.dtype))
+        self._subspace_old = []
 
     @property
     def groups(self) -> list[MaskGroup]:
@@ -94,11 +111,13 @@ def build_keep_masks(
     importance: Mapping[str, Tensor],
     heads: list[Tensor],
     added: list[Tensor] | None = None,
+    subspace: list[tuple[Tensor, Tensor]] | None = None,
 ) -> KeepMasks:
     """keep[p] = 1 - A[p] for the masked parameters, head_keep = 1 - Σ A / Σ numel (element-weighted).
 
     `heads` are the head parameters scaled by head_keep (with `head_scaling="except_new"` the
-    caller leaves the current task's new head out).
+    caller leaves the current task's new head out); `subspace` the (A, K) pairs of a LoRA
+    model's subspace mask.
     """
     total, count = 0.0, 0
     for a in importance.values():
@@ -112,6 +131,7 @@ def build_keep_masks(
         list(heads),
         head_keep,
         list(added or []),
+        subspace,
     )
 
 
@@ -175,23 +195,29 @@ class GradMask:
             torch._foreach_mul_(head_grads, masks.head_keep)
 
     def step(self, base: Optimizer, masks: KeepMasks, closure: Callable[[], Any] | None) -> Any:
+        masks.remember_subspace()
         if closure is None:
             self.mask_gradients(masks)
-            return base_step(base, None)
+            loss = base_step(base, None)
+        else:
 
-        def masked_closure() -> Any:
-            loss = closure()
-            self.mask_gradients(masks)
-            return loss
+            def masked_closure() -> Any:
+                loss = closure()
+                self.mask_gradients(masks)
+                return loss
 
-        return base.step(masked_closure)
+            loss = base.step(masked_closure)
+        masks.project_subspace()
+        return loss
 
     def before_step(self, masks: KeepMasks) -> None:
         """For a host loop that steps itself (a Trainer callback): mask the gradients."""
+        masks.remember_subspace()
         self.mask_gradients(masks)
 
     def after_step(self, masks: KeepMasks) -> None:
-        """Nothing to do after the step."""
+        """The subspace mask's projection (nothing else to do after the step)."""
+        masks.project_subspace()
 
 
 class UpdateMask:
@@ -211,6 +237,7 @@ class UpdateMask:
     @torch.no_grad()
     def _remember(self, masks: KeepMasks) -> None:
         masks.masked_steps += 1
+        masks.remember_subspace()
         groups = masks.groups
         if self._for is not groups:
             self._old = [[torch.empty_like(p) for p in g.params] for g in groups]
@@ -227,6 +254,7 @@ class UpdateMask:
             torch._foreach_lerp_(g.params, old, g.importance)
         if masks.head_keep != 1.0 and masks.heads:
             torch._foreach_lerp_(masks.heads, self._old_heads, 1.0 - masks.head_keep)
+        masks.project_subspace()
 
     def before_step(self, masks: KeepMasks) -> None:
         """For a host loop that steps itself (a Trainer callback): remember p_old."""

@@ -9,6 +9,8 @@ refuses a merged PeftModel). `save_merged` merges a *copy* instead:
     AutoModelForCausalLM.from_pretrained("run/serve")
 
 The copy costs one model's memory for the duration of the save; the wrapped model is unchanged.
+With the LoRA subspace mask the base weights already hold every finished task (folded at each
+task's end, `lora_subspace.py`): the merge adds the open task's adapter.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """SoftMaskModel: a thin wiring of config, importance method, importance store and keep-masks.
 
 Ownership: the model owns its config (a copy, never mutated afterwards), its importance store
-(importance, per-task history, task log, general importance) and its keep-masks; nothing else
-writes them. The importance method computes and returns; `persistence` reads and writes files.
+(importance, per-task history, task log, general importance), its keep-masks and, for a LoRA
+PeftModel with `lora_mask="subspace"`, its `LoRASubspace` (covariances); nothing else writes them. The importance method computes and returns; `persistence` reads and writes files.
 """
 
 from __future__ import annotations
@@ -28,26 +28,12 @@ from .device import device_state_problems
 from .errors import ConfigError, ImportanceMismatchError, InputTypeError, TaskOrderError
 from .heads import ADAPTERS, MultiHeadClassifier, expand_heads
 from .importance import ImportanceMethod, method_spec
+from .lora_subspace import LoRASubspace, elementwise_masked, subspace_for
 from .masking import KeepMasks, build_keep_masks
 from .persistence import head_shapes, importance_problem, load_checkpoint, save_checkpoint
 from .selection import select_parameters
 from .store import ImportanceStore, TaskRecord
 from .weights import load_weights
-
-OWNER_MARK = "_softmask_owner"  # on a model: the kind of softmask object that changes its tensors
-
-
-def claim_model(model: nn.Module, owner: str) -> None:
-    """Mark `model` as changed by an `owner` (a class name); refuse a model that another kind
-    already changes: a `SoftMaskModel` and a `LoRASubspaceCallback` would both rewrite the same
-    LoRA tensors (the fold resets what the masks protect), and neither would protect."""
-    held = getattr(model, OWNER_MARK, None)
-    if held is not None and held != owner:
-        raise ConfigError(
-            f"this {type(model).__name__} is already protected by a {held}; a {owner} would "
-            "change the same tensors: use one of the two"
-        )
-    object.__setattr__(model, OWNER_MARK, owner)
 
 
 class SoftMaskModel(nn.Module):
@@ -78,18 +64,22 @@ class SoftMaskModel(nn.Module):
         self.softmask_config = config
         self.store = ImportanceStore()
         self.keep_masks: KeepMasks | None = None
+        self.lora_subspace: LoRASubspace | None = subspace_for(base_model, config)
         self.method: ImportanceMethod = None  # type: ignore[assignment]  # set by _select
         self._select()
-        claim_model(base_model, "SoftMaskModel")  # last: a refused model stays unmarked
 
     def _select(self) -> None:
-        """Resolve masked and head parameters; rebuild the method when the masked set changed."""
+        """Resolve masked and head parameters; rebuild the method when the masked set changed.
+
+        With a LoRA subspace mask, the LoRA factors it protects are masked by it, not by the
+        method's element-wise importance (`elementwise_masked`)."""
         masked, heads = select_parameters(self.base_model, self.softmask_config)
         self.head_parameter_names = heads
-        if self.method is None or masked != self.method.masked:
+        elementwise = elementwise_masked(masked, self.lora_subspace)
+        if self.method is None or elementwise != self.method.masked:
             spec = method_spec(self.softmask_config.method)
             self.method = spec.method_class(
-                self.base_model, masked, self.softmask_config.method_config
+                self.base_model, elementwise, self.softmask_config.method_config
             )
         self.masked_parameter_names = masked
 
@@ -220,7 +210,10 @@ class SoftMaskModel(nn.Module):
         params = dict(self.base_model.named_parameters())
         unscaled = self._unscaled_head_parameters()
         heads = [params[n] for n in self.head_parameter_names if id(params[n]) not in unscaled]
-        self.keep_masks = build_keep_masks(params, self.parameter_importance(), heads, added)
+        subspace = self.lora_subspace.steps() if self.lora_subspace is not None else None
+        self.keep_masks = build_keep_masks(
+            params, self.parameter_importance(), heads, added, subspace
+        )
 
     def _unscaled_head_parameters(self) -> set[int]:
         """ids of the head parameters trained without the 1 - ā scale.
@@ -242,7 +235,9 @@ class SoftMaskModel(nn.Module):
 
     def end_task(self, train_batches: Iterable[Any]) -> dict[str, Tensor]:
         """Compute this task's importance on its training data, shape it by the capacity
-        options (`capacity.py`; the paper's values change nothing) and accumulate it."""
+        options (`capacity.py`; the paper's values change nothing) and accumulate it. A LoRA
+        subspace mask then adds the task's input covariances and folds the adapter
+        (`lora_subspace.py`; `train_batches` is read a second time for it)."""
         task = self.store.open_task
         if task is None:
             raise TaskOrderError("end_task() without a matching begin_task()")
@@ -259,11 +254,17 @@ class SoftMaskModel(nn.Module):
         try:
             # callers often evaluate under no_grad; checkpointed recomputation breaks the pass
             with torch.enable_grad(), gradient_checkpointing_off(self.base_model):
-                importance = self.method.run(
-                    task, train_batches, self.store.general, self._shape_task_importance
+                importance = (
+                    self.method.run(
+                        task, train_batches, self.store.general, self._shape_task_importance
+                    )
+                    if self.method.masked
+                    else {}  # a LoRA model whose only trainable tensors are subspace-masked
                 )
         finally:
             self.base_model.train(was_training)
+        if self.lora_subspace is not None:
+            self.lora_subspace.end_task(train_batches)
         self._close_task(importance)
         return importance
 
@@ -317,7 +318,8 @@ class SoftMaskModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config, importance (with the task log) and the base weights, as one commit."""
-        save_checkpoint(directory, self.base_model, self.softmask_config, self.store)
+        subspace = self.lora_subspace.state_dict() if self.lora_subspace is not None else None
+        save_checkpoint(directory, self.base_model, self.softmask_config, self.store, subspace)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike) -> SoftMaskModel:
@@ -330,6 +332,8 @@ class SoftMaskModel(nn.Module):
         expand_heads(base_model, [t.num_classes for t in ckpt.store.tasks])
         load_weights(base_model, ckpt.weights)
         model = cls(base_model, ckpt.config)
+        if model.lora_subspace is not None:  # checked against the model by load_checkpoint
+            model.lora_subspace.load_state_dict(ckpt.subspace)
         model.store = ckpt.store
         if model.store.open_task is not None:
             model.refresh_masks()

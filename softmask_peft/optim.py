@@ -11,6 +11,7 @@ import torch
 from torch.optim import Optimizer
 
 from .errors import ConfigError, InputTypeError
+from .lora_subspace import require_sgd
 from .masking import (
     MASK_MODES,
     MASK_TRANSFORMS,
@@ -217,6 +218,8 @@ def _mask_source(masks: MaskSource, base: Optimizer) -> Callable[[], KeepMasks |
     if isinstance(masks, KeepMasks):
         return _Fixed(masks)
     if hasattr(masks, "keep_masks") and hasattr(masks, "masked_parameter_names"):
+        if getattr(masks, "lora_subspace", None) is not None:
+            require_sgd(base)
         held = {id(p) for g in base.param_groups for p in g["params"]}
         named = dict(masks.base_model.named_parameters())
         if not any(id(named[n]) in held for n in masks.masked_parameter_names):

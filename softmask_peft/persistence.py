@@ -43,6 +43,7 @@ from softmask_format.names import (
     IMPORTANCE_DTYPES,
     IMPORTANCE_NAME,
     LOG_UINT8_SINCE,
+    LORA_SUBSPACE_NAME,
     READABLE_FORMAT_VERSIONS,
 )
 from softmask_format.version import package_version
@@ -61,6 +62,7 @@ from .errors import (
 )
 from .heads import MultiHeadClassifier
 from .importance import method_spec
+from .lora_subspace import LoRASubspace, elementwise_masked, subspace_for
 from .selection import select_parameters
 from .store import ImportanceStore, TaskRecord
 from .weights import (
@@ -131,18 +133,27 @@ def save_importance(
 
 
 def save_checkpoint(
-    directory: str | os.PathLike, base_model: nn.Module, config: SoftMaskConfig, store: ImportanceStore
+    directory: str | os.PathLike,
+    base_model: nn.Module,
+    config: SoftMaskConfig,
+    store: ImportanceStore,
+    subspace: Mapping[str, Tensor] | None = None,
 ) -> None:
-    """Write config, importance and the base weights into `directory`, as one commit.
+    """Write config, importance and the base weights into `directory`, as one commit; with a
+    LoRA subspace mask also its state (`LORA_SUBSPACE_NAME`: covariances and folded weights).
 
     The files are staged and committed as a set: a crash leaves the previous checkpoint or,
-    once committed, the new one, which the next load finishes moving into place. Weights and
-    importance carry the same random `save_id`, so a pair from two saves is refused.
+    once committed, the new one, which the next load finishes moving into place. Weights,
+    importance (and subspace state) carry the same random `save_id`, so files from two saves
+    are refused.
     """
     save_id = uuid.uuid4().hex
 
     def write(staging: Path) -> None:
         save_weights(base_model, staging, save_id)
+        if subspace is not None:
+            meta = {"format_version": str(FORMAT_VERSION), "save_id": save_id}
+            save_file(dict(subspace), str(staging / LORA_SUBSPACE_NAME), metadata=meta)
         recorded = json.dumps(config.to_dict(), sort_keys=True)
         save_importance(staging / IMPORTANCE_NAME, store, config.importance_dtype, save_id, recorded)
         config.save_pretrained(staging)
@@ -189,6 +200,7 @@ class Checkpoint:
     config: SoftMaskConfig
     store: ImportanceStore
     weights: SavedWeights
+    subspace: dict[str, Tensor] | None = None  # LoRA subspace state, checked against the model
 
 
 @dataclass
@@ -304,9 +316,11 @@ def _plan_importance(
     tasks: list[TaskRecord] | None,
     required: set[str],
     raw_config: Mapping[str, Any],
+    empty_tasks: bool = False,
 ) -> _Plan:
     """Check everything an importance header tells (version, task log, keys, shapes, dtypes)
-    against the model; raise before any tensor data is read."""
+    against the model; raise before any tensor data is read. `empty_tasks`: a task may hold no
+    importance (a LoRA model whose trainable tensors a subspace mask protects)."""
     metadata = head.metadata
     version = _version(metadata, where)
     if tasks is None:
@@ -315,7 +329,7 @@ def _plan_importance(
         num_tasks = int(metadata.get("num_tasks", ""))
     except ValueError as e:
         raise CorruptFileError(f"{where}: metadata num_tasks is missing or invalid") from e
-    if not 0 <= num_tasks <= len(head.shapes):
+    if num_tasks < 0 or (not empty_tasks and num_tasks > len(head.shapes)):
         raise CorruptFileError(
             f"{where}: metadata says {num_tasks} task(s) but the file holds {len(head.shapes)} "
             "tensor(s)"
@@ -346,7 +360,10 @@ def _plan_importance(
         problems += [f"missing key {n!r}" for n in sorted((required | covered) - set(accumulated))]
     if general:
         problems += [f"missing key {GENERAL_PREFIX + n!r}" for n in sorted(required - set(general))]
-    problems += [f"task {k} has no importance" for k in range(num_tasks) if not groups[f"{TASK_PREFIX}{k}."]]
+    if not empty_tasks:
+        problems += [
+            f"task {k} has no importance" for k in range(num_tasks) if not groups[f"{TASK_PREFIX}{k}."]
+        ]
     if not num_tasks <= len(tasks) <= num_tasks + 1:
         problems.append(f"the task log names {len(tasks)} task(s) but the file holds {num_tasks}")
     _raise_problems(problems, where)
@@ -365,6 +382,7 @@ def read_importance(
     tasks: list[TaskRecord] | None = None,
     required: Collection[str] | None = None,
     raw_config: Mapping[str, Any] | None = None,
+    empty_tasks: bool = False,
 ) -> ImportanceFile:
     """Read and validate an importance file once; raise before building anything if it does
     not fit.
@@ -378,18 +396,18 @@ def read_importance(
     one error; all but the values are found in the header, before any tensor data is read.
     `tasks` defaults to the file's own task log (format 2+; format 1: `raw_config`'s).
     `source`: a path, or a file the caller opened (`weights.open_safetensors`) and has read
-    the header of.
+    the header of. `empty_tasks`: tasks may hold no importance at all (a LoRA subspace mask).
     """
     if not isinstance(source, SafetensorsFile):
         path = Path(source)
         if not path.is_file():
             raise MissingFileError(f"importance file {str(path)!r} does not exist")
         with open_safetensors(path) as f:
-            return read_importance(f, allowed, tasks, required, raw_config)
+            return read_importance(f, allowed, tasks, required, raw_config, empty_tasks)
     where = repr(str(source.path))
     required = set(allowed if required is None else required)
     head = source.header
-    plan = _plan_importance(head, where, allowed, tasks, required, raw_config or {})
+    plan = _plan_importance(head, where, allowed, tasks, required, raw_config or {}, empty_tasks)
     tensors = source.tensors()
     decoded = {
         prefix: {n: decode(tensors[key], plan.version) for n, key in group.items()}
@@ -515,9 +533,44 @@ def _read_checkpoint(base_model: nn.Module, directory: Path) -> Checkpoint:
                 "save in progress, or an interrupted one?); refusing to pair them"
             )
         masked, _ = select_parameters(base_model, config)
+        lora = subspace_for(base_model, config)
+        masked = elementwise_masked(masked, lora)
         method = method_spec(config.method).method_class(base_model, masked, config.method_config)
         saved = read_importance(
-            importance, method.storable_shapes(), tasks, method.required_importance()
+            importance,
+            method.storable_shapes(),
+            tasks,
+            method.required_importance(),
+            empty_tasks=lora is not None,
         )
+        subspace = None if lora is None else _read_subspace(directory, lora, weights.save_id)
     _check_selection(base_model, config, saved.config, where)
-    return Checkpoint(config, saved.store, weights)
+    return Checkpoint(config, saved.store, weights, subspace)
+
+
+def _read_subspace(directory: Path, lora: LoRASubspace, save_id: str) -> dict[str, Tensor]:
+    """The LoRA subspace state saved with the weights `save_id` names, checked against the
+    model (header before any tensor data, then values)."""
+    path = directory / LORA_SUBSPACE_NAME
+    expected = lora.shapes()
+    with open_safetensors(path) as f:
+        meta = f.header.metadata
+        if meta.get("save_id", "") != save_id:
+            raise _MixedSaveError(
+                f"the weights and {LORA_SUBSPACE_NAME} in {str(directory)!r} come from "
+                "different saves; refusing to pair them"
+            )
+        wrong = [
+            k for k in sorted(set(expected) | set(f.header.shapes))
+            if f.header.shapes.get(k) != expected.get(k) or f.header.dtypes.get(k) != "F32"
+        ]  # fmt: skip
+        if wrong:
+            raise ImportanceMismatchError(
+                f"{str(path)!r} does not fit this model's LoRA layers: {', '.join(wrong[:5])} "
+                "(missing, unexpected, or not float32 of the layer's shape)"
+            )
+        state = f.tensors()
+    problems = lora.problems(state)
+    if problems:
+        raise ImportanceMismatchError(f"{str(path)!r}:\n  " + "\n  ".join(problems[:10]))
+    return state

@@ -57,24 +57,22 @@ def run(mode: str, rank: int, world: int, out: Path) -> None:
 
 
 def subspace_model():
-    """A LoRA tiny BERT and its LoRASubspaceCallback (same on every rank)."""
+    """The LoRA subspace mask of a LoRA tiny BERT's SoftMaskModel (same on every rank)."""
     from peft import LoraConfig, get_peft_model
-
-    from softmask_peft.integrations.lora_subspace import LoRASubspaceCallback
 
     torch.manual_seed(0)
     lora = LoraConfig(r=2, target_modules=["query", "value"])
-    model = get_peft_model(tiny_bert(dropout=0.0), lora)
-    return LoRASubspaceCallback(model)
+    model = get_softmask_model(get_peft_model(tiny_bert(dropout=0.0), lora), SoftMaskConfig())
+    return model.lora_subspace
 
 
 def subspace(rank: int, world: int, out: Path) -> None:
     """Each rank passes its shard of the same text batches; writes the covariances and keeps."""
-    callback = subspace_model()
+    lora = subspace_model()
     mine = text_batches(n=16, seed=4)[rank::world]  # dict batches with padding
-    callback.add_covariance(mine)
-    keep = {f"keep.{n}": k for n, k in callback.keep.items()}
-    tensors = {k: v.contiguous() for k, v in {**callback.state_dict(), **keep}.items()}
+    lora.add_covariance(mine)
+    keep = {f"keep.{n}": k for n, k in lora.keep.items()}
+    tensors = {k: v.contiguous() for k, v in {**lora.state_dict(), **keep}.items()}
     save_file(tensors, str(out / f"subspace_rank{rank}.safetensors"))
 
 

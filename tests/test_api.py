@@ -155,7 +155,7 @@ def test_peft_lora_model_masks_exactly_the_trainable_lora_params(tmp_path):
     torch.manual_seed(0)
     pm = lora_bert(seed=0)
     assert isinstance(pm, PeftModel)
-    model = get_softmask_model(pm, SoftMaskConfig(head_modules=["classifier"]))
+    model = get_softmask_model(pm, SoftMaskConfig(head_modules=["classifier"], lora_mask="factors"))
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
     lora = [n for n in trainable if ".lora_" in n]
     assert len(lora) == 8

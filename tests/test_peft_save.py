@@ -68,7 +68,8 @@ def test_one_adapter_per_task_round_trips_in_peft_layout(tmp_path):
 
 @ENDS_UNTRAINED
 def test_shared_adapter_round_trips_and_the_adapter_file_is_peft_readable(tmp_path):
-    model = get_softmask_model(get_peft_model(tiny_bert(), lora_cfg()), SoftMaskConfig())
+    config = SoftMaskConfig(lora_mask="factors")  # element-wise importance of the factors
+    model = get_softmask_model(get_peft_model(tiny_bert(), lora_cfg()), config)
     for t in range(2):
         model.begin_task(t)
         train(model, seed=20 + t)

@@ -186,7 +186,7 @@ def test_uint8_codes_are_read_by_the_codec_of_the_files_format(tmp_path, version
     assert float(loaded.accumulated["w"][0]) == 0.0 and float(loaded.accumulated["w"][-1]) == 1.0
 
 
-@pytest.mark.parametrize("version", ["5", None])
+@pytest.mark.parametrize("version", ["6", None])
 def test_load_rejects_unknown_format_version(tmp_path, version):
     path = tmp_path / "imp.safetensors"
     meta = {"format": "pt", "num_tasks": "0"}
@@ -240,8 +240,8 @@ def test_save_writes_the_three_files_and_metadata(tmp_path):
     names = set(model.importance)
     assert keys == names | {f"task.{k}.{n}" for k in range(2) for n in names}
     cfg = json.loads((directory / CONFIG_NAME).read_text())
-    assert cfg["format_version"] == 4 and cfg["method"] == "spg"  # 4: the capacity options
-    assert meta["format_version"] == "4"
+    assert cfg["format_version"] == 5 and cfg["method"] == "spg"  # 5: lora_mask
+    assert meta["format_version"] == "5"
     assert json.loads(meta["tasks"]) == [{"name": "task_0", "num_classes": None}, {"name": "task_1", "num_classes": None}]
     assert "task_names" not in cfg
 

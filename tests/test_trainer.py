@@ -178,7 +178,7 @@ def lora_model(seed=0):
 
 
 def test_peft_lora_in_trainer_writes_adapter_checkpoints(tmp_path):
-    model = get_softmask_model(lora_model(), SoftMaskConfig(mask_mode="update"))
+    model = get_softmask_model(lora_model(), SoftMaskConfig(mask_mode="update", lora_mask="factors"))
     assert model.head_parameter_names and all(
         "modules_to_save" in n for n in model.head_parameter_names
     )

@@ -75,9 +75,10 @@ def lora_params(model: PeftModel) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(("optim", "mode"), [("adamw_torch", "update"), ("sgd", "grad")])
 def test_sft_step_is_soft_masked_exactly(tmp_path, optim, mode):
     """After task 0, one SFTTrainer step with the callback moves each LoRA value by (1 - A) times
-    what the same step moves it without the callback (AdamW: update masking, SGD: grad masking)."""
+    what the same step moves it without the callback (AdamW: update masking, SGD: grad masking).
+    SPG on the LoRA factors: lora_mask="factors" (the subspace mask: test_lora_subspace.py)."""
     model = lora_lm()
-    softmask = get_softmask_model(model, SoftMaskConfig())
+    softmask = get_softmask_model(model, SoftMaskConfig(lora_mask="factors"))
     callback = SoftMaskCallback(softmask)
     sft(model, tmp_path / "t0", chat(0), [callback], optim=optim, assistant_only_loss=True).train()
     assert softmask.num_tasks == 1 and softmask.current_task is None
@@ -113,27 +114,40 @@ def test_sft_step_is_soft_masked_exactly(tmp_path, optim, mode):
     ],
     ids=["completion-only", "completion-packed", "text-wrapped", "chat-checkpointing"],
 )
-def test_formats_train_two_tasks_and_write_complete_checkpoints(tmp_path, make, kw):
+@pytest.mark.parametrize(
+    "lora_mask", [pytest.param("subspace", marks=pytest.mark.slow), "factors"]
+)  # the subspace mask through SFTTrainer by default: tests/test_lora_subspace.py
+def test_formats_train_two_tasks_and_write_complete_checkpoints(tmp_path, make, kw, lora_mask):
     model = lora_lm()
-    softmask = get_softmask_model(model, SoftMaskConfig())
+    softmask = get_softmask_model(model, SoftMaskConfig(lora_mask=lora_mask))
     callback = SoftMaskCallback(softmask)
+    optim = "sgd" if lora_mask == "subspace" else "adamw_torch"
     for t in range(2):
         out = tmp_path / f"task{t}"
-        sft(model, out, make(t + 2), [callback], save_strategy="steps", save_steps=1, **kw).train()
+        sft(model, out, make(t + 2), [callback], save_strategy="steps", save_steps=1, optim=optim,
+            **kw).train()  # fmt: skip
         assert softmask.num_tasks == t + 1
     ckpt = latest_complete_checkpoint(tmp_path / "task1")
     assert ckpt is not None and check_trainer_checkpoint(ckpt) >= 1
-    for a in softmask.importance.values():
-        assert torch.isfinite(a).all() and float(a.min()) >= 0 and float(a.max()) <= 1
-    assert any(float(a.max()) > 0 for a in softmask.importance.values())
-    # the checkpoint (taken during task 1) opens with PEFT, and carries task 0's importance
+    if lora_mask == "factors":
+        for a in softmask.importance.values():
+            assert torch.isfinite(a).all() and float(a.min()) >= 0 and float(a.max()) <= 1
+        assert any(float(a.max()) > 0 for a in softmask.importance.values())
+    else:  # the LoRA factors are the subspace mask's: no element-wise importance
+        assert softmask.importance == {} and len(softmask.lora_subspace.covariance) == 4
+    # the checkpoint (taken during task 1) opens with PEFT, and carries task 0's importance;
+    # the subspace mask's folded weights and covariance go onto the same pretrained base
     loaded_peft = PeftModel.from_pretrained(
-        tiny_causal_lm(len(TOK), seed=3), ckpt, is_trainable=True
+        tiny_causal_lm(len(TOK), seed=0 if lora_mask == "subspace" else 3), ckpt, is_trainable=True
     )
     loaded = SoftMaskModel.from_pretrained(loaded_peft, ckpt)
     assert loaded.num_tasks == 1 and loaded.current_task == 1
     for k, v in loaded.importance.items():
         torch.testing.assert_close(v, softmask.task_importance(0)[k])
+    if lora_mask == "subspace":
+        first = loaded.lora_subspace.state_dict()  # task 0's covariance, folded weights
+        assert first.keys() == softmask.lora_subspace.state_dict().keys()
+        assert any(float(v.abs().max()) > 0 for k, v in first.items() if "covariance" in k)
 
 
 def test_peft_config_made_by_trl_is_refused(tmp_path):

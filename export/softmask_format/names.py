@@ -15,8 +15,13 @@ WEIGHTS_NAME = "model.safetensors"
 # 3: uint8 importance is the log-keep code (codec.py); formats 1-2 stored round(255 · A)
 # 4: the config holds the capacity options (importance_sharpness, _budget, _decay); formats 1-3
 #    load with the paper's values
-FORMAT_VERSION = 4
-READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)
+# 5: the config holds lora_mask; with "subspace" a LoRA PeftModel's checkpoint adds
+#    LORA_SUBSPACE_NAME; formats 1-4 load with lora_mask = "factors"
+FORMAT_VERSION = 5
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4, 5)
+# lora_mask="subspace": per adapted layer "{layer}.covariance" (in, in) and "{layer}.base_weight"
+# (out, in, every finished task folded in), float32; metadata format_version and save_id
+LORA_SUBSPACE_NAME = "lora_subspace.safetensors"
 LOG_UINT8_SINCE: int = _DEVICE[
     "log_uint8_since"
 ]  # first format (torch and device) whose uint8 importance is log-keep

@@ -48,11 +48,11 @@ from softmask_format.names import CONFIG_NAME, IMPORTANCE_NAME
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..errors import ConfigError, CorruptFileError, InputTypeError, MissingFileError, TaskOrderError
+from ..lora_subspace import require_sgd
 from ..masking import MASK_TRANSFORMS
 from ..model import SoftMaskModel
 from ..optim import SoftMaskOptimizer, resolve_mask_mode
-from ..persistence import load_checkpoint
-from ..store import ImportanceStore
+from ..persistence import Checkpoint, load_checkpoint
 from ..weights import open_safetensors
 
 TRAINER_STATE_NAME = "trainer_state.json"  # transformers' name (trainer.TRAINER_STATE_NAME)
@@ -142,9 +142,10 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
-def check_same_importance(model: SoftMaskModel, saved: ImportanceStore, directory: Any) -> None:
-    """Refuse to resume unless `model` carries exactly the checkpoint's finished-task importance."""
-    mine = model.store
+def check_same_state(model: SoftMaskModel, ckpt: Checkpoint, directory: Any) -> None:
+    """Refuse to resume unless `model` carries exactly the checkpoint's finished-task importance
+    (and, with the LoRA subspace mask, its covariances and folded weights)."""
+    saved, mine = ckpt.store, model.store
     same = (
         saved.num_tasks == mine.num_tasks
         and saved.accumulated.keys() == mine.accumulated.keys()
@@ -156,6 +157,13 @@ def check_same_importance(model: SoftMaskModel, saved: ImportanceStore, director
             f"that this model does not carry ({mine.num_tasks} task(s)): resuming would train "
             "without their protection. Load it first: model = SoftMaskModel.from_pretrained("
             "base, checkpoint); model.begin_task(model.num_tasks)"
+        )
+    lora = model.lora_subspace
+    if lora is not None and not lora.same_state(ckpt.subspace):
+        raise TaskOrderError(
+            f"{str(directory)!r} holds LoRA subspace state (covariances, folded base weights) "
+            "that this model does not carry: resuming would train on other weights. Load it "
+            "first: model = SoftMaskModel.from_pretrained(base, checkpoint)"
         )
 
 
@@ -240,6 +248,8 @@ class SoftMaskCallback(TrainerCallback):
             self.model.begin_task(self.model.num_tasks)
             self._began_here = True
         opt = _inner_optimizer(kw.get("optimizer"))
+        if self.model.lora_subspace is not None and opt is not None:
+            require_sgd(getattr(opt, "base", opt))
         if isinstance(opt, SoftMaskOptimizer) or opt is None:
             self._transform = None  # SoftMaskTrainer's optimizer masks its own step
             return
@@ -315,5 +325,4 @@ class SoftMaskCallback(TrainerCallback):
             )
             return
         check_trainer_checkpoint(folder)
-        ckpt = load_checkpoint(self.model.base_model, folder)
-        check_same_importance(self.model, ckpt.store, folder)
+        check_same_state(self.model, load_checkpoint(self.model.base_model, folder), folder)

@@ -49,7 +49,7 @@ from ..persistence import load_checkpoint
 from ..weights import load_weights
 from .callback import (
     SoftMaskCallback,
-    check_same_importance,
+    check_same_state,
     check_trainer_checkpoint,
     latest_complete_checkpoint,
 )
@@ -203,7 +203,7 @@ class SoftMaskTrainer(Trainer):
         directory = Path(resume_from_checkpoint)
         base = self.model.base_model
         ckpt = load_checkpoint(base, directory)  # validates, changes nothing
-        check_same_importance(self.model, ckpt.store, directory)
+        check_same_state(self.model, ckpt, directory)
         if self.model.current_task is None:
             raise TaskOrderError("call begin_task(t) before train(resume_from_checkpoint=...)")
         expand_heads(base, [t.num_classes for t in ckpt.store.tasks])

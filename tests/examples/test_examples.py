@@ -107,7 +107,7 @@ def test_device_example():
 
 def test_sft_lora_example(tmp_path):
     out = run("examples/train_sft_lora.py", "--out", str(tmp_path), "--epochs", "1")
-    assert "task 1 (upper) done: 2 task(s) of importance" in out
+    assert "task 1 (upper) done: 2 task(s) learned" in out
     from peft import PeftModel
     from softmask_bench.char_lm import char_tokenizer, tiny_causal_lm
     from transformers import AutoModelForCausalLM
@@ -116,7 +116,8 @@ def test_sft_lora_example(tmp_path):
     from softmask_peft.integrations.callback import latest_complete_checkpoint
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "serve")
-    base = tiny_causal_lm(len(char_tokenizer()))
+    base = tiny_causal_lm(len(char_tokenizer()))  # the pretrained base: folded layers go onto it
     peft = PeftModel.from_pretrained(base, tmp_path / "continual", is_trainable=True)
-    assert SoftMaskModel.from_pretrained(peft, tmp_path / "continual").num_tasks == 2
+    again = SoftMaskModel.from_pretrained(peft, tmp_path / "continual")
+    assert again.num_tasks == 2 and len(again.lora_subspace.covariance) == 4
     assert latest_complete_checkpoint(tmp_path / "upper") is not None
