@@ -10,8 +10,9 @@ test time) from the offline text domains of `softmask_bench.text_domains`:
   T2 stdlib docstrings (0) vs package READMEs (1)
 One labelling solves all three (docs, licences -> 0; descriptions, READMEs -> 1), so forgetting
 is interference, not contradiction. Methods with the same budget (epochs, lr, batch, LoRA r):
-plain LoRA fine-tuning (`transformers.Trainer`) and SPG (`SoftMaskTrainer`, update masking
-under AdamW). Prints the accuracy matrix R[i][j] (after task i, on task j), ACC, BWT and
+plain LoRA fine-tuning (`transformers.Trainer`) and SPG on the LoRA factors (`SoftMaskTrainer`,
+`lora_mask="factors"`, update masking under AdamW; the default LoRA subspace mask needs SGD and
+is measured by bench/continual_sft_lora.py). Prints the accuracy matrix R[i][j] (after task i, on task j), ACC, BWT and
 forgetting, and the adapter and importance file sizes; writes JSON.
 """
 
@@ -89,7 +90,7 @@ def run(method: str, tasks, args, workdir: Path) -> dict:
         save_strategy="no", use_cpu=True, disable_tqdm=True, seed=args.seed,
     )  # fmt: skip
     if method == "spg":
-        model = get_softmask_model(pm, SoftMaskConfig())
+        model = get_softmask_model(pm, SoftMaskConfig(lora_mask="factors"))
         trainer = SoftMaskTrainer(model, targs, mask_mode="update")
     else:
         trainer = Trainer(pm, targs)
