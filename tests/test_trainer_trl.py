@@ -102,21 +102,26 @@ def test_sft_step_is_soft_masked_exactly(tmp_path, optim, mode):
     assert moved > 0
 
 
+FORMATS = {
+    "completion-only": (prompt_completion, dict(packing=False)),  # TRL's default loss
+    "completion-packed": (prompt_completion, dict(packing=True)),  # padding-free
+    "text-wrapped": (plain_text, dict(packing=True, packing_strategy="wrapped")),
+    "chat-checkpointing": (chat, dict(assistant_only_loss=True, gradient_checkpointing=True)),
+}
+DEFAULT_RUN = {("chat-checkpointing", "subspace"), ("completion-only", "factors")}  # the rest: slow
+
+
 @pytest.mark.parametrize(
-    ("make", "kw"),
+    ("make", "kw", "lora_mask"),
     [
-        (prompt_completion, dict(packing=False)),  # completion-only loss (TRL's default)
-        pytest.param(prompt_completion, dict(packing=True), marks=pytest.mark.slow),  # padding-free
         pytest.param(
-            plain_text, dict(packing=True, packing_strategy="wrapped"), marks=pytest.mark.slow
-        ),
-        (chat, dict(assistant_only_loss=True, gradient_checkpointing=True)),
+            *FORMATS[name], mask, id=f"{name}-{mask}",
+            marks=() if (name, mask) in DEFAULT_RUN else pytest.mark.slow,
+        )
+        for name in FORMATS
+        for mask in ("subspace", "factors")
     ],
-    ids=["completion-only", "completion-packed", "text-wrapped", "chat-checkpointing"],
-)
-@pytest.mark.parametrize(
-    "lora_mask", [pytest.param("subspace", marks=pytest.mark.slow), "factors"]
-)  # the subspace mask through SFTTrainer by default: tests/test_lora_subspace.py
+)  # fmt: skip
 def test_formats_train_two_tasks_and_write_complete_checkpoints(tmp_path, make, kw, lora_mask):
     model = lora_lm()
     softmask = get_softmask_model(model, SoftMaskConfig(lora_mask=lora_mask))
