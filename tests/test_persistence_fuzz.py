@@ -71,7 +71,7 @@ def lora_linear():
     return get_peft_model(net, LoraConfig(r=2, target_modules=["lin"]))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(changes=byte_edits, cut=st.none() | st.floats(0, 1))
 def test_a_mutated_lora_subspace_file_loads_or_raises_our_error(lora_checkpoint, tmp_path, changes, cut):
     target = tmp_path / "mutated"

@@ -108,7 +108,11 @@ FORMATS = {
     "text-wrapped": (plain_text, dict(packing=True, packing_strategy="wrapped")),
     "chat-checkpointing": (chat, dict(assistant_only_loss=True, gradient_checkpointing=True)),
 }
-DEFAULT_RUN = {("chat-checkpointing", "subspace"), ("completion-only", "factors")}  # the rest: slow
+DEFAULT_RUN = {  # the rest: slow (prompt/completion without packing, subspace: test_lora_subspace)
+    ("chat-checkpointing", "subspace"),
+    ("completion-packed", "subspace"),
+    ("completion-only", "factors"),
+}
 
 
 @pytest.mark.parametrize(
