@@ -240,12 +240,17 @@ class LoRASubspace:
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Restore `state_dict()` output (base weights of the adapted layers, covariances);
-        checked whole before anything changes."""
+        checked whole (`problems`) before anything changes."""
         bad = self.problems(state)
         if bad:
             raise ImportanceMismatchError(
                 "LoRA subspace state does not fit this model:\n  " + "\n  ".join(bad[:10])
             )
+        self.apply(state)
+
+    def apply(self, state: Mapping[str, Tensor]) -> None:
+        """Put a state that `problems` accepted onto the model (`load_state_dict` checks first;
+        `from_pretrained` applies what `load_checkpoint` already checked)."""
         covariance = {}
         for n in self.layers:
             c = state[f"{n}.covariance"].detach().float().cpu().clone()

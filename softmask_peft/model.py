@@ -2,7 +2,8 @@
 
 Ownership: the model owns its config (a copy, never mutated afterwards), its importance store
 (importance, per-task history, task log, general importance), its keep-masks and, for a LoRA
-PeftModel with `lora_mask="subspace"`, its `LoRASubspace` (covariances); nothing else writes them. The importance method computes and returns; `persistence` reads and writes files.
+PeftModel with `lora_mask="subspace"`, its `LoRASubspace` (covariances); nothing else writes
+them. The importance method computes and returns; `persistence` reads and writes files.
 """
 
 from __future__ import annotations
@@ -333,7 +334,7 @@ class SoftMaskModel(nn.Module):
         load_weights(base_model, ckpt.weights)
         model = cls(base_model, ckpt.config)
         if model.lora_subspace is not None:  # checked against the model by load_checkpoint
-            model.lora_subspace.load_state_dict(ckpt.subspace)
+            model.lora_subspace.apply(ckpt.subspace)
         model.store = ckpt.store
         if model.store.open_task is not None:
             model.refresh_masks()

@@ -25,14 +25,10 @@ def lm_batch(text: str) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
-def test_merged_folder_serves_and_the_adapter_keeps_learning(tmp_path):
-    """SPG on the LoRA factors: the adapter carries what was learned, onto any base."""
-    peft = get_peft_model(
-        tiny_causal_lm(len(TOK)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
-    )
-    softmask = get_softmask_model(peft, SoftMaskConfig(lora_mask="factors"))
+def learn_and_save(softmask, peft, tmp_path) -> None:
+    """Task 0 (three SGD steps on one batch), then the continual folder and the merged one."""
     softmask.begin_task(0)
-    opt = torch.optim.SGD(peft.parameters(), lr=0.5)
+    opt = SoftMaskOptimizer(torch.optim.SGD(peft.parameters(), lr=0.5), softmask)
     for _ in range(3):
         softmask(**lm_batch("copy: abc => abc")).loss.backward()
         opt.step()
@@ -40,6 +36,15 @@ def test_merged_folder_serves_and_the_adapter_keeps_learning(tmp_path):
     softmask.end_task([lm_batch("copy: abc => abc")])
     softmask.save_pretrained(tmp_path / "continual")
     save_merged(softmask, tmp_path / "serve")
+
+
+def test_merged_folder_serves_and_the_adapter_keeps_learning(tmp_path):
+    """SPG on the LoRA factors: the adapter carries what was learned, onto any base."""
+    peft = get_peft_model(
+        tiny_causal_lm(len(TOK)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    softmask = get_softmask_model(peft, SoftMaskConfig(lora_mask="factors"))
+    learn_and_save(softmask, peft, tmp_path)
 
     served = AutoModelForCausalLM.from_pretrained(tmp_path / "serve").eval()
     assert not any("lora" in n for n, _ in served.named_parameters())
@@ -76,15 +81,7 @@ def test_the_subspace_mask_merges_and_continues_from_the_folded_weights(tmp_path
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     peft = get_peft_model(tiny_causal_lm(len(TOK)), lora)
     softmask = get_softmask_model(peft, SoftMaskConfig())
-    softmask.begin_task(0)
-    opt = SoftMaskOptimizer(torch.optim.SGD(peft.parameters(), lr=0.5), softmask)
-    for _ in range(3):
-        softmask(**lm_batch("copy: abc => abc")).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    softmask.end_task([lm_batch("copy: abc => abc")])
-    softmask.save_pretrained(tmp_path / "continual")
-    save_merged(softmask, tmp_path / "serve")
+    learn_and_save(softmask, peft, tmp_path)
 
     ids = lm_batch("reverse: xyz => zyx")["input_ids"]
     served = AutoModelForCausalLM.from_pretrained(tmp_path / "serve").eval()
